@@ -1,0 +1,612 @@
+//! The ggml layer: the only module of stllm with `unsafe`.
+//!
+//! A thin, safe wrapper over the `ggml_*` / `ggml_backend_*` C API vendored by `llama-cpp-sys-2`
+//! (ggml 0.26). We never call llama.cpp's model code, only ggml.
+//!
+//! Ownership model:
+//! - [`Context`] owns a `no_alloc` ggml context: tensor *metadata* only. Tensor data lives in a
+//!   backend [`Buffer`] (weights, KV cache) or in the scheduler's compute buffers (activations).
+//! - [`Tensor`] is a `Copy` handle to a tensor of some context. It stays valid while that context
+//!   lives; the owners in this crate (model weights, KV cache, one graph build) keep the context and
+//!   its tensors together in one struct, so a handle never outlives its context.
+//! - [`Backend`] owns a ggml backend (the CPU one with a persistent threadpool, or a device backend),
+//!   [`Sched`] owns a `ggml_backend_sched` that allocates and runs graphs over one or more backends.
+//!
+//! Shapes follow ggml's order: `ne[0]` is the fastest-moving dimension (the reverse of PyTorch).
+
+mod ops;
+
+pub use ops::{RopeParams, ROPE_NEOX};
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::ptr::NonNull;
+use std::sync::Once;
+
+use llama_cpp_sys_2 as sys;
+
+/// Errors raised by the ggml layer.
+#[derive(Debug, thiserror::Error)]
+pub enum GgmlError {
+    #[error("ggml could not allocate {what} ({bytes} bytes)")]
+    Alloc { what: String, bytes: usize },
+    #[error("ggml graph computation failed with status {0}")]
+    Compute(i32),
+    #[error("no ggml backend device named {0:?} (available: {1})")]
+    NoDevice(String, String),
+    #[error("tensor {name}: {msg}")]
+    Tensor { name: String, msg: String },
+}
+
+/// Element types we use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    I32,
+    I64,
+    Q8_0,
+    Q4_0,
+}
+
+impl DType {
+    fn raw(self) -> sys::ggml_type {
+        match self {
+            DType::F32 => sys::GGML_TYPE_F32,
+            DType::F16 => sys::GGML_TYPE_F16,
+            DType::BF16 => sys::GGML_TYPE_BF16,
+            DType::I32 => sys::GGML_TYPE_I32,
+            DType::I64 => sys::GGML_TYPE_I64,
+            DType::Q8_0 => sys::GGML_TYPE_Q8_0,
+            DType::Q4_0 => sys::GGML_TYPE_Q4_0,
+        }
+    }
+
+    fn from_raw(t: sys::ggml_type) -> Option<DType> {
+        Some(match t {
+            sys::GGML_TYPE_F32 => DType::F32,
+            sys::GGML_TYPE_F16 => DType::F16,
+            sys::GGML_TYPE_BF16 => DType::BF16,
+            sys::GGML_TYPE_I32 => DType::I32,
+            sys::GGML_TYPE_I64 => DType::I64,
+            sys::GGML_TYPE_Q8_0 => DType::Q8_0,
+            sys::GGML_TYPE_Q4_0 => DType::Q4_0,
+            _ => return None,
+        })
+    }
+
+    /// Bytes of one element (for the block types: bytes per block / elements per block, rounded).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I32 => "i32",
+            DType::I64 => "i64",
+            DType::Q8_0 => "q8_0",
+            DType::Q4_0 => "q4_0",
+        }
+    }
+
+    /// Bytes taken by a row of `n` elements.
+    pub fn row_size(self, n: i64) -> usize {
+        // SAFETY: pure function of its arguments.
+        unsafe { sys::ggml_row_size(self.raw(), n) }
+    }
+}
+
+/// The version string of the linked ggml (e.g. "0.26.0").
+pub fn version() -> String {
+    // SAFETY: returns a static NUL-terminated string.
+    unsafe { CStr::from_ptr(sys::ggml_version()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+static LOG_INIT: Once = Once::new();
+
+unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_char, _: *mut c_void) {
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: ggml passes a NUL-terminated string valid for the duration of the call.
+    let msg = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+    let msg = msg.trim_end();
+    if msg.is_empty() {
+        return;
+    }
+    match level {
+        sys::GGML_LOG_LEVEL_ERROR => tracing::error!(target: "ggml", "{msg}"),
+        sys::GGML_LOG_LEVEL_WARN => tracing::warn!(target: "ggml", "{msg}"),
+        sys::GGML_LOG_LEVEL_INFO => tracing::debug!(target: "ggml", "{msg}"),
+        _ => tracing::trace!(target: "ggml", "{msg}"),
+    }
+}
+
+/// Route ggml's log output into `tracing` (idempotent) and initialise the CPU backend's tables.
+pub fn init() {
+    LOG_INIT.call_once(|| {
+        // SAFETY: the callback is a plain function valid for the whole program; no user data.
+        unsafe {
+            sys::ggml_log_set(Some(log_callback), std::ptr::null_mut());
+            sys::ggml_cpu_init();
+        }
+    });
+}
+
+/// A `no_alloc` ggml context: holds tensor metadata and graphs, never tensor data.
+pub struct Context {
+    ptr: NonNull<sys::ggml_context>,
+}
+
+// SAFETY: a ggml context is plain memory with no thread affinity; we never mutate it from two
+// threads at once (mutation needs `&mut self` or happens while building a graph on one thread).
+unsafe impl Send for Context {}
+unsafe impl Sync for Context {}
+
+impl Context {
+    /// A context with room for `n_tensors` tensor headers and one graph of `graph_size` nodes
+    /// (0 for none).
+    pub fn new(n_tensors: usize, graph_size: usize) -> Result<Self, GgmlError> {
+        // SAFETY: pure size computations.
+        let mut bytes = n_tensors * unsafe { sys::ggml_tensor_overhead() };
+        if graph_size > 0 {
+            bytes += unsafe { sys::ggml_graph_overhead_custom(graph_size, false) };
+        }
+        let params = sys::ggml_init_params {
+            mem_size: bytes.max(1024),
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: true,
+        };
+        // SAFETY: ggml_init allocates its own memory buffer; null on failure.
+        let ptr = unsafe { sys::ggml_init(params) };
+        NonNull::new(ptr)
+            .map(|ptr| Context { ptr })
+            .ok_or(GgmlError::Alloc {
+                what: "context".into(),
+                bytes,
+            })
+    }
+
+    pub(crate) fn raw(&self) -> *mut sys::ggml_context {
+        self.ptr.as_ptr()
+    }
+
+    /// A new tensor of the given ggml shape (`ne[0]` first), named.
+    pub fn new_tensor(&self, dtype: DType, shape: &[i64], name: &str) -> Tensor {
+        assert!(
+            !shape.is_empty() && shape.len() <= 4,
+            "tensor rank must be 1..=4"
+        );
+        // SAFETY: the context is valid; ggml copies the shape. Aborts if the context is full,
+        // which only a sizing bug of ours can cause.
+        let t = unsafe {
+            sys::ggml_new_tensor(self.raw(), dtype.raw(), shape.len() as i32, shape.as_ptr())
+        };
+        let t = Tensor::from_raw(t);
+        t.set_name(name);
+        t
+    }
+
+    /// Allocate one backend buffer holding every tensor of this context.
+    pub fn alloc_tensors(&self, backend: &Backend) -> Result<Buffer, GgmlError> {
+        // SAFETY: context and backend are valid; returns null on failure.
+        let buft = unsafe { sys::ggml_backend_get_default_buffer_type(backend.raw()) };
+        self.alloc_tensors_in(buft)
+    }
+
+    fn alloc_tensors_in(&self, buft: sys::ggml_backend_buffer_type_t) -> Result<Buffer, GgmlError> {
+        // SAFETY: as above.
+        let bytes = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft_size(self.raw(), buft) };
+        let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(self.raw(), buft) };
+        NonNull::new(buf)
+            .map(|ptr| Buffer { ptr })
+            .ok_or(GgmlError::Alloc {
+                what: "backend buffer".into(),
+                bytes,
+            })
+    }
+
+    /// A new graph with room for `size` nodes.
+    pub fn new_graph(&self, size: usize) -> Graph {
+        // SAFETY: the context was sized for a graph of this size by `Context::new`.
+        let g = unsafe { sys::ggml_new_graph_custom(self.raw(), size, false) };
+        Graph {
+            ptr: NonNull::new(g).expect("ggml_new_graph_custom returned null"),
+        }
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: we own the context.
+        unsafe { sys::ggml_free(self.raw()) }
+    }
+}
+
+/// A handle to a tensor of a [`Context`]. See the module docs for the lifetime rule.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Tensor {
+    ptr: NonNull<sys::ggml_tensor>,
+}
+
+// SAFETY: the handle is a pointer into a context whose owner keeps it alive; reading metadata is
+// thread-safe, and data is only touched through the backend API by the compute thread.
+unsafe impl Send for Tensor {}
+unsafe impl Sync for Tensor {}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tensor({:?} {:?} {:?})",
+            self.name(),
+            self.dtype(),
+            self.shape()
+        )
+    }
+}
+
+impl Tensor {
+    fn from_raw(ptr: *mut sys::ggml_tensor) -> Tensor {
+        Tensor {
+            ptr: NonNull::new(ptr).expect("ggml returned a null tensor"),
+        }
+    }
+
+    fn raw(self) -> *mut sys::ggml_tensor {
+        self.ptr.as_ptr()
+    }
+
+    fn inner(&self) -> &sys::ggml_tensor {
+        // SAFETY: the tensor is alive (module invariant); we only read plain fields.
+        unsafe { self.ptr.as_ref() }
+    }
+
+    pub fn ne(&self) -> [i64; 4] {
+        self.inner().ne
+    }
+
+    pub fn nb(&self) -> [usize; 4] {
+        self.inner().nb
+    }
+
+    /// The shape with trailing 1s removed (ggml order).
+    pub fn shape(&self) -> Vec<i64> {
+        let ne = self.ne();
+        let mut n = 4;
+        while n > 1 && ne[n - 1] == 1 {
+            n -= 1;
+        }
+        ne[..n].to_vec()
+    }
+
+    pub fn dtype(&self) -> Option<DType> {
+        DType::from_raw(self.inner().type_)
+    }
+
+    pub fn nelements(&self) -> i64 {
+        self.ne().iter().product()
+    }
+
+    pub fn nbytes(&self) -> usize {
+        // SAFETY: the tensor is alive.
+        unsafe { sys::ggml_nbytes(self.raw()) }
+    }
+
+    pub fn name(&self) -> String {
+        // SAFETY: `name` is a NUL-terminated fixed array inside the tensor.
+        unsafe { CStr::from_ptr(self.inner().name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    pub fn set_name(self, name: &str) -> Tensor {
+        let c = CString::new(name.replace('\0', "")).expect("no NUL left");
+        // SAFETY: ggml copies (and truncates) the name.
+        unsafe { sys::ggml_set_name(self.raw(), c.as_ptr()) };
+        self
+    }
+
+    /// Mark as a graph input (allocated before anything else, never overwritten).
+    pub fn set_input(self) -> Tensor {
+        // SAFETY: sets a flag.
+        unsafe { sys::ggml_set_input(self.raw()) };
+        self
+    }
+
+    /// Mark as a graph output (kept until the graph is done).
+    pub fn set_output(self) -> Tensor {
+        // SAFETY: sets a flag.
+        unsafe { sys::ggml_set_output(self.raw()) };
+        self
+    }
+
+    /// Whether the tensor has backend memory (a graph input the graph never reads has none).
+    pub fn has_memory(&self) -> bool {
+        !self.inner().buffer.is_null() || !self.inner().data.is_null()
+    }
+
+    fn check_bytes(&self, bytes: usize, offset: usize) -> Result<(), GgmlError> {
+        let total = self.nbytes();
+        if !self.has_memory() {
+            return Err(GgmlError::Tensor {
+                name: self.name(),
+                msg: "tensor has no memory".into(),
+            });
+        }
+        if offset.checked_add(bytes).is_none_or(|end| end > total) {
+            return Err(GgmlError::Tensor {
+                name: self.name(),
+                msg: format!("write of {bytes} bytes at {offset} exceeds its {total} bytes"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Copy raw bytes into the tensor's backend memory at a byte offset.
+    pub fn write_bytes(&self, data: &[u8], offset: usize) -> Result<(), GgmlError> {
+        self.check_bytes(data.len(), offset)?;
+        // SAFETY: bounds checked above; the tensor has backend memory.
+        unsafe {
+            sys::ggml_backend_tensor_set(self.raw(), data.as_ptr().cast(), offset, data.len())
+        };
+        Ok(())
+    }
+
+    pub fn write_i32(&self, data: &[i32]) -> Result<(), GgmlError> {
+        self.expect_dtype(DType::I32)?;
+        self.write_bytes(as_bytes(data), 0)
+    }
+
+    pub fn write_f32(&self, data: &[f32]) -> Result<(), GgmlError> {
+        self.expect_dtype(DType::F32)?;
+        self.write_bytes(as_bytes(data), 0)
+    }
+
+    pub fn write_f16(&self, data: &[half::f16]) -> Result<(), GgmlError> {
+        self.expect_dtype(DType::F16)?;
+        self.write_bytes(as_bytes(data), 0)
+    }
+
+    fn expect_dtype(&self, d: DType) -> Result<(), GgmlError> {
+        if self.dtype() != Some(d) {
+            return Err(GgmlError::Tensor {
+                name: self.name(),
+                msg: format!("expected {d:?}, found {:?}", self.dtype()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Read an F32 tensor (contiguous) back from its backend.
+    pub fn read_f32(&self) -> Result<Vec<f32>, GgmlError> {
+        self.expect_dtype(DType::F32)?;
+        let n = self.nelements() as usize;
+        let mut out = vec![0f32; n];
+        self.check_bytes(n * 4, 0)?;
+        // SAFETY: `out` has exactly nbytes of room (contiguous F32).
+        unsafe { sys::ggml_backend_tensor_get(self.raw(), out.as_mut_ptr().cast(), 0, n * 4) };
+        Ok(out)
+    }
+
+    /// Fill the whole tensor's memory with zero bytes.
+    pub fn zero(&self) -> Result<(), GgmlError> {
+        let n = self.nbytes();
+        self.check_bytes(n, 0)?;
+        // SAFETY: the tensor has backend memory of nbytes.
+        unsafe { sys::ggml_backend_tensor_memset(self.raw(), 0, 0, n) };
+        Ok(())
+    }
+}
+
+fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: plain-old-data numeric slices reinterpreted as bytes (no padding in these types).
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
+}
+
+/// A backend buffer holding tensor data (weights, KV cache).
+pub struct Buffer {
+    ptr: NonNull<sys::ggml_backend_buffer>,
+}
+
+// SAFETY: backend buffers are usable from any thread; we serialize access through owners.
+unsafe impl Send for Buffer {}
+unsafe impl Sync for Buffer {}
+
+impl Buffer {
+    pub fn size(&self) -> usize {
+        // SAFETY: the buffer is alive.
+        unsafe { sys::ggml_backend_buffer_get_size(self.ptr.as_ptr()) }
+    }
+
+    /// Tell the scheduler this buffer holds weights (so ops run where the weights are).
+    pub fn mark_weights(&self) {
+        // SAFETY: sets a usage flag.
+        unsafe {
+            sys::ggml_backend_buffer_set_usage(
+                self.ptr.as_ptr(),
+                sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS,
+            )
+        }
+    }
+
+    pub fn clear(&self) {
+        // SAFETY: fills the buffer with zero bytes.
+        unsafe { sys::ggml_backend_buffer_clear(self.ptr.as_ptr(), 0) }
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // SAFETY: we own the buffer.
+        unsafe { sys::ggml_backend_buffer_free(self.ptr.as_ptr()) }
+    }
+}
+
+/// A computation graph built in a [`Context`].
+pub struct Graph {
+    ptr: NonNull<sys::ggml_cgraph>,
+}
+
+impl Graph {
+    pub fn expand(&mut self, t: Tensor) {
+        // SAFETY: graph and tensor belong to live contexts.
+        unsafe { sys::ggml_build_forward_expand(self.ptr.as_ptr(), t.raw()) }
+    }
+
+    pub fn n_nodes(&self) -> i32 {
+        // SAFETY: the graph is alive.
+        unsafe { sys::ggml_graph_n_nodes(self.ptr.as_ptr()) }
+    }
+}
+
+/// A ggml backend: the CPU (with a persistent threadpool) or a device.
+pub struct Backend {
+    ptr: NonNull<sys::ggml_backend>,
+    threadpool: Option<NonNull<sys::ggml_threadpool>>,
+    n_threads: usize,
+}
+
+// SAFETY: a backend is used by one thread at a time (the engine's compute thread).
+unsafe impl Send for Backend {}
+unsafe impl Sync for Backend {}
+
+impl Backend {
+    /// The CPU backend running on `n_threads` threads of a persistent threadpool.
+    pub fn cpu(n_threads: usize) -> Result<Backend, GgmlError> {
+        init();
+        let n_threads = n_threads.max(1);
+        // SAFETY: plain constructors; null on failure.
+        let be = unsafe { sys::ggml_backend_cpu_init() };
+        let ptr = NonNull::new(be).ok_or(GgmlError::Alloc {
+            what: "cpu backend".into(),
+            bytes: 0,
+        })?;
+        let mut params = unsafe { sys::ggml_threadpool_params_default(n_threads as i32) };
+        let tp = unsafe { sys::ggml_threadpool_new(&mut params) };
+        let threadpool = NonNull::new(tp);
+        // SAFETY: backend is a CPU backend; the threadpool outlives it (freed after it in Drop).
+        unsafe {
+            sys::ggml_backend_cpu_set_n_threads(ptr.as_ptr(), n_threads as i32);
+            if let Some(tp) = threadpool {
+                sys::ggml_backend_cpu_set_threadpool(ptr.as_ptr(), tp.as_ptr());
+            }
+        }
+        Ok(Backend {
+            ptr,
+            threadpool,
+            n_threads,
+        })
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.n_threads
+    }
+
+    pub(crate) fn raw(&self) -> *mut sys::ggml_backend {
+        self.ptr.as_ptr()
+    }
+
+    pub fn name(&self) -> String {
+        // SAFETY: returns a static string owned by the backend.
+        unsafe { CStr::from_ptr(sys::ggml_backend_name(self.raw())) }
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // SAFETY: we own both; the backend goes first as it uses the threadpool.
+        unsafe {
+            sys::ggml_backend_free(self.raw());
+            if let Some(tp) = self.threadpool {
+                sys::ggml_threadpool_free(tp.as_ptr());
+            }
+        }
+    }
+}
+
+/// Number of CPU cores available to this process.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// A `ggml_backend_sched`: allocates graph activations and runs graphs over the given backends
+/// (the last one must be the CPU).
+pub struct Sched {
+    ptr: NonNull<sys::ggml_backend_sched>,
+}
+
+// SAFETY: used by one thread at a time (the engine's compute thread, or behind a Mutex).
+unsafe impl Send for Sched {}
+
+impl Sched {
+    pub fn new(backends: &[&Backend], graph_size: usize) -> Result<Sched, GgmlError> {
+        let mut raw: Vec<*mut sys::ggml_backend> = backends.iter().map(|b| b.raw()).collect();
+        // SAFETY: the backends outlive the scheduler (the owner keeps both; see Model).
+        let p = unsafe {
+            sys::ggml_backend_sched_new(
+                raw.as_mut_ptr(),
+                std::ptr::null_mut(),
+                raw.len() as i32,
+                graph_size,
+                false,
+                true,
+            )
+        };
+        NonNull::new(p)
+            .map(|ptr| Sched { ptr })
+            .ok_or(GgmlError::Alloc {
+                what: "scheduler".into(),
+                bytes: 0,
+            })
+    }
+
+    /// Allocate the graph's tensors (inputs included) in the compute buffers.
+    pub fn alloc(&mut self, g: &Graph) -> Result<(), GgmlError> {
+        // SAFETY: graph and scheduler are alive.
+        let ok = unsafe { sys::ggml_backend_sched_alloc_graph(self.ptr.as_ptr(), g.ptr.as_ptr()) };
+        if ok {
+            Ok(())
+        } else {
+            Err(GgmlError::Alloc {
+                what: "compute graph".into(),
+                bytes: 0,
+            })
+        }
+    }
+
+    pub fn compute(&mut self, g: &Graph) -> Result<(), GgmlError> {
+        // SAFETY: graph allocated by `alloc` on this scheduler.
+        let st =
+            unsafe { sys::ggml_backend_sched_graph_compute(self.ptr.as_ptr(), g.ptr.as_ptr()) };
+        if st == sys::GGML_STATUS_SUCCESS {
+            Ok(())
+        } else {
+            Err(GgmlError::Compute(st))
+        }
+    }
+
+    /// Forget the previous graph's allocation (call before building the next graph).
+    pub fn reset(&mut self) {
+        // SAFETY: the scheduler is alive.
+        unsafe { sys::ggml_backend_sched_reset(self.ptr.as_ptr()) }
+    }
+
+    /// Bytes of compute buffer currently reserved on a backend.
+    pub fn buffer_size(&self, backend: &Backend) -> usize {
+        // SAFETY: both alive.
+        unsafe { sys::ggml_backend_sched_get_buffer_size(self.ptr.as_ptr(), backend.raw()) }
+    }
+}
+
+impl Drop for Sched {
+    fn drop(&mut self) {
+        // SAFETY: we own the scheduler.
+        unsafe { sys::ggml_backend_sched_free(self.ptr.as_ptr()) }
+    }
+}

@@ -1,0 +1,174 @@
+//! Graph operations: each method records one ggml op node in the context.
+//!
+//! ggml checks shapes with asserts that abort the process; the graph blocks that call these only
+//! pass shapes the loader has validated, so an abort here is a bug in stllm, never bad input.
+
+use super::{sys, Context, DType, Tensor};
+
+/// Rotary embedding parameters (ggml's `rope_ext` arguments, YaRN fields included).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeParams {
+    pub n_dims: i32,
+    /// ggml rope mode: 0 = normal (interleaved pairs), 2 = NeoX (rotate halves, HF's layout).
+    pub mode: i32,
+    pub n_ctx_orig: i32,
+    pub freq_base: f32,
+    pub freq_scale: f32,
+    pub ext_factor: f32,
+    pub attn_factor: f32,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
+}
+
+pub const ROPE_NEOX: i32 = 2;
+
+impl Context {
+    fn c(&self) -> *mut sys::ggml_context {
+        self.raw()
+    }
+
+    pub fn get_rows(&self, a: Tensor, ids: Tensor) -> Tensor {
+        // SAFETY (all ops below): both tensors are alive in live contexts; ggml validates shapes.
+        Tensor::from_raw(unsafe { sys::ggml_get_rows(self.c(), a.raw(), ids.raw()) })
+    }
+
+    /// `a` [k, m] x `b` [k, n] -> [m, n] (ggml's `mul_mat`: rows of `a` dotted with rows of `b`).
+    pub fn mul_mat(&self, a: Tensor, b: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_mul_mat(self.c(), a.raw(), b.raw()) })
+    }
+
+    /// Ask for F32 accumulation of a matmul / attention result where the backend can choose.
+    pub fn set_prec_f32(&self, t: Tensor) {
+        unsafe { sys::ggml_mul_mat_set_prec(t.raw(), sys::GGML_PREC_F32) };
+    }
+
+    pub fn add(&self, a: Tensor, b: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_add(self.c(), a.raw(), b.raw()) })
+    }
+
+    pub fn mul(&self, a: Tensor, b: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_mul(self.c(), a.raw(), b.raw()) })
+    }
+
+    pub fn scale(&self, a: Tensor, s: f32) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_scale(self.c(), a.raw(), s) })
+    }
+
+    pub fn rms_norm(&self, a: Tensor, eps: f32) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_rms_norm(self.c(), a.raw(), eps) })
+    }
+
+    pub fn silu(&self, a: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_silu(self.c(), a.raw()) })
+    }
+
+    /// silu(a) * b
+    pub fn swiglu_split(&self, a: Tensor, b: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_swiglu_split(self.c(), a.raw(), b.raw()) })
+    }
+
+    pub fn cont(&self, a: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_cont(self.c(), a.raw()) })
+    }
+
+    pub fn cast(&self, a: Tensor, dtype: DType) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_cast(self.c(), a.raw(), dtype.raw()) })
+    }
+
+    pub fn transpose(&self, a: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_transpose(self.c(), a.raw()) })
+    }
+
+    pub fn permute(&self, a: Tensor, p: [i32; 4]) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_permute(self.c(), a.raw(), p[0], p[1], p[2], p[3]) })
+    }
+
+    pub fn reshape_2d(&self, a: Tensor, n0: i64, n1: i64) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_reshape_2d(self.c(), a.raw(), n0, n1) })
+    }
+
+    pub fn reshape_3d(&self, a: Tensor, n0: i64, n1: i64, n2: i64) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_reshape_3d(self.c(), a.raw(), n0, n1, n2) })
+    }
+
+    /// A 2-D view: `n0` x `n1` elements with row stride `nb1` bytes, starting `offset` bytes in.
+    pub fn view_2d(&self, a: Tensor, n0: i64, n1: i64, nb1: usize, offset: usize) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_view_2d(self.c(), a.raw(), n0, n1, nb1, offset) })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn view_3d(
+        &self,
+        a: Tensor,
+        n0: i64,
+        n1: i64,
+        n2: i64,
+        nb1: usize,
+        nb2: usize,
+        offset: usize,
+    ) -> Tensor {
+        Tensor::from_raw(unsafe {
+            sys::ggml_view_3d(self.c(), a.raw(), n0, n1, n2, nb1, nb2, offset)
+        })
+    }
+
+    /// Copy `a` into `b` (converting types); the result is `b` after the copy.
+    pub fn cpy(&self, a: Tensor, b: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_cpy(self.c(), a.raw(), b.raw()) })
+    }
+
+    /// Write the rows of `b` into `a` at the row indices `ids` (I64 or I32).
+    pub fn set_rows(&self, a: Tensor, b: Tensor, ids: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_set_rows(self.c(), a.raw(), b.raw(), ids.raw()) })
+    }
+
+    /// softmax(a * scale + mask) over dim 0.
+    pub fn soft_max_ext(&self, a: Tensor, mask: Option<Tensor>, scale: f32) -> Tensor {
+        let m = mask.map_or(std::ptr::null_mut(), |m| m.raw());
+        Tensor::from_raw(unsafe { sys::ggml_soft_max_ext(self.c(), a.raw(), m, scale, 0.0) })
+    }
+
+    /// Rotary position embedding of `a` [head_dim, n_head, n_tokens] at positions `pos` (I32).
+    pub fn rope_ext(
+        &self,
+        a: Tensor,
+        pos: Tensor,
+        freq_factors: Option<Tensor>,
+        p: &RopeParams,
+    ) -> Tensor {
+        let ff = freq_factors.map_or(std::ptr::null_mut(), |f| f.raw());
+        Tensor::from_raw(unsafe {
+            sys::ggml_rope_ext(
+                self.c(),
+                a.raw(),
+                pos.raw(),
+                ff,
+                p.n_dims,
+                p.mode,
+                p.n_ctx_orig,
+                p.freq_base,
+                p.freq_scale,
+                p.ext_factor,
+                p.attn_factor,
+                p.beta_fast,
+                p.beta_slow,
+            )
+        })
+    }
+
+    /// Fused attention. q [d, n_tokens, n_head], k/v [d, n_kv, n_head_kv], mask F16
+    /// [n_kv, n_tokens_padded]; result [d_v, n_head, n_tokens].
+    pub fn flash_attn_ext(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Option<Tensor>,
+        scale: f32,
+    ) -> Tensor {
+        let m = mask.map_or(std::ptr::null_mut(), |m| m.raw());
+        Tensor::from_raw(unsafe {
+            sys::ggml_flash_attn_ext(self.c(), q.raw(), k.raw(), v.raw(), m, scale, 0.0, 0.0)
+        })
+    }
+}

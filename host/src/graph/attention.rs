@@ -1,0 +1,192 @@
+//! Self-attention with a KV cache: projections (optional biases), optional per-head q/k RMSNorm
+//! (Qwen3), RoPE, cache write, grouped-query attention with a causal (optionally sliding) mask.
+
+use super::rope::Rope;
+use super::{norm, Forward};
+use crate::ggml::Tensor;
+use crate::loader::{LoadError, WeightBuilder};
+
+/// Head geometry of an attention layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnDims {
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+}
+
+/// What differs between families, as switches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttnOptions {
+    /// q/k/v projections have biases (Qwen2)
+    pub qkv_bias: bool,
+    /// o projection has a bias
+    pub o_bias: bool,
+    /// RMSNorm over each head of q and k before RoPE (Qwen3)
+    pub qk_norm: bool,
+}
+
+pub struct Attention {
+    pub dims: AttnDims,
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub o: Tensor,
+    pub bq: Option<Tensor>,
+    pub bk: Option<Tensor>,
+    pub bv: Option<Tensor>,
+    pub bo: Option<Tensor>,
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    pub norm_eps: f32,
+}
+
+impl Attention {
+    /// Load `{prefix}.{q,k,v,o}_proj.{weight,bias}` and `{prefix}.{q,k}_norm.weight`.
+    pub fn load(
+        w: &mut WeightBuilder,
+        prefix: &str,
+        dims: AttnDims,
+        opts: AttnOptions,
+        norm_eps: f32,
+    ) -> Result<Attention, LoadError> {
+        let AttnDims {
+            n_embd,
+            n_head,
+            n_head_kv,
+            head_dim,
+        } = dims;
+        let (nq, nkv) = (n_head * head_dim, n_head_kv * head_dim);
+        let mut get =
+            |name: &str, shape: &[usize], required: bool| -> Result<Option<Tensor>, LoadError> {
+                let full = format!("{prefix}.{name}");
+                if required {
+                    w.get(&full, shape).map(Some)
+                } else {
+                    w.get_opt(&full, shape)
+                }
+            };
+        Ok(Attention {
+            dims,
+            q: get("q_proj.weight", &[nq, n_embd], true)?.expect("required"),
+            k: get("k_proj.weight", &[nkv, n_embd], true)?.expect("required"),
+            v: get("v_proj.weight", &[nkv, n_embd], true)?.expect("required"),
+            o: get("o_proj.weight", &[n_embd, nq], true)?.expect("required"),
+            bq: get("q_proj.bias", &[nq], opts.qkv_bias)?,
+            bk: get("k_proj.bias", &[nkv], opts.qkv_bias)?,
+            bv: get("v_proj.bias", &[nkv], opts.qkv_bias)?,
+            bo: get("o_proj.bias", &[n_embd], opts.o_bias)?,
+            q_norm: get("q_norm.weight", &[head_dim], opts.qk_norm)?,
+            k_norm: get("k_norm.weight", &[head_dim], opts.qk_norm)?,
+            norm_eps,
+        })
+    }
+
+    /// `x` [n_embd, n_tokens] -> [n_embd, n_tokens]
+    pub fn forward(
+        &self,
+        f: &mut Forward,
+        il: usize,
+        x: Tensor,
+        rope: &Rope,
+        sliding: bool,
+    ) -> Tensor {
+        let AttnDims {
+            n_head,
+            n_head_kv,
+            head_dim,
+            ..
+        } = self.dims;
+        let nt = f.n_tokens as i64;
+        let q = linear(f, self.q, self.bq, x);
+        let k = linear(f, self.k, self.bk, x);
+        let v = linear(f, self.v, self.bv, x);
+        let mut q = f.ctx.reshape_3d(q, head_dim as i64, n_head as i64, nt);
+        let mut k = f.ctx.reshape_3d(k, head_dim as i64, n_head_kv as i64, nt);
+        if let Some(qn) = self.q_norm {
+            q = norm::rms(f, q, qn, self.norm_eps);
+        }
+        if let Some(kn) = self.k_norm {
+            k = norm::rms(f, k, kn, self.norm_eps);
+        }
+        let q = rope.apply(f, q);
+        let k = rope.apply(f, k);
+        let out = attend(f, il, q, k, v, self.dims, sliding);
+        linear(f, self.o, self.bo, out)
+    }
+}
+
+/// `w x (+ b)`
+fn linear(f: &Forward, w: Tensor, b: Option<Tensor>, x: Tensor) -> Tensor {
+    let y = f.ctx.mul_mat(w, x);
+    match b {
+        Some(b) => f.ctx.add(y, b),
+        None => y,
+    }
+}
+
+/// Store this step's k/v in the cache and attend over cells `0..n_kv`.
+/// q [hd, n_head, nt], k [hd, n_head_kv, nt], v [hd*n_head_kv, nt] -> [hd*n_head, nt]
+fn attend(
+    f: &mut Forward,
+    il: usize,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dims: AttnDims,
+    sliding: bool,
+) -> Tensor {
+    let AttnDims {
+        n_head,
+        n_head_kv,
+        head_dim,
+        ..
+    } = dims;
+    let ctx = f.ctx;
+    let (nt, n_kv, n_past) = (f.n_tokens as i64, f.n_kv() as i64, f.n_past);
+    let n_embd_kv = (head_dim * n_head_kv) as i64;
+    let kc = f.kv.k(il);
+    let vc = f.kv.v(il);
+    let esize_k = kc.nb()[0];
+    let esize_v = vc.nb()[0];
+
+    // Write this step's K rows and V columns; expanding the copies first orders them before the
+    // reads below (ggml runs nodes in the order they were added).
+    let k_dst = ctx.view_2d(kc, n_embd_kv, nt, kc.nb()[1], n_past * kc.nb()[1]);
+    let k_cpy = ctx.cpy(ctx.reshape_2d(k, n_embd_kv, nt), k_dst);
+    f.graph.expand(k_cpy);
+    let v_dst = ctx.view_2d(vc, nt, n_embd_kv, vc.nb()[1], n_past * esize_v);
+    let v_cpy = ctx.cpy(ctx.transpose(ctx.reshape_2d(v, n_embd_kv, nt)), v_dst);
+    f.graph.expand(v_cpy);
+
+    let keys = ctx.view_3d(
+        kc,
+        head_dim as i64,
+        n_kv,
+        n_head_kv as i64,
+        kc.nb()[1],
+        head_dim * esize_k,
+        0,
+    );
+    let vals = ctx.view_3d(
+        vc,
+        n_kv,
+        head_dim as i64,
+        n_head_kv as i64,
+        vc.nb()[1],
+        vc.nb()[1] * head_dim,
+        0,
+    );
+    let q = ctx.permute(q, [0, 2, 1, 3]); // [hd, nt, n_head]
+    let kq = ctx.mul_mat(keys, q); // [n_kv, nt, n_head]
+    ctx.set_prec_f32(kq);
+    let mask = if sliding {
+        f.inp.mask_swa.unwrap_or(f.inp.mask)
+    } else {
+        f.inp.mask
+    };
+    let kq = ctx.soft_max_ext(kq, Some(mask), 1.0 / (head_dim as f32).sqrt());
+    let kqv = ctx.mul_mat(vals, kq); // [hd, nt, n_head]
+    let o = ctx.permute(kqv, [0, 2, 1, 3]); // [hd, n_head, nt]
+    ctx.reshape_2d(ctx.cont(o), (head_dim * n_head) as i64, nt)
+}

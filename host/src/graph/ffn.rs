@@ -1,0 +1,35 @@
+//! Feed-forward blocks.
+
+use super::Forward;
+use crate::ggml::Tensor;
+use crate::loader::{LoadError, WeightBuilder};
+
+/// A gated SiLU MLP: `down(silu(gate(x)) * up(x))` (Llama, Mistral, Qwen).
+pub struct SwigluMlp {
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+}
+
+impl SwigluMlp {
+    /// Load `{prefix}.gate_proj/up_proj/down_proj.weight`.
+    pub fn load(
+        w: &mut WeightBuilder,
+        prefix: &str,
+        n_embd: usize,
+        n_ff: usize,
+    ) -> Result<Self, LoadError> {
+        Ok(SwigluMlp {
+            gate: w.get(&format!("{prefix}.gate_proj.weight"), &[n_ff, n_embd])?,
+            up: w.get(&format!("{prefix}.up_proj.weight"), &[n_ff, n_embd])?,
+            down: w.get(&format!("{prefix}.down_proj.weight"), &[n_embd, n_ff])?,
+        })
+    }
+
+    pub fn forward(&self, f: &Forward, x: Tensor) -> Tensor {
+        let g = f.ctx.mul_mat(self.gate, x);
+        let u = f.ctx.mul_mat(self.up, x);
+        let h = f.ctx.swiglu_split(g, u);
+        f.ctx.mul_mat(self.down, h)
+    }
+}

@@ -1,0 +1,234 @@
+//! Rotary position embeddings: reading HF's two config spellings and applying ggml's `rope_ext`.
+//!
+//! transformers 4 writes `rope_theta` at the top level and `rope_scaling: {"rope_type"|"type": ..}`;
+//! transformers 5 writes `rope_parameters: {"rope_type": .., "rope_theta": ..}`. Both are read.
+//! HF rotates halves of each head (`rotate_half`), which is ggml's NeoX mode; we load weights as
+//! they are, so no q/k permutation is needed (unlike GGUF conversion).
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::Forward;
+use crate::ggml::{RopeParams, Tensor};
+use crate::loader::{LoadError, WeightBuilder};
+
+/// Rotary embedding of a model: ggml parameters plus optional per-frequency divisors.
+pub struct Rope {
+    pub params: RopeParams,
+    pub freq_factors: Option<Tensor>,
+}
+
+fn num(v: &Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(Value::as_f64)
+}
+
+/// What the config says about RoPE, before weights exist.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    pub n_dims: usize,
+    pub n_ctx_orig: usize,
+    pub freq_scale: f64,
+    /// Divisors of each inverse frequency (llama3 scaling), length n_dims / 2
+    pub freq_factors: Option<Vec<f32>>,
+}
+
+impl RopeConfig {
+    pub fn from_hf(
+        cfg: &Value,
+        head_dim: usize,
+        max_pos: usize,
+        file: &Path,
+    ) -> Result<RopeConfig, LoadError> {
+        let bad = |field: &str, msg: String| LoadError::InvalidConfig {
+            file: file.to_path_buf(),
+            field: field.to_string(),
+            msg,
+        };
+        let params = [cfg.get("rope_parameters"), cfg.get("rope_scaling")]
+            .into_iter()
+            .flatten()
+            .find(|v| v.is_object())
+            .cloned()
+            .unwrap_or(Value::Null);
+        let theta = num(&params, "rope_theta")
+            .or_else(|| num(cfg, "rope_theta"))
+            .unwrap_or(10000.0);
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(bad(
+                "rope_theta",
+                format!("must be a positive number, got {theta}"),
+            ));
+        }
+        let partial = num(&params, "partial_rotary_factor")
+            .or_else(|| num(cfg, "partial_rotary_factor"))
+            .unwrap_or(1.0);
+        if !(partial > 0.0 && partial <= 1.0) {
+            return Err(bad(
+                "partial_rotary_factor",
+                format!("must be in (0, 1], got {partial}"),
+            ));
+        }
+        let n_dims = ((head_dim as f64 * partial) as usize) & !1;
+        let kind = params
+            .get("rope_type")
+            .or_else(|| params.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let factor = num(&params, "factor");
+        let need_factor = |kind: &str| -> Result<f64, LoadError> {
+            match factor {
+                Some(f) if f.is_finite() && f >= 1.0 => Ok(f),
+                Some(f) => Err(bad(
+                    "rope_scaling.factor",
+                    format!("must be >= 1 for {kind} scaling, got {f}"),
+                )),
+                None => Err(bad(
+                    "rope_scaling.factor",
+                    format!("{kind} scaling needs a factor"),
+                )),
+            }
+        };
+        let mut rc = RopeConfig {
+            theta,
+            n_dims,
+            n_ctx_orig: max_pos,
+            freq_scale: 1.0,
+            freq_factors: None,
+        };
+        match kind {
+            "default" => {}
+            "linear" => rc.freq_scale = 1.0 / need_factor(kind)?,
+            "llama3" => {
+                let factor = need_factor(kind)?;
+                let low = num(&params, "low_freq_factor").unwrap_or(1.0);
+                let high = num(&params, "high_freq_factor").unwrap_or(4.0);
+                let orig = num(&params, "original_max_position_embeddings").unwrap_or(8192.0);
+                if !(high > low && low > 0.0 && orig > 0.0) {
+                    return Err(bad(
+                        "rope_scaling",
+                        format!("llama3 needs high_freq_factor > low_freq_factor > 0, got {high} and {low}"),
+                    ));
+                }
+                rc.n_ctx_orig = orig as usize;
+                rc.freq_factors = Some(llama3_freq_factors(theta, n_dims, factor, low, high, orig));
+            }
+            other => {
+                return Err(bad(
+                    "rope_scaling.rope_type",
+                    format!("{other:?} is not supported (supported: default, linear, llama3)"),
+                ))
+            }
+        }
+        Ok(rc)
+    }
+
+    /// Make the runtime form; the llama3 divisors become a small F32 tensor in the weights.
+    pub fn build(&self, w: &mut WeightBuilder) -> Rope {
+        let freq_factors = self
+            .freq_factors
+            .as_ref()
+            .map(|ff| w.derived("rope_freq_factors", &[ff.len() as i64], ff.clone()));
+        Rope {
+            params: RopeParams {
+                n_dims: self.n_dims as i32,
+                mode: crate::ggml::ROPE_NEOX,
+                n_ctx_orig: self.n_ctx_orig as i32,
+                freq_base: self.theta as f32,
+                freq_scale: self.freq_scale as f32,
+                ext_factor: 0.0,
+                attn_factor: 1.0,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+            },
+            freq_factors,
+        }
+    }
+}
+
+/// HF's `_compute_llama3_parameters`, expressed as ggml frequency divisors:
+/// ggml uses `theta_i = pos * base^(-2i/d) / ff[i]`, so `ff[i] = inv_freq[i] / inv_freq_llama3[i]`.
+fn llama3_freq_factors(
+    theta: f64,
+    n_dims: usize,
+    factor: f64,
+    low: f64,
+    high: f64,
+    orig: f64,
+) -> Vec<f32> {
+    let low_wavelen = orig / low;
+    let high_wavelen = orig / high;
+    (0..n_dims / 2)
+        .map(|i| {
+            let inv = 1.0 / theta.powf((2 * i) as f64 / n_dims as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / inv;
+            let scaled = if wavelen < high_wavelen {
+                inv
+            } else if wavelen > low_wavelen {
+                inv / factor
+            } else {
+                let smooth = (orig / wavelen - low) / (high - low);
+                (1.0 - smooth) * inv / factor + smooth * inv
+            };
+            (inv / scaled) as f32
+        })
+        .collect()
+}
+
+impl Rope {
+    /// Rotate `x` [head_dim, n_head, n_tokens] by this step's positions.
+    pub fn apply(&self, f: &Forward, x: Tensor) -> Tensor {
+        f.ctx
+            .rope_ext(x, f.inp.pos, self.freq_factors, &self.params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn both_spellings_agree() {
+        let old =
+            json!({"rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0}});
+        let new = json!({"rope_parameters": {"rope_type": "linear", "rope_theta": 500000.0, "factor": 2.0}});
+        let p = Path::new("config.json");
+        let a = RopeConfig::from_hf(&old, 64, 4096, p).unwrap();
+        let b = RopeConfig::from_hf(&new, 64, 4096, p).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.freq_scale, 0.5);
+        assert_eq!(a.theta, 500000.0);
+    }
+
+    #[test]
+    fn llama3_factors_span_the_three_regions() {
+        let cfg = json!({"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}});
+        let rc = RopeConfig::from_hf(&cfg, 128, 131072, Path::new("c")).unwrap();
+        let ff = rc.freq_factors.unwrap();
+        assert_eq!(ff.len(), 64);
+        assert!((ff[0] - 1.0).abs() < 1e-6, "high frequencies unscaled");
+        assert!(
+            (ff[63] - 8.0).abs() < 1e-4,
+            "low frequencies divided by the factor"
+        );
+        assert!(
+            ff.iter().any(|&x| x > 1.01 && x < 7.99),
+            "a smooth middle band"
+        );
+        assert_eq!(rc.n_ctx_orig, 8192);
+    }
+
+    #[test]
+    fn unknown_type_is_a_clear_error() {
+        let cfg = json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}});
+        let e = RopeConfig::from_hf(&cfg, 64, 4096, Path::new("m/config.json")).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("dynamic") && msg.contains("m/config.json"),
+            "{msg}"
+        );
+    }
+}

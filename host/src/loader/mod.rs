@@ -1,0 +1,419 @@
+//! Loading HuggingFace model folders: `config.json` (+ `generation_config.json`), and
+//! `model.safetensors` or a sharded `model.safetensors.index.json` with its shards.
+//!
+//! Everything is validated before use and every failure is a typed [`LoadError`] naming the file
+//! and, where there is one, the tensor. Weights are declared by the architecture through
+//! [`WeightBuilder`] (name + expected shape), checked against the files, then copied into one
+//! backend buffer, keeping their dtype (F32, F16, BF16).
+
+pub mod safetensors;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use crate::ggml::{Backend, Buffer, Context, DType, GgmlError, Tensor};
+use safetensors::{SafetensorsFile, StDtype, TensorEntry};
+
+/// Why a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: invalid JSON: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{}: no model.safetensors or model.safetensors.index.json in the model directory", dir.display())]
+    NoWeights { dir: PathBuf },
+    #[error("{}: corrupt safetensors file: {msg}", file.display())]
+    Corrupt { file: PathBuf, msg: String },
+    #[error("{}: truncated{}: {msg}", file.display(), tensor.as_ref().map(|t| format!(" at tensor {t}")).unwrap_or_default())]
+    Truncated {
+        file: PathBuf,
+        tensor: Option<String>,
+        msg: String,
+    },
+    #[error("{}: tensor {name} is listed in the index but not found in shard {shard}", index.display())]
+    IndexMismatch {
+        index: PathBuf,
+        name: String,
+        shard: String,
+    },
+    #[error("tensor {name} appears in both {} and {}", a.display(), b.display())]
+    Duplicate {
+        name: String,
+        a: PathBuf,
+        b: PathBuf,
+    },
+    #[error("missing tensor {name} (the {arch} architecture needs it; not in {})", dir.display())]
+    MissingTensor {
+        name: String,
+        arch: String,
+        dir: PathBuf,
+    },
+    #[error("unexpected tensor {name} in {} (unused by the {arch} architecture: wrong architecture or config?)", file.display())]
+    UnexpectedTensor {
+        name: String,
+        arch: String,
+        file: PathBuf,
+    },
+    #[error("{}: tensor {name} has shape {got:?}, expected {expected:?}", file.display())]
+    ShapeMismatch {
+        name: String,
+        file: PathBuf,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("{}: tensor {name} has dtype {dtype}, supported: F32, F16, BF16", file.display())]
+    UnsupportedDtype {
+        name: String,
+        file: PathBuf,
+        dtype: String,
+    },
+    #[error("{}: unknown architecture {name:?} (supported: {supported})", file.display())]
+    UnknownArchitecture {
+        name: String,
+        file: PathBuf,
+        supported: String,
+    },
+    #[error("{}: {field}: {msg}", file.display())]
+    InvalidConfig {
+        file: PathBuf,
+        field: String,
+        msg: String,
+    },
+    #[error(transparent)]
+    Ggml(#[from] GgmlError),
+}
+
+impl LoadError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> LoadError {
+        LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Read a JSON file.
+pub fn read_json(path: &Path) -> Result<serde_json::Value, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|source| LoadError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A model folder: its configs and its (validated) safetensors files.
+#[derive(Debug)]
+pub struct ModelDir {
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub config: serde_json::Value,
+    pub generation_config: Option<serde_json::Value>,
+    pub files: Vec<SafetensorsFile>,
+    /// tensor name -> index into `files`
+    pub tensors: BTreeMap<String, usize>,
+}
+
+impl ModelDir {
+    pub fn open(dir: &Path) -> Result<ModelDir, LoadError> {
+        let config_path = dir.join("config.json");
+        let config = read_json(&config_path)?;
+        if !config.is_object() {
+            return Err(LoadError::InvalidConfig {
+                file: config_path,
+                field: "config.json".into(),
+                msg: "must be a JSON object".into(),
+            });
+        }
+        let gen_path = dir.join("generation_config.json");
+        let generation_config = if gen_path.exists() {
+            Some(read_json(&gen_path)?)
+        } else {
+            None
+        };
+
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut files: Vec<SafetensorsFile> = Vec::new();
+        let mut tensors: BTreeMap<String, usize> = BTreeMap::new();
+        if index_path.exists() {
+            let index = read_json(&index_path)?;
+            let map = index
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| LoadError::InvalidConfig {
+                    file: index_path.clone(),
+                    field: "weight_map".into(),
+                    msg: "missing or not an object".into(),
+                })?;
+            let mut shards: Vec<String> = Vec::new();
+            for (name, shard) in map {
+                let shard = shard.as_str().ok_or_else(|| LoadError::InvalidConfig {
+                    file: index_path.clone(),
+                    field: format!("weight_map.{name}"),
+                    msg: "must be a file name".into(),
+                })?;
+                if shard.contains('/') || shard.contains("..") {
+                    return Err(LoadError::InvalidConfig {
+                        file: index_path.clone(),
+                        field: format!("weight_map.{name}"),
+                        msg: format!("shard name {shard:?} must be a plain file name"),
+                    });
+                }
+                if !shards.iter().any(|s| s == shard) {
+                    shards.push(shard.to_string());
+                }
+            }
+            shards.sort();
+            for shard in &shards {
+                files.push(SafetensorsFile::open(&dir.join(shard))?);
+            }
+            for (name, shard) in map {
+                let i = shards
+                    .iter()
+                    .position(|s| s == shard.as_str().unwrap_or_default())
+                    .unwrap_or(0);
+                if !files[i].tensors.contains_key(name) {
+                    return Err(LoadError::IndexMismatch {
+                        index: index_path.clone(),
+                        name: name.clone(),
+                        shard: shard.as_str().unwrap_or_default().to_string(),
+                    });
+                }
+            }
+        } else if single.exists() {
+            files.push(SafetensorsFile::open(&single)?);
+        } else {
+            return Err(LoadError::NoWeights {
+                dir: dir.to_path_buf(),
+            });
+        }
+        for (i, f) in files.iter().enumerate() {
+            for name in f.tensors.keys() {
+                if let Some(&j) = tensors.get(name) {
+                    return Err(LoadError::Duplicate {
+                        name: name.clone(),
+                        a: files[j].path.clone(),
+                        b: f.path.clone(),
+                    });
+                }
+                tensors.insert(name.clone(), i);
+            }
+        }
+        Ok(ModelDir {
+            dir: dir.to_path_buf(),
+            config_path,
+            config,
+            generation_config,
+            files,
+            tensors,
+        })
+    }
+
+    pub fn entry(&self, name: &str) -> Option<(&SafetensorsFile, &TensorEntry)> {
+        let f = &self.files[*self.tensors.get(name)?];
+        Some((f, f.tensors.get(name)?))
+    }
+
+    /// The dtype most of the weight bytes have (the model's "dtype").
+    pub fn main_dtype(&self) -> StDtype {
+        let mut by: BTreeMap<&'static str, (u64, StDtype)> = BTreeMap::new();
+        for f in &self.files {
+            for e in f.tensors.values() {
+                by.entry(e.dtype.name()).or_insert((0, e.dtype)).0 += e.len;
+            }
+        }
+        by.values()
+            .max_by_key(|(n, _)| *n)
+            .map(|(_, d)| *d)
+            .unwrap_or(StDtype::F32)
+    }
+}
+
+/// Widen little-endian F16/BF16 bytes to F32.
+fn to_f32(dtype: StDtype, bytes: &[u8]) -> Vec<f32> {
+    let halves = bytes
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]));
+    match dtype {
+        StDtype::BF16 => halves.map(|h| f32::from_bits((h as u32) << 16)).collect(),
+        StDtype::F16 => halves.map(|h| half::f16::from_bits(h).to_f32()).collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    }
+}
+
+/// Declares the weights an architecture needs, checks them against the files and loads them.
+pub struct WeightBuilder<'a> {
+    dir: &'a ModelDir,
+    arch: String,
+    ctx: Context,
+    used: BTreeSet<String>,
+    /// (tensor, source name) to fill from the files
+    from_file: Vec<(Tensor, String)>,
+    /// (tensor, data) computed at load time (e.g. rope frequency factors)
+    derived: Vec<(Tensor, Vec<f32>)>,
+}
+
+/// Loaded weights: the tensor metadata and the backend buffer with their data.
+pub struct Weights {
+    pub buffer: Buffer,
+    /// Elements of the weights read from the files
+    pub n_params: u64,
+    // Owns the tensor headers; dropped after the buffer.
+    pub ctx: Context,
+}
+
+impl<'a> WeightBuilder<'a> {
+    pub fn new(dir: &'a ModelDir, arch: &str) -> Result<Self, LoadError> {
+        let ctx = Context::new(dir.tensors.len() + 64, 0)?;
+        Ok(WeightBuilder {
+            dir,
+            arch: arch.to_string(),
+            ctx,
+            used: BTreeSet::new(),
+            from_file: Vec::new(),
+            derived: Vec::new(),
+        })
+    }
+
+    /// A required weight with the given shape (PyTorch order).
+    pub fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
+        self.get_opt(name, shape)?
+            .ok_or_else(|| LoadError::MissingTensor {
+                name: name.to_string(),
+                arch: self.arch.clone(),
+                dir: self.dir.dir.clone(),
+            })
+    }
+
+    /// An optional weight: `None` if the files do not have it, an error if they have it wrong.
+    pub fn get_opt(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>, LoadError> {
+        let Some((file, entry)) = self.dir.entry(name) else {
+            return Ok(None);
+        };
+        let dtype = match entry.dtype {
+            StDtype::F32 => DType::F32,
+            StDtype::F16 => DType::F16,
+            StDtype::BF16 => DType::BF16,
+            StDtype::Other(d) => {
+                return Err(LoadError::UnsupportedDtype {
+                    name: name.to_string(),
+                    file: file.path.clone(),
+                    dtype: d.to_string(),
+                })
+            }
+        };
+        if entry.shape != shape {
+            return Err(LoadError::ShapeMismatch {
+                name: name.to_string(),
+                file: file.path.clone(),
+                expected: shape.to_vec(),
+                got: entry.shape.clone(),
+            });
+        }
+        // Vectors (norm weights, biases) are kept in F32, as ggml's elementwise ops want F32
+        // operands on every backend; they are a negligible share of the bytes.
+        let dtype = if shape.len() == 1 { DType::F32 } else { dtype };
+        let ne: Vec<i64> = shape.iter().rev().map(|&d| d as i64).collect();
+        let t = self.ctx.new_tensor(dtype, &ne, name);
+        self.used.insert(name.to_string());
+        self.from_file.push((t, name.to_string()));
+        Ok(Some(t))
+    }
+
+    /// Whether the files have a tensor of this name.
+    pub fn has(&self, name: &str) -> bool {
+        self.dir.entry(name).is_some()
+    }
+
+    /// Mark a tensor of the files as known but unused (e.g. a tied `lm_head.weight`).
+    pub fn ignore(&mut self, name: &str) {
+        if self.has(name) {
+            self.used.insert(name.to_string());
+        }
+    }
+
+    /// An F32 tensor computed at load time (ggml shape order).
+    pub fn derived(&mut self, name: &str, ne: &[i64], data: Vec<f32>) -> Tensor {
+        let t = self.ctx.new_tensor(DType::F32, ne, name);
+        self.derived.push((t, data));
+        t
+    }
+
+    /// Check that every tensor of the files was used, allocate the backend buffer and copy the
+    /// data (with a progress bar when stderr is a terminal).
+    pub fn finish(self, backend: &Backend) -> Result<Weights, LoadError> {
+        for (name, &fi) in &self.dir.tensors {
+            // HF checkpoints of older versions carry these non-persistent buffers.
+            if name.ends_with("rotary_emb.inv_freq") || name.ends_with(".masked_bias") {
+                continue;
+            }
+            if !self.used.contains(name) {
+                return Err(LoadError::UnexpectedTensor {
+                    name: name.clone(),
+                    arch: self.arch.clone(),
+                    file: self.dir.files[fi].path.clone(),
+                });
+            }
+        }
+        let buffer = self.ctx.alloc_tensors(backend)?;
+        buffer.mark_weights();
+        let total: u64 = self.from_file.iter().map(|(t, _)| t.nbytes() as u64).sum();
+        let bar = if std::io::stderr().is_terminal() && total > 64 << 20 {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "loading {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            Some(b)
+        } else {
+            None
+        };
+        let mut scratch = Vec::new();
+        for (t, name) in &self.from_file {
+            let (file, entry) = self.dir.entry(name).expect("declared from the same index");
+            file.read(name, entry, &mut scratch)?;
+            if t.dtype() == Some(DType::F32) && entry.dtype != StDtype::F32 {
+                t.write_f32(&to_f32(entry.dtype, &scratch))?;
+            } else {
+                t.write_bytes(&scratch, 0)?;
+            }
+            if let Some(b) = &bar {
+                b.inc(entry.len);
+            }
+        }
+        for (t, data) in &self.derived {
+            t.write_f32(data)?;
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        tracing::info!(
+            bytes = buffer.size(),
+            tensors = self.from_file.len(),
+            "weights loaded"
+        );
+        let n_params = self
+            .from_file
+            .iter()
+            .map(|(t, _)| t.nelements() as u64)
+            .sum();
+        Ok(Weights {
+            buffer,
+            n_params,
+            ctx: self.ctx,
+        })
+    }
+}

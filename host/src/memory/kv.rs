@@ -1,0 +1,76 @@
+//! A single-sequence KV cache: per layer, K as `[n_embd_k, n_ctx]` (one row per cell) and V stored
+//! transposed as `[n_ctx, n_embd_v]`, so attention reads both without copies.
+//!
+//! Cells `0..used` hold positions `0..used` of the one sequence. A step writes its tokens at
+//! `used..used+n` and attends to cells `0..used+n`.
+
+use crate::ggml::{Backend, Buffer, Context, DType, GgmlError, Tensor};
+
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    n_ctx: usize,
+    dtype: DType,
+    buffer: Buffer,
+    // Owns the tensor headers above; declared last so it is dropped after the buffer.
+    _ctx: Context,
+}
+
+impl KvCache {
+    pub fn new(
+        backend: &Backend,
+        n_layer: usize,
+        n_embd_k: usize,
+        n_embd_v: usize,
+        n_ctx: usize,
+        dtype: DType,
+    ) -> Result<KvCache, GgmlError> {
+        let ctx = Context::new(2 * n_layer + 1, 0)?;
+        let mut k = Vec::with_capacity(n_layer);
+        let mut v = Vec::with_capacity(n_layer);
+        for il in 0..n_layer {
+            k.push(ctx.new_tensor(
+                dtype,
+                &[n_embd_k as i64, n_ctx as i64],
+                &format!("cache_k_l{il}"),
+            ));
+            v.push(ctx.new_tensor(
+                dtype,
+                &[n_ctx as i64, n_embd_v as i64],
+                &format!("cache_v_l{il}"),
+            ));
+        }
+        let buffer = ctx.alloc_tensors(backend)?;
+        // Zero it: masked cells must never hold NaN/Inf bit patterns (0 * NaN is NaN).
+        buffer.clear();
+        Ok(KvCache {
+            k,
+            v,
+            n_ctx,
+            dtype,
+            buffer,
+            _ctx: ctx,
+        })
+    }
+
+    pub fn k(&self, il: usize) -> Tensor {
+        self.k[il]
+    }
+
+    pub fn v(&self, il: usize) -> Tensor {
+        self.v[il]
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes of backend memory held.
+    pub fn bytes(&self) -> usize {
+        self.buffer.size()
+    }
+}

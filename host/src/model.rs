@@ -1,0 +1,111 @@
+//! A loaded model: the architecture's graph builder, its weights in a backend buffer, and the
+//! backend that computes on them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::ggml::{self, Backend, DType};
+use crate::loader::{LoadError, ModelDir, WeightBuilder, Weights};
+use crate::models::{self, Architecture, HParams};
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    /// CPU threads (default: all cores)
+    pub threads: usize,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            threads: ggml::default_threads(),
+        }
+    }
+}
+
+pub struct Model {
+    pub(crate) arch: Box<dyn Architecture>,
+    weights: Weights,
+    pub dir: PathBuf,
+    /// dtype holding most of the weight bytes
+    pub dtype: DType,
+    pub config: serde_json::Value,
+    pub generation_config: Option<serde_json::Value>,
+    /// Serialises graph computations on the shared backend.
+    pub(crate) compute_lock: Mutex<()>,
+    // Declared last: freed after the weights that live on it.
+    pub(crate) backend: Backend,
+}
+
+impl Model {
+    /// Load and validate a HuggingFace model folder.
+    pub fn load(dir: &Path, opts: &ModelOptions) -> Result<Model, LoadError> {
+        let md = ModelDir::open(dir)?;
+        let (name, loader) = models::resolve(&md)?;
+        let mut wb = WeightBuilder::new(&md, name)?;
+        let arch = loader(&md, &mut wb)?;
+        let backend = Backend::cpu(opts.threads)?;
+        let weights = wb.finish(&backend)?;
+        let dtype = match md.main_dtype() {
+            crate::loader::safetensors::StDtype::F16 => DType::F16,
+            crate::loader::safetensors::StDtype::BF16 => DType::BF16,
+            _ => DType::F32,
+        };
+        tracing::info!(arch = name, dir = %dir.display(), backend = %backend.name(), threads = backend.n_threads(), "model loaded");
+        Ok(Model {
+            arch,
+            weights,
+            dir: dir.to_path_buf(),
+            dtype,
+            config: md.config,
+            generation_config: md.generation_config,
+            compute_lock: Mutex::new(()),
+            backend,
+        })
+    }
+
+    pub fn hparams(&self) -> &HParams {
+        self.arch.hparams()
+    }
+
+    /// Number of parameters stored in the files.
+    pub fn n_params(&self) -> u64 {
+        self.weights.n_params
+    }
+
+    /// Bytes of backend memory the weights take.
+    pub fn weight_bytes(&self) -> usize {
+        self.weights.buffer.size()
+    }
+
+    pub fn threads(&self) -> usize {
+        self.backend.n_threads()
+    }
+
+    /// End-of-sequence token ids (generation_config.json, else config.json).
+    pub fn eos_tokens(&self) -> Vec<u32> {
+        let pick = |v: &serde_json::Value| -> Vec<u32> {
+            match v.get("eos_token_id") {
+                Some(serde_json::Value::Number(n)) => {
+                    n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+                }
+                Some(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u32)
+                    .collect(),
+                _ => vec![],
+            }
+        };
+        let from_gen = self
+            .generation_config
+            .as_ref()
+            .map(pick)
+            .unwrap_or_default();
+        if from_gen.is_empty() {
+            pick(&self.config)
+        } else {
+            from_gen
+        }
+    }
+}

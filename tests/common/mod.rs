@@ -1,0 +1,97 @@
+//! Helpers shared by the integration tests: fixture paths and reading `expected.safetensors`.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use stllm::loader::safetensors::SafetensorsFile;
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Every fixture the generator makes, with its weight dtype.
+pub const FIXTURES: &[(&str, &str)] = &[
+    ("llama-f32", "f32"),
+    ("llama-bf16", "bf16"),
+    ("mistral-f32", "f32"),
+    ("qwen2-f32", "f32"),
+    ("qwen2-bf16", "bf16"),
+    ("qwen3-f32-sharded", "f32"),
+    ("qwen3-bf16", "bf16"),
+];
+
+/// A tensor of expected.safetensors: shape and values widened to f64.
+pub struct Expected {
+    pub tensors: BTreeMap<String, (Vec<usize>, Vec<f64>)>,
+}
+
+impl Expected {
+    pub fn load(dir: &Path) -> Expected {
+        let f =
+            SafetensorsFile::open(&dir.join("expected.safetensors")).expect("expected.safetensors");
+        let mut tensors = BTreeMap::new();
+        let mut buf = Vec::new();
+        for (name, e) in &f.tensors {
+            f.read(name, e, &mut buf).unwrap();
+            let vals: Vec<f64> = match e.dtype.name() {
+                "F32" => buf
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                "I64" => buf
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                d => panic!("unexpected dtype {d} in expected.safetensors"),
+            };
+            tensors.insert(name.clone(), (e.shape.clone(), vals));
+        }
+        Expected { tensors }
+    }
+
+    pub fn ids(&self, name: &str) -> Vec<u32> {
+        self.tensors[name].1.iter().map(|&x| x as u32).collect()
+    }
+
+    /// Rows of a 2-D tensor.
+    pub fn rows(&self, name: &str) -> Vec<Vec<f64>> {
+        let (shape, v) = &self.tensors[name];
+        v.chunks(shape[1]).map(<[f64]>::to_vec).collect()
+    }
+
+    pub fn n_hidden(&self) -> usize {
+        self.tensors
+            .keys()
+            .filter(|k| k.starts_with("hidden."))
+            .count()
+    }
+}
+
+pub fn std(rows: &[Vec<f64>]) -> f64 {
+    let n = rows.iter().map(Vec::len).sum::<usize>() as f64;
+    let mean = rows.iter().flatten().sum::<f64>() / n;
+    (rows
+        .iter()
+        .flatten()
+        .map(|x| (x - mean).powi(2))
+        .sum::<f64>()
+        / n)
+        .sqrt()
+}
+
+/// max |got - want| / std(want)
+pub fn rel_err(got: &[Vec<f32>], want: &[Vec<f64>]) -> f64 {
+    assert_eq!(got.len(), want.len(), "row count");
+    let mut m: f64 = 0.0;
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.len(), w.len(), "row width");
+        for (a, b) in g.iter().zip(w) {
+            let d = (*a as f64 - b).abs();
+            m = if d.is_nan() { f64::INFINITY } else { m.max(d) };
+        }
+    }
+    m / std(want)
+}

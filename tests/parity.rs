@@ -1,0 +1,117 @@
+//! Golden parity against HF transformers: logits at every position, per-layer hidden states and
+//! 8 greedy tokens of the tiny random checkpoints in tests/fixtures (made by make_fixtures.py).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{fixture, rel_err, Expected, FIXTURES};
+use stllm::ggml::DType;
+use stllm::sampling::{Sampler, SamplerConfig};
+use stllm::session::Logits;
+use stllm::{Model, ModelOptions, Session, SessionOptions};
+
+fn tolerance(dtype: &str) -> f64 {
+    match dtype {
+        "f32" => 2e-3,
+        _ => 3e-2,
+    }
+}
+
+fn load(name: &str) -> Arc<Model> {
+    Arc::new(
+        Model::load(&fixture(name), &ModelOptions { threads: 2 })
+            .unwrap_or_else(|e| panic!("{name}: {e}")),
+    )
+}
+
+fn session(model: &Arc<Model>, n_batch: usize, kv: Option<DType>) -> Session {
+    let opts = SessionOptions {
+        n_ctx: Some(64),
+        n_batch,
+        kv_type: kv,
+    };
+    Session::new(model.clone(), &opts).unwrap()
+}
+
+/// Compare logits of all positions; on failure name the first layer whose hidden state diverges.
+fn check_logits(name: &str, dtype: &str, kv: Option<DType>) -> f64 {
+    let exp = Expected::load(&fixture(name));
+    let model = load(name);
+    let tokens = exp.ids("tokens");
+    let mut s = session(&model, 512, kv);
+    let traced = s.decode_traced(&tokens).unwrap();
+    let err = rel_err(&traced.logits, &exp.rows("logits"));
+    let tol = tolerance(dtype);
+    if err > tol {
+        let mut report = String::new();
+        for i in 0..exp.n_hidden() {
+            let e = rel_err(&traced.hidden[i], &exp.rows(&format!("hidden.{i}")));
+            report += &format!(
+                "\n  hidden.{i} ({}): max|d|/std = {e:.3e}",
+                if i == 0 {
+                    "embeddings".to_string()
+                } else {
+                    format!("layer {}", i - 1)
+                }
+            );
+        }
+        let first = (0..exp.n_hidden())
+            .find(|&i| rel_err(&traced.hidden[i], &exp.rows(&format!("hidden.{i}"))) > tol)
+            .map(|i| {
+                if i == 0 {
+                    "the embeddings".to_string()
+                } else {
+                    format!("layer {}", i - 1)
+                }
+            })
+            .unwrap_or_else(|| "the final norm / LM head".into());
+        panic!("{name}: logits max|d|/std = {err:.3e} > {tol:.0e}; first divergence at {first}{report}");
+    }
+    err
+}
+
+#[test]
+fn logits_match_hf_at_every_position() {
+    for (name, dtype) in FIXTURES {
+        let err = check_logits(name, dtype, None);
+        eprintln!("{name}: logits max|d|/std = {err:.3e}");
+    }
+}
+
+#[test]
+fn greedy_tokens_match_hf() {
+    for (name, _) in FIXTURES {
+        let exp = Expected::load(&fixture(name));
+        let model = load(name);
+        let mut s = session(&model, 512, None);
+        let mut sampler = Sampler::new(SamplerConfig::default());
+        let got = s
+            .generate(&exp.ids("tokens"), 8, &mut sampler, &[], |_| {})
+            .unwrap();
+        assert_eq!(got, exp.ids("greedy"), "{name}: greedy tokens");
+    }
+}
+
+/// Prefill in chunks of 3, then token by token: the KV cache path must give the same logits.
+#[test]
+fn chunked_and_incremental_decoding_match() {
+    for (name, dtype) in FIXTURES {
+        let exp = Expected::load(&fixture(name));
+        let model = load(name);
+        let tokens = exp.ids("tokens");
+        let want = exp.rows("logits");
+        let mut s = session(&model, 3, None);
+        let split = tokens.len() - 4;
+        let mut rows = s.decode(&tokens[..split], Logits::All).unwrap();
+        for &t in &tokens[split..] {
+            rows.extend(s.decode(&[t], Logits::All).unwrap());
+        }
+        let err = rel_err(&rows, &want);
+        assert!(
+            err <= tolerance(dtype),
+            "{name}: chunked/incremental logits max|d|/std = {err:.3e}"
+        );
+        assert_eq!(s.n_past(), tokens.len());
+    }
+}
