@@ -115,3 +115,33 @@ fn chunked_and_incremental_decoding_match() {
         assert_eq!(s.n_past(), tokens.len());
     }
 }
+
+/// transformers 4 wrote `rope_theta` + `rope_scaling` where transformers 5 writes
+/// `rope_parameters`: the same model in the old spelling must give the same logits.
+#[test]
+fn transformers4_config_spelling_gives_the_same_logits() {
+    for name in ["llama-f32", "llama-bf16"] {
+        let tmp = common::copy_fixture(name);
+        common::edit_json(&tmp.path().join("config.json"), |c| {
+            let mut p = c
+                .as_object_mut()
+                .unwrap()
+                .remove("rope_parameters")
+                .unwrap();
+            let theta = p.as_object_mut().unwrap().remove("rope_theta").unwrap();
+            c["rope_theta"] = theta;
+            let kind = p.as_object_mut().unwrap().remove("rope_type").unwrap();
+            p["type"] = kind;
+            c["rope_scaling"] = p;
+        });
+        let exp = Expected::load(tmp.path());
+        let model = Arc::new(Model::load(tmp.path(), &ModelOptions { threads: 2 }).unwrap());
+        let mut s = session(&model, 512, None);
+        let rows = s.decode(&exp.ids("tokens"), Logits::All).unwrap();
+        let err = rel_err(&rows, &exp.rows("logits"));
+        assert!(
+            err <= tolerance(&name[name.len() - 3..]).max(2e-3),
+            "{name}: {err}"
+        );
+    }
+}

@@ -95,3 +95,64 @@ pub fn rel_err(got: &[Vec<f32>], want: &[Vec<f64>]) -> f64 {
     }
     m / std(want)
 }
+
+/// A writable copy of a fixture folder in a temporary directory.
+pub fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    tmp
+}
+
+/// One tensor to write: name, safetensors dtype, shape, raw bytes.
+pub type RawTensor = (String, String, Vec<usize>, Vec<u8>);
+
+/// Read every tensor of a safetensors file as raw bytes.
+pub fn read_all(path: &Path) -> Vec<RawTensor> {
+    let f = SafetensorsFile::open(path).unwrap();
+    let mut out = Vec::new();
+    for (name, e) in &f.tensors {
+        let mut buf = Vec::new();
+        f.read(name, e, &mut buf).unwrap();
+        out.push((
+            name.clone(),
+            e.dtype.name().to_string(),
+            e.shape.clone(),
+            buf,
+        ));
+    }
+    out
+}
+
+/// Write a safetensors file (header entries in the given order, data packed).
+pub fn write_safetensors(path: &Path, tensors: &[RawTensor]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, dtype, shape, data) in tensors {
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + data.len()]}),
+        );
+        offset += data.len();
+    }
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(h);
+    for (_, _, _, data) in tensors {
+        bytes.extend(data);
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Edit a JSON file in place.
+pub fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}

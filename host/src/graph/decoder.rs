@@ -54,12 +54,13 @@ fn default_eps() -> f64 {
 
 impl DecoderConfig {
     pub fn parse(dir: &ModelDir) -> Result<DecoderConfig, LoadError> {
-        let cfg: DecoderConfig =
-            serde_json::from_value(dir.config.clone()).map_err(|e| LoadError::InvalidConfig {
+        let cfg: DecoderConfig = serde_path_to_error::deserialize(&dir.config).map_err(|e| {
+            LoadError::InvalidConfig {
                 file: dir.config_path.clone(),
-                field: "config".into(),
-                msg: e.to_string(),
-            })?;
+                field: e.path().to_string(),
+                msg: e.inner().to_string(),
+            }
+        })?;
         cfg.validate(dir)?;
         Ok(cfg)
     }

@@ -1,0 +1,307 @@
+//! Bad model folders: each gives a typed error that names the file and tensor, never a panic,
+//! both from the library and from the CLI (exit code != 0, message on stderr).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{copy_fixture, edit_json, read_all, write_safetensors};
+use stllm::loader::LoadError;
+use stllm::{Model, ModelOptions};
+
+fn load(dir: &Path) -> LoadError {
+    match Model::load(dir, &ModelOptions { threads: 1 }) {
+        Ok(_) => panic!("{} loaded but should not", dir.display()),
+        Err(e) => e,
+    }
+}
+
+/// Run `stllm logits` on the folder: it must fail cleanly with `needle` in its message.
+fn cli_fails(dir: &Path, needle: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_stllm"))
+        .args(["logits", "--model"])
+        .arg(dir)
+        .args(["--tokens", "1,2,3"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit status should be non-zero");
+    assert_ne!(out.status.code(), None, "killed by a signal: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
+    assert!(out.stdout.is_empty(), "nothing on stdout on error");
+}
+
+#[test]
+fn truncated_shard() {
+    let tmp = copy_fixture("qwen3-f32-sharded");
+    let shard = tmp.path().join("model-00002-of-00004.safetensors");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap();
+    f.set_len(len - 100).unwrap();
+    match load(tmp.path()) {
+        LoadError::Truncated {
+            file,
+            tensor: Some(t),
+            ..
+        } => {
+            assert_eq!(file, shard);
+            assert!(t.starts_with("model."), "{t}");
+        }
+        e => panic!("wrong error: {e}"),
+    }
+    cli_fails(
+        tmp.path(),
+        "model-00002-of-00004.safetensors: truncated at tensor",
+    );
+}
+
+#[test]
+fn header_that_lies_about_offsets() {
+    let tmp = copy_fixture("llama-f32");
+    let path = tmp.path().join("model.safetensors");
+    let mut tensors = read_all(&path);
+    // Claim the first tensor is one row larger than its shape says.
+    let (name, _, shape, data) = &mut tensors[0];
+    let victim = name.clone();
+    let row = data.len() / shape[0];
+    data.extend(vec![0u8; row]);
+    write_safetensors(&path, &tensors);
+    match load(tmp.path()) {
+        LoadError::Corrupt { file, msg } => {
+            assert_eq!(file, path);
+            assert!(msg.contains(&victim), "{msg}");
+        }
+        e => panic!("wrong error: {e}"),
+    }
+    cli_fails(tmp.path(), "corrupt safetensors file");
+}
+
+#[test]
+fn offsets_past_the_end_of_the_file() {
+    let tmp = copy_fixture("llama-f32");
+    let path = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    // Keep the header, drop most of the data.
+    std::fs::write(&path, &bytes[..8 + n + 16]).unwrap();
+    assert!(matches!(load(tmp.path()), LoadError::Truncated { .. }));
+    cli_fails(tmp.path(), "truncated");
+}
+
+#[test]
+fn garbage_header() {
+    let tmp = copy_fixture("llama-f32");
+    let path = tmp.path().join("model.safetensors");
+    let mut bytes = (20u64).to_le_bytes().to_vec();
+    bytes.extend(b"{\"a\": not json at al");
+    std::fs::write(&path, bytes).unwrap();
+    assert!(matches!(load(tmp.path()), LoadError::Corrupt { .. }));
+    cli_fails(tmp.path(), "not a JSON object");
+    std::fs::write(&path, (u64::MAX).to_le_bytes()).unwrap();
+    assert!(matches!(load(tmp.path()), LoadError::Corrupt { .. }));
+}
+
+#[test]
+fn missing_tensor() {
+    let tmp = copy_fixture("qwen2-f32");
+    let path = tmp.path().join("model.safetensors");
+    let tensors: Vec<_> = read_all(&path)
+        .into_iter()
+        .filter(|t| t.0 != "model.layers.1.self_attn.k_proj.bias")
+        .collect();
+    write_safetensors(&path, &tensors);
+    match load(tmp.path()) {
+        LoadError::MissingTensor { name, arch, .. } => {
+            assert_eq!(name, "model.layers.1.self_attn.k_proj.bias");
+            assert_eq!(arch, "qwen2");
+        }
+        e => panic!("wrong error: {e}"),
+    }
+    cli_fails(
+        tmp.path(),
+        "missing tensor model.layers.1.self_attn.k_proj.bias",
+    );
+}
+
+#[test]
+fn unexpected_tensor() {
+    let tmp = copy_fixture("llama-f32");
+    let path = tmp.path().join("model.safetensors");
+    let mut tensors = read_all(&path);
+    tensors.push((
+        "model.layers.0.mlp.extra.weight".into(),
+        "F32".into(),
+        vec![2],
+        vec![0; 8],
+    ));
+    write_safetensors(&path, &tensors);
+    assert!(
+        matches!(load(tmp.path()), LoadError::UnexpectedTensor { ref name, .. } if name == "model.layers.0.mlp.extra.weight")
+    );
+    cli_fails(
+        tmp.path(),
+        "unexpected tensor model.layers.0.mlp.extra.weight",
+    );
+}
+
+#[test]
+fn wrong_shape() {
+    let tmp = copy_fixture("mistral-f32");
+    edit_json(&tmp.path().join("config.json"), |c| {
+        c["intermediate_size"] = 80.into()
+    });
+    match load(tmp.path()) {
+        LoadError::ShapeMismatch {
+            name,
+            expected,
+            got,
+            ..
+        } => {
+            assert_eq!(name, "model.layers.0.mlp.gate_proj.weight");
+            assert_eq!(expected, vec![80, 64]);
+            assert_eq!(got, vec![96, 64]);
+        }
+        e => panic!("wrong error: {e}"),
+    }
+    cli_fails(tmp.path(), "has shape [96, 64], expected [80, 64]");
+}
+
+#[test]
+fn unsupported_dtype() {
+    let tmp = copy_fixture("llama-f32");
+    let path = tmp.path().join("model.safetensors");
+    let mut tensors = read_all(&path);
+    let t = tensors
+        .iter_mut()
+        .find(|t| t.0 == "model.norm.weight")
+        .unwrap();
+    t.1 = "F64".into();
+    let v = t.3.clone();
+    t.3 = v
+        .chunks(4)
+        .flat_map(|b| (f32::from_le_bytes(b.try_into().unwrap()) as f64).to_le_bytes())
+        .collect();
+    write_safetensors(&path, &tensors);
+    assert!(
+        matches!(load(tmp.path()), LoadError::UnsupportedDtype { ref dtype, .. } if dtype == "F64")
+    );
+    cli_fails(tmp.path(), "tensor model.norm.weight has dtype F64");
+}
+
+#[test]
+fn unknown_architecture() {
+    let tmp = copy_fixture("llama-f32");
+    edit_json(&tmp.path().join("config.json"), |c| {
+        c["model_type"] = "gpt_frobnicator".into();
+        c["architectures"] = serde_json::json!(["GptFrobnicatorForCausalLM"]);
+    });
+    assert!(
+        matches!(load(tmp.path()), LoadError::UnknownArchitecture { ref name, .. } if name == "gpt_frobnicator")
+    );
+    cli_fails(tmp.path(), "unknown architecture \"gpt_frobnicator\"");
+}
+
+#[test]
+fn config_values_out_of_range() {
+    let cases: &[(&str, serde_json::Value, &str)] = &[
+        ("num_key_value_heads", 3.into(), "num_key_value_heads"),
+        ("hidden_size", 0.into(), "hidden_size"),
+        ("rms_norm_eps", (-1.0).into(), "rms_norm_eps"),
+        ("num_attention_heads", "four".into(), "num_attention_heads"),
+        ("hidden_act", "gelu".into(), "hidden_act"),
+    ];
+    for (key, value, needle) in cases {
+        let tmp = copy_fixture("llama-f32");
+        edit_json(&tmp.path().join("config.json"), |c| c[*key] = value.clone());
+        let e = load(tmp.path());
+        assert!(matches!(e, LoadError::InvalidConfig { .. }), "{key}: {e}");
+        assert!(e.to_string().contains(needle), "{key}: {e}");
+        cli_fails(tmp.path(), needle);
+    }
+    let tmp = copy_fixture("llama-f32");
+    edit_json(
+        &tmp.path().join("config.json"),
+        |c| {
+            c["rope_parameters"] =
+                serde_json::json!({"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0})
+        },
+    );
+    cli_fails(tmp.path(), "\"longrope\" is not supported");
+}
+
+#[test]
+fn broken_config_and_missing_files() {
+    let tmp = copy_fixture("llama-f32");
+    std::fs::write(tmp.path().join("config.json"), "{ not json").unwrap();
+    assert!(matches!(load(tmp.path()), LoadError::Json { .. }));
+    cli_fails(tmp.path(), "config.json: invalid JSON");
+
+    let tmp = copy_fixture("llama-f32");
+    std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
+    assert!(matches!(load(tmp.path()), LoadError::NoWeights { .. }));
+    cli_fails(tmp.path(), "no model.safetensors");
+
+    cli_fails(Path::new("/nonexistent/model/dir"), "config.json");
+}
+
+#[test]
+fn index_naming_a_missing_shard_or_tensor() {
+    let tmp = copy_fixture("qwen3-f32-sharded");
+    std::fs::remove_file(tmp.path().join("model-00003-of-00004.safetensors")).unwrap();
+    assert!(matches!(load(tmp.path()), LoadError::Io { .. }));
+    cli_fails(tmp.path(), "model-00003-of-00004.safetensors");
+
+    let tmp = copy_fixture("qwen3-f32-sharded");
+    edit_json(&tmp.path().join("model.safetensors.index.json"), |c| {
+        c["weight_map"]["model.layers.0.mlp.phantom.weight"] =
+            "model-00001-of-00004.safetensors".into()
+    });
+    assert!(matches!(load(tmp.path()), LoadError::IndexMismatch { .. }));
+    cli_fails(
+        tmp.path(),
+        "model.layers.0.mlp.phantom.weight is listed in the index",
+    );
+
+    let tmp = copy_fixture("qwen3-f32-sharded");
+    edit_json(&tmp.path().join("model.safetensors.index.json"), |c| {
+        c["weight_map"]["model.norm.weight"] = "../../etc/passwd".into()
+    });
+    assert!(matches!(load(tmp.path()), LoadError::InvalidConfig { .. }));
+}
+
+#[test]
+fn bad_tokens_are_rejected_by_the_cli() {
+    let dir = common::fixture("llama-f32");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_stllm"))
+            .args(args)
+            .arg("--model")
+            .arg(&dir)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["logits", "--tokens", "1,99999"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("token id 99999 is out of range"), "{err}");
+    let out = run(&["logits", "--tokens", "1,x"]);
+    assert!(!out.status.success());
+    let out = run(&[
+        "generate",
+        "--tokens",
+        "1,2",
+        "--max-tokens",
+        "300",
+        "--ctx-size",
+        "16",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("context full"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
