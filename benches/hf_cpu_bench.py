@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""HF transformers peer for `stllm bench`: prefill tokens/s for a prompt and decode tokens/s with a
+KV cache (greedy), on the CPU, same folder, same thread count, same prompt length.
+
+Usage: python3 benches/hf_cpu_bench.py MODEL_DIR --prompt 512 --gen 128 --threads 2 [--dtype bf16|f32]
+Prints one JSON line.
+"""
+import argparse
+import json
+import time
+
+import torch
+import transformers
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
+    ap.add_argument("--repeat", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    model = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype)
+    model.eval()
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, vocab, (1, a.prompt), generator=g)
+    best_pp, best_tg = float("inf"), float("inf")
+    with torch.inference_mode():
+        for _ in range(a.repeat):
+            t0 = time.perf_counter()
+            out = model(ids, use_cache=True)
+            best_pp = min(best_pp, time.perf_counter() - t0)
+            past = out.past_key_values
+            tok = out.logits[:, -1:].argmax(-1)
+            t1 = time.perf_counter()
+            for _ in range(a.gen):
+                out = model(tok, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                tok = out.logits[:, -1:].argmax(-1)
+            best_tg = min(best_tg, time.perf_counter() - t1)
+    print(json.dumps({
+        "engine": f"transformers {transformers.__version__} torch {torch.__version__}",
+        "dtype": a.dtype, "threads": a.threads, "prompt": a.prompt, "gen": a.gen,
+        "prefill_tok_s": a.prompt / best_pp, "decode_tok_s": a.gen / best_tg if a.gen else 0.0,
+        "ttft_ms": best_pp * 1e3,
+    }))
+
+
+if __name__ == "__main__":
+    main()
