@@ -85,7 +85,7 @@ impl DecoderConfig {
             }
         }
         let nkv = self.n_head_kv();
-        if nkv == 0 || self.num_attention_heads % nkv != 0 {
+        if nkv == 0 || !self.num_attention_heads.is_multiple_of(nkv) {
             return bad(
                 "num_key_value_heads",
                 format!(
@@ -94,7 +94,7 @@ impl DecoderConfig {
                 ),
             );
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(
                 "hidden_size",
                 format!(
@@ -103,7 +103,7 @@ impl DecoderConfig {
                 ),
             );
         }
-        if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
             return bad(
                 "head_dim",
                 format!("must be positive and even, got {}", self.head_dim()),
