@@ -24,13 +24,16 @@ for round in 1 2; do
   ./target/release/stllm bench --model "$model" --prompt "$prompt" --gen "$gen" --threads "$threads" --json \
     | tee -a "$out/stllm.jsonl"
   if [ -n "$gguf" ] && [ -x "$llama_bench" ]; then
-    "$llama_bench" -m "$gguf" -p "$prompt" -n "$gen" -t "$threads" -r 1 -o json > "$out/llama-$round.json" 2>"$out/llama-$round.log"
+    # Prefill from an empty cache, then decode at the depth of the prompt, as `stllm bench` does.
+    { "$llama_bench" -m "$gguf" -p "$prompt" -n 0 -t "$threads" -r 1 -o json 2>"$out/llama-$round.log" | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))'
+      "$llama_bench" -m "$gguf" -p 0 -n "$gen" -d "$prompt" -t "$threads" -r 1 -o json 2>>"$out/llama-$round.log" | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))'
+    } > "$out/llama-$round.json"
     python3 - "$out/llama-$round.json" <<'PY' | tee -a "$out/llama.jsonl"
 import json, sys
-rows = json.load(open(sys.argv[1]))
+rows = [r for line in open(sys.argv[1]) for r in json.loads(line)]
 d = {"engine": "llama.cpp " + rows[0].get("build_commit", "")}
 for r in rows:
-    key = "prefill_tok_s" if r["n_prompt"] > 0 else "decode_tok_s"
+    key = "prefill_tok_s" if r["n_gen"] == 0 else "decode_tok_s"
     d[key] = r["avg_ts"]
 print(json.dumps(d))
 PY

@@ -26,10 +26,20 @@ fn load(name: &str) -> Arc<Model> {
 }
 
 fn session(model: &Arc<Model>, n_batch: usize, kv: Option<DType>) -> Session {
+    session_fa(model, n_batch, kv, None)
+}
+
+fn session_fa(
+    model: &Arc<Model>,
+    n_batch: usize,
+    kv: Option<DType>,
+    flash_attn: Option<bool>,
+) -> Session {
     let opts = SessionOptions {
         n_ctx: Some(64),
         n_batch,
         kv_type: kv,
+        flash_attn,
     };
     Session::new(model.clone(), &opts).unwrap()
 }
@@ -143,5 +153,31 @@ fn transformers4_config_spelling_gives_the_same_logits() {
             err <= tolerance(&name[name.len() - 3..]).max(2e-3),
             "{name}: {err}"
         );
+    }
+}
+
+/// Both attention paths (fused flash attention and softmax(KQ)V) on every fixture, F16 and F32
+/// caches: the same logits within the dtype's tolerance.
+#[test]
+fn attention_paths_agree_with_hf() {
+    for (name, dtype) in FIXTURES {
+        let exp = Expected::load(&fixture(name));
+        let model = load(name);
+        let want = exp.rows("logits");
+        for fa in [false, true] {
+            for kv in [DType::F32, DType::F16] {
+                let mut s = session_fa(&model, 512, Some(kv), Some(fa));
+                let rows = s.decode(&exp.ids("tokens"), Logits::All).unwrap();
+                let err = rel_err(&rows, &want);
+                // An F16 cache rounds K and V: allow the BF16 tolerance for it.
+                let tol = if kv == DType::F16 {
+                    3e-2
+                } else {
+                    tolerance(dtype)
+                };
+                assert!(err <= tol, "{name} flash_attn={fa} kv={kv:?}: {err:.3e}");
+                eprintln!("{name} flash_attn={fa} kv={kv:?}: {err:.3e}");
+            }
+        }
     }
 }

@@ -30,6 +30,8 @@ pub struct SessionOptions {
     pub n_batch: usize,
     /// KV cache element type (default: F32 for F32 models, F16 otherwise)
     pub kv_type: Option<DType>,
+    /// Use ggml's fused flash attention (default: on); off computes softmax(KQ)·V unfused
+    pub flash_attn: Option<bool>,
 }
 
 impl Default for SessionOptions {
@@ -38,6 +40,7 @@ impl Default for SessionOptions {
             n_ctx: None,
             n_batch: 512,
             kv_type: None,
+            flash_attn: None,
         }
     }
 }
@@ -75,6 +78,7 @@ impl Session {
         } else {
             DType::F16
         });
+        let flash = opts.flash_attn.unwrap_or(true);
         let kv = KvCache::new(
             &model.backend,
             hp.n_layer,
@@ -82,6 +86,7 @@ impl Session {
             hp.n_embd_kv(),
             n_ctx,
             kv_type,
+            !flash,
         )?;
         let sched = Sched::new(&[&model.backend], graph_size(hp.n_layer))?;
         tracing::debug!(
@@ -213,6 +218,12 @@ impl Session {
         let n_kv = n_past + n;
         let n_out = out.len().max(1);
         let gsize = graph_size(hp.n_layer);
+        // Flash attention wants an F16 mask.
+        let mask_type = if self.kv.v_trans() {
+            DType::F32
+        } else {
+            DType::F16
+        };
         let ctx = Context::new(2 * gsize, gsize)?;
         let mut graph = ctx.new_graph(gsize);
         let inp = StepInputs {
@@ -223,10 +234,10 @@ impl Session {
                 .new_tensor(DType::I32, &[n as i64], "inp_pos")
                 .set_input(),
             mask: ctx
-                .new_tensor(DType::F32, &[n_kv as i64, n as i64], "inp_mask")
+                .new_tensor(mask_type, &[n_kv as i64, n as i64], "inp_mask")
                 .set_input(),
             mask_swa: hp.sliding_window.map(|_| {
-                ctx.new_tensor(DType::F32, &[n_kv as i64, n as i64], "inp_mask_swa")
+                ctx.new_tensor(mask_type, &[n_kv as i64, n as i64], "inp_mask_swa")
                     .set_input()
             }),
             out_ids: ctx
@@ -263,10 +274,10 @@ impl Session {
         write_input(inp.tokens, |t| t.write_i32(&ids))?;
         write_input(inp.pos, |t| t.write_i32(&pos))?;
         write_input(inp.out_ids, |t| t.write_i32(&out_ids))?;
-        write_input(inp.mask, |t| t.write_f32(&causal_mask(n_past, n, None)))?;
+        write_input(inp.mask, |t| write_mask(t, &causal_mask(n_past, n, None)))?;
         if let Some(m) = inp.mask_swa {
             write_input(m, |t| {
-                t.write_f32(&causal_mask(n_past, n, hp.sliding_window))
+                write_mask(t, &causal_mask(n_past, n, hp.sliding_window))
             })?;
         }
         self.sched.compute(&graph)?;
@@ -297,6 +308,18 @@ fn write_input(
         f(t)
     } else {
         Ok(())
+    }
+}
+
+fn write_mask(t: Tensor, m: &[f32]) -> Result<(), GgmlError> {
+    if t.dtype() == Some(DType::F16) {
+        t.write_f16(
+            &m.iter()
+                .map(|&x| half::f16::from_f32(x))
+                .collect::<Vec<_>>(),
+        )
+    } else {
+        t.write_f32(m)
     }
 }
 

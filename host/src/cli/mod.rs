@@ -41,6 +41,9 @@ pub struct ModelArgs {
     /// Most tokens per graph during prefill
     #[arg(long, default_value_t = 512)]
     pub batch: usize,
+    /// Fused flash attention: on, off, auto (= on)
+    #[arg(long, default_value = "auto")]
+    pub flash_attn: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -128,6 +131,12 @@ fn open(m: &ModelArgs, min_ctx: usize) -> Result<Session> {
         n_ctx: Some(n_ctx),
         n_batch: m.batch,
         kv_type,
+        flash_attn: match m.flash_attn.as_str() {
+            "on" => Some(true),
+            "off" => Some(false),
+            "auto" => None,
+            other => bail!("--flash-attn must be on, off or auto, got {other:?}"),
+        },
     };
     Ok(Session::new(Arc::new(model), &sopts)?)
 }

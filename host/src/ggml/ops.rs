@@ -39,7 +39,8 @@ impl Context {
 
     /// Ask for F32 accumulation of a matmul / attention result where the backend can choose.
     pub fn set_prec_f32(&self, t: Tensor) {
-        unsafe { sys::ggml_mul_mat_set_prec(t.raw(), sys::GGML_PREC_F32) };
+        // SAFETY: sets an op parameter of a live tensor (a mul_mat or flash_attn_ext node).
+        unsafe { sys::ggml_prec_set_acc(t.raw(), sys::GGML_PREC_F32) };
     }
 
     pub fn add(&self, a: Tensor, b: Tensor) -> Tensor {

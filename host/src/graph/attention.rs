@@ -149,14 +149,25 @@ fn attend(
     let vc = f.kv.v(il);
     let esize_k = kc.nb()[0];
     let esize_v = vc.nb()[0];
+    let flash = !f.kv.v_trans();
 
-    // Write this step's K rows and V columns; expanding the copies first orders them before the
-    // reads below (ggml runs nodes in the order they were added).
+    // Write this step's K rows and V rows (or columns, when V is stored transposed); expanding
+    // the copies first orders them before the reads below (ggml runs nodes in insertion order).
     let k_dst = ctx.view_2d(kc, n_embd_kv, nt, kc.nb()[1], n_past * kc.nb()[1]);
     let k_cpy = ctx.cpy(ctx.reshape_2d(k, n_embd_kv, nt), k_dst);
     f.graph.expand(k_cpy);
-    let v_dst = ctx.view_2d(vc, nt, n_embd_kv, vc.nb()[1], n_past * esize_v);
-    let v_cpy = ctx.cpy(ctx.transpose(ctx.reshape_2d(v, n_embd_kv, nt)), v_dst);
+    let v_cur = ctx.reshape_2d(v, n_embd_kv, nt);
+    let v_cpy = if flash {
+        ctx.cpy(
+            v_cur,
+            ctx.view_2d(vc, n_embd_kv, nt, vc.nb()[1], n_past * vc.nb()[1]),
+        )
+    } else {
+        ctx.cpy(
+            ctx.transpose(v_cur),
+            ctx.view_2d(vc, nt, n_embd_kv, vc.nb()[1], n_past * esize_v),
+        )
+    };
     f.graph.expand(v_cpy);
 
     let keys = ctx.view_3d(
@@ -168,6 +179,27 @@ fn attend(
         head_dim * esize_k,
         0,
     );
+    let q = ctx.permute(q, [0, 2, 1, 3]); // [hd, nt, n_head]
+    let mask = if sliding {
+        f.inp.mask_swa.unwrap_or(f.inp.mask)
+    } else {
+        f.inp.mask
+    };
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    if flash {
+        let vals = ctx.view_3d(
+            vc,
+            head_dim as i64,
+            n_kv,
+            n_head_kv as i64,
+            vc.nb()[1],
+            head_dim * esize_v,
+            0,
+        );
+        let o = ctx.flash_attn_ext(q, keys, vals, Some(mask), scale); // [hd, n_head, nt]
+        ctx.set_prec_f32(o);
+        return ctx.reshape_2d(o, (head_dim * n_head) as i64, nt);
+    }
     let vals = ctx.view_3d(
         vc,
         n_kv,
@@ -177,15 +209,9 @@ fn attend(
         vc.nb()[1] * head_dim,
         0,
     );
-    let q = ctx.permute(q, [0, 2, 1, 3]); // [hd, nt, n_head]
     let kq = ctx.mul_mat(keys, q); // [n_kv, nt, n_head]
     ctx.set_prec_f32(kq);
-    let mask = if sliding {
-        f.inp.mask_swa.unwrap_or(f.inp.mask)
-    } else {
-        f.inp.mask
-    };
-    let kq = ctx.soft_max_ext(kq, Some(mask), 1.0 / (head_dim as f32).sqrt());
+    let kq = ctx.soft_max_ext(kq, Some(mask), scale);
     let kqv = ctx.mul_mat(vals, kq); // [hd, nt, n_head]
     let o = ctx.permute(kqv, [0, 2, 1, 3]); // [hd, n_head, nt]
     ctx.reshape_2d(ctx.cont(o), (head_dim * n_head) as i64, nt)

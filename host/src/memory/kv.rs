@@ -1,5 +1,6 @@
-//! A single-sequence KV cache: per layer, K as `[n_embd_k, n_ctx]` (one row per cell) and V stored
-//! transposed as `[n_ctx, n_embd_v]`, so attention reads both without copies.
+//! A single-sequence KV cache: per layer, K as `[n_embd_k, n_ctx]` (one row per cell) and V either
+//! the same way (for flash attention, which reads V rows) or transposed as `[n_ctx, n_embd_v]`
+//! (for `softmax(KQ) V` as a plain `mul_mat`), so attention reads both without copies.
 //!
 //! Cells `0..used` hold positions `0..used` of the one sequence. A step writes its tokens at
 //! `used..used+n` and attends to cells `0..used+n`.
@@ -11,6 +12,7 @@ pub struct KvCache {
     v: Vec<Tensor>,
     n_ctx: usize,
     dtype: DType,
+    v_trans: bool,
     buffer: Buffer,
     // Owns the tensor headers above; declared last so it is dropped after the buffer.
     _ctx: Context,
@@ -24,6 +26,7 @@ impl KvCache {
         n_embd_v: usize,
         n_ctx: usize,
         dtype: DType,
+        v_trans: bool,
     ) -> Result<KvCache, GgmlError> {
         let ctx = Context::new(2 * n_layer + 1, 0)?;
         let mut k = Vec::with_capacity(n_layer);
@@ -48,6 +51,7 @@ impl KvCache {
             v,
             n_ctx,
             dtype,
+            v_trans,
             buffer,
             _ctx: ctx,
         })
@@ -63,6 +67,11 @@ impl KvCache {
 
     pub fn n_ctx(&self) -> usize {
         self.n_ctx
+    }
+
+    /// Whether V is stored transposed (`[n_ctx, n_embd_v]`, for attention without flash-attn).
+    pub fn v_trans(&self) -> bool {
+        self.v_trans
     }
 
     pub fn dtype(&self) -> DType {
