@@ -18,6 +18,8 @@ pub enum DecodeError {
     TokenOutOfRange { token: u32, n_vocab: usize },
     #[error("no tokens to decode")]
     Empty,
+    #[error("cannot truncate to {len} positions: the sequence has {n_past}")]
+    Truncate { len: usize, n_past: usize },
     #[error(transparent)]
     Ggml(#[from] GgmlError),
 }
@@ -66,6 +68,7 @@ pub struct Session {
     kv: KvCache,
     n_past: usize,
     n_batch: usize,
+    opts: SessionOptions,
     model: Arc<Model>,
 }
 
@@ -100,8 +103,26 @@ impl Session {
             kv,
             n_past: 0,
             n_batch: opts.n_batch.max(1),
+            opts: SessionOptions { n_ctx: Some(n_ctx), ..opts.clone() },
             model,
         })
+    }
+
+    /// A new session holding a copy of this one's sequence.
+    pub fn fork(&self) -> Result<Session, GgmlError> {
+        let mut s = Session::new(self.model.clone(), &self.opts)?;
+        s.kv.copy_from(&self.kv)?;
+        s.n_past = self.n_past;
+        Ok(s)
+    }
+
+    /// Keep the first `len` positions (later ones are overwritten by the next decode).
+    pub fn truncate(&mut self, len: usize) -> Result<(), DecodeError> {
+        if len > self.n_past {
+            return Err(DecodeError::Truncate { len, n_past: self.n_past });
+        }
+        self.n_past = len;
+        Ok(())
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -157,7 +178,7 @@ impl Session {
                 Logits::Last if last_chunk => vec![chunk.len() as i32 - 1],
                 Logits::Last => vec![],
             };
-            let (logits, _) = self.step(chunk, &out, false)?;
+            let (logits, _) = self.step(chunk, &out, false, false)?;
             rows.extend(logits);
         }
         Ok(rows)
@@ -167,7 +188,7 @@ impl Session {
     pub fn decode_traced(&mut self, tokens: &[u32]) -> Result<Traced, DecodeError> {
         self.check(tokens)?;
         let out: Vec<i32> = (0..tokens.len() as i32).collect();
-        let (logits, hidden) = self.step(tokens, &out, true)?;
+        let (logits, hidden) = self.step(tokens, &out, true, false)?;
         Ok(Traced { logits, hidden })
     }
 
@@ -211,6 +232,7 @@ impl Session {
         tokens: &[u32],
         out: &[i32],
         trace: bool,
+        embeddings: bool,
     ) -> Result<(Vec<Vec<f32>>, Vec<Vec<Vec<f32>>>), DecodeError> {
         let hp = self.model.hparams().clone();
         let n = tokens.len();
@@ -252,6 +274,7 @@ impl Session {
             n_past,
             n_tokens: n,
             taps: trace.then(Vec::new),
+            embeddings,
         };
         let logits = self.model.arch.build(&mut f).set_output();
         let taps = f.taps.take().unwrap_or_default();
@@ -286,17 +309,31 @@ impl Session {
         let rows = |t: Tensor, width: usize| -> Result<Vec<Vec<f32>>, GgmlError> {
             Ok(t.read_f32()?.chunks(width).map(<[f32]>::to_vec).collect())
         };
-        let logits = if out.is_empty() {
-            vec![]
-        } else {
-            rows(logits, hp.n_vocab)?
-        };
+        let width = if embeddings { hp.n_embd } else { hp.n_vocab };
+        let logits = if out.is_empty() { vec![] } else { rows(logits, width)? };
         let hidden = taps
             .into_iter()
             .map(|t| rows(t, hp.n_embd))
             .collect::<Result<Vec<_>, _>>()?;
         Ok((logits, hidden))
     }
+}
+
+/// Mean-pooled final (normalised) hidden state of `tokens`, computed in a scratch session.
+pub fn embed(model: &Arc<Model>, opts: &SessionOptions, tokens: &[u32]) -> Result<Vec<f32>, DecodeError> {
+    let mut opts = opts.clone();
+    opts.n_ctx = Some(tokens.len().max(1));
+    opts.n_batch = opts.n_batch.max(tokens.len());
+    let mut s = Session::new(model.clone(), &opts)?;
+    s.check(tokens)?;
+    let out: Vec<i32> = (0..tokens.len() as i32).collect();
+    let (rows, _) = s.step(tokens, &out, false, true)?;
+    let n = rows.len().max(1) as f32;
+    let mut mean = vec![0f32; model.hparams().n_embd];
+    for r in &rows {
+        mean.iter_mut().zip(r).for_each(|(m, x)| *m += x / n);
+    }
+    Ok(mean)
 }
 
 fn write_input(

@@ -390,6 +390,16 @@ impl Tensor {
         Ok(out)
     }
 
+    /// Copy another tensor's data (same shape and type) into this one, across backends if needed.
+    pub fn copy_from(&self, src: Tensor) -> Result<(), GgmlError> {
+        if src.ne() != self.ne() || src.dtype() != self.dtype() || !src.has_memory() || !self.has_memory() {
+            return Err(GgmlError::Tensor { name: self.name(), msg: format!("cannot copy from {src:?}") });
+        }
+        // SAFETY: both tensors are allocated with identical layouts.
+        unsafe { sys::ggml_backend_tensor_copy(src.raw(), self.raw()) };
+        Ok(())
+    }
+
     /// Fill the whole tensor's memory with zero bytes.
     pub fn zero(&self) -> Result<(), GgmlError> {
         let n = self.nbytes();

@@ -280,6 +280,9 @@ impl Architecture for DenseDecoder {
         }
         let x = f.ctx.get_rows(x, f.inp.out_ids);
         let x = norm::rms(f, x, self.norm, self.eps);
+        if f.embeddings {
+            return x;
+        }
         f.ctx.mul_mat(self.lm_head, x)
     }
 }

@@ -38,6 +38,8 @@ pub struct Forward<'a> {
     pub n_tokens: usize,
     /// Per-layer hidden states to read back (debugging / parity), if requested
     pub taps: Option<Vec<Tensor>>,
+    /// Return the final normalised hidden states `[n_embd, n_out]` instead of logits
+    pub embeddings: bool,
 }
 
 impl Forward<'_> {

@@ -78,6 +78,14 @@ impl KvCache {
         self.dtype
     }
 
+    /// Copy every cell of `other` (same shapes) into this cache.
+    pub fn copy_from(&self, other: &KvCache) -> Result<(), GgmlError> {
+        for (a, b) in self.k.iter().zip(&other.k).chain(self.v.iter().zip(&other.v)) {
+            a.copy_from(*b)?;
+        }
+        Ok(())
+    }
+
     /// Bytes of backend memory held.
     pub fn bytes(&self) -> usize {
         self.buffer.size()

@@ -37,7 +37,8 @@ impl HParams {
 pub trait Architecture: Send + Sync {
     fn hparams(&self) -> &HParams;
 
-    /// Build the step's graph and return the logits `[n_vocab, n_out]`.
+    /// Build the step's graph and return the logits `[n_vocab, n_out]` (or, when
+    /// `f.embeddings`, the final normalised hidden states `[n_embd, n_out]`).
     fn build(&self, f: &mut Forward) -> Tensor;
 }
 
