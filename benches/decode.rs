@@ -11,31 +11,21 @@ use stllm::session::Logits;
 use stllm::{Model, ModelOptions, Session, SessionOptions};
 
 fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
+    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
 }
 
 fn main() {
     let dir = std::env::var_os("STLLM_BENCH_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2-bf16")
-        });
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2-bf16"));
     let prompt = env_usize("STLLM_BENCH_PROMPT", 128);
     let gen = env_usize("STLLM_BENCH_GEN", 32);
     let threads = env_usize("STLLM_BENCH_THREADS", stllm::ggml::default_threads());
     let model = Arc::new(Model::load(&dir, &ModelOptions { threads }).expect("load model"));
     let n_vocab = model.hparams().n_vocab as u32;
-    let opts = SessionOptions {
-        n_ctx: Some(prompt + gen + 1),
-        ..Default::default()
-    };
+    let opts = SessionOptions { n_ctx: Some(prompt + gen + 1), ..Default::default() };
     let mut s = Session::new(model.clone(), &opts).expect("session");
-    let tokens: Vec<u32> = (0..prompt as u32)
-        .map(|i| (i * 7919 + 13) % n_vocab)
-        .collect();
+    let tokens: Vec<u32> = (0..prompt as u32).map(|i| (i * 7919 + 13) % n_vocab).collect();
     for round in 0..3 {
         s.reset();
         let t0 = Instant::now();

@@ -38,26 +38,16 @@ fn truncated_shard() {
     let tmp = copy_fixture("qwen3-f32-sharded");
     let shard = tmp.path().join("model-00002-of-00004.safetensors");
     let len = std::fs::metadata(&shard).unwrap().len();
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&shard)
-        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&shard).unwrap();
     f.set_len(len - 100).unwrap();
     match load(tmp.path()) {
-        LoadError::Truncated {
-            file,
-            tensor: Some(t),
-            ..
-        } => {
+        LoadError::Truncated { file, tensor: Some(t), .. } => {
             assert_eq!(file, shard);
             assert!(t.starts_with("model."), "{t}");
         }
         e => panic!("wrong error: {e}"),
     }
-    cli_fails(
-        tmp.path(),
-        "model-00002-of-00004.safetensors: truncated at tensor",
-    );
+    cli_fails(tmp.path(), "model-00002-of-00004.safetensors: truncated at tensor");
 }
 
 #[test]
@@ -110,10 +100,8 @@ fn garbage_header() {
 fn missing_tensor() {
     let tmp = copy_fixture("qwen2-f32");
     let path = tmp.path().join("model.safetensors");
-    let tensors: Vec<_> = read_all(&path)
-        .into_iter()
-        .filter(|t| t.0 != "model.layers.1.self_attn.k_proj.bias")
-        .collect();
+    let tensors: Vec<_> =
+        read_all(&path).into_iter().filter(|t| t.0 != "model.layers.1.self_attn.k_proj.bias").collect();
     write_safetensors(&path, &tensors);
     match load(tmp.path()) {
         LoadError::MissingTensor { name, arch, .. } => {
@@ -122,10 +110,7 @@ fn missing_tensor() {
         }
         e => panic!("wrong error: {e}"),
     }
-    cli_fails(
-        tmp.path(),
-        "missing tensor model.layers.1.self_attn.k_proj.bias",
-    );
+    cli_fails(tmp.path(), "missing tensor model.layers.1.self_attn.k_proj.bias");
 }
 
 #[test]
@@ -133,35 +118,20 @@ fn unexpected_tensor() {
     let tmp = copy_fixture("llama-f32");
     let path = tmp.path().join("model.safetensors");
     let mut tensors = read_all(&path);
-    tensors.push((
-        "model.layers.0.mlp.extra.weight".into(),
-        "F32".into(),
-        vec![2],
-        vec![0; 8],
-    ));
+    tensors.push(("model.layers.0.mlp.extra.weight".into(), "F32".into(), vec![2], vec![0; 8]));
     write_safetensors(&path, &tensors);
     assert!(
         matches!(load(tmp.path()), LoadError::UnexpectedTensor { ref name, .. } if name == "model.layers.0.mlp.extra.weight")
     );
-    cli_fails(
-        tmp.path(),
-        "unexpected tensor model.layers.0.mlp.extra.weight",
-    );
+    cli_fails(tmp.path(), "unexpected tensor model.layers.0.mlp.extra.weight");
 }
 
 #[test]
 fn wrong_shape() {
     let tmp = copy_fixture("mistral-f32");
-    edit_json(&tmp.path().join("config.json"), |c| {
-        c["intermediate_size"] = 80.into()
-    });
+    edit_json(&tmp.path().join("config.json"), |c| c["intermediate_size"] = 80.into());
     match load(tmp.path()) {
-        LoadError::ShapeMismatch {
-            name,
-            expected,
-            got,
-            ..
-        } => {
+        LoadError::ShapeMismatch { name, expected, got, .. } => {
             assert_eq!(name, "model.layers.0.mlp.gate_proj.weight");
             assert_eq!(expected, vec![80, 64]);
             assert_eq!(got, vec![96, 64]);
@@ -176,20 +146,12 @@ fn unsupported_dtype() {
     let tmp = copy_fixture("llama-f32");
     let path = tmp.path().join("model.safetensors");
     let mut tensors = read_all(&path);
-    let t = tensors
-        .iter_mut()
-        .find(|t| t.0 == "model.norm.weight")
-        .unwrap();
+    let t = tensors.iter_mut().find(|t| t.0 == "model.norm.weight").unwrap();
     t.1 = "F64".into();
     let v = t.3.clone();
-    t.3 = v
-        .chunks(4)
-        .flat_map(|b| (f32::from_le_bytes(b.try_into().unwrap()) as f64).to_le_bytes())
-        .collect();
+    t.3 = v.chunks(4).flat_map(|b| (f32::from_le_bytes(b.try_into().unwrap()) as f64).to_le_bytes()).collect();
     write_safetensors(&path, &tensors);
-    assert!(
-        matches!(load(tmp.path()), LoadError::UnsupportedDtype { ref dtype, .. } if dtype == "F64")
-    );
+    assert!(matches!(load(tmp.path()), LoadError::UnsupportedDtype { ref dtype, .. } if dtype == "F64"));
     cli_fails(tmp.path(), "tensor model.norm.weight has dtype F64");
 }
 
@@ -200,9 +162,7 @@ fn unknown_architecture() {
         c["model_type"] = "gpt_frobnicator".into();
         c["architectures"] = serde_json::json!(["GptFrobnicatorForCausalLM"]);
     });
-    assert!(
-        matches!(load(tmp.path()), LoadError::UnknownArchitecture { ref name, .. } if name == "gpt_frobnicator")
-    );
+    assert!(matches!(load(tmp.path()), LoadError::UnknownArchitecture { ref name, .. } if name == "gpt_frobnicator"));
     cli_fails(tmp.path(), "unknown architecture \"gpt_frobnicator\"");
 }
 
@@ -224,13 +184,9 @@ fn config_values_out_of_range() {
         cli_fails(tmp.path(), needle);
     }
     let tmp = copy_fixture("llama-f32");
-    edit_json(
-        &tmp.path().join("config.json"),
-        |c| {
-            c["rope_parameters"] =
-                serde_json::json!({"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0})
-        },
-    );
+    edit_json(&tmp.path().join("config.json"), |c| {
+        c["rope_parameters"] = serde_json::json!({"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0})
+    });
     cli_fails(tmp.path(), "\"longrope\" is not supported");
 }
 
@@ -258,14 +214,10 @@ fn index_naming_a_missing_shard_or_tensor() {
 
     let tmp = copy_fixture("qwen3-f32-sharded");
     edit_json(&tmp.path().join("model.safetensors.index.json"), |c| {
-        c["weight_map"]["model.layers.0.mlp.phantom.weight"] =
-            "model-00001-of-00004.safetensors".into()
+        c["weight_map"]["model.layers.0.mlp.phantom.weight"] = "model-00001-of-00004.safetensors".into()
     });
     assert!(matches!(load(tmp.path()), LoadError::IndexMismatch { .. }));
-    cli_fails(
-        tmp.path(),
-        "model.layers.0.mlp.phantom.weight is listed in the index",
-    );
+    cli_fails(tmp.path(), "model.layers.0.mlp.phantom.weight is listed in the index");
 
     let tmp = copy_fixture("qwen3-f32-sharded");
     edit_json(&tmp.path().join("model.safetensors.index.json"), |c| {
@@ -277,29 +229,15 @@ fn index_naming_a_missing_shard_or_tensor() {
 #[test]
 fn bad_tokens_are_rejected_by_the_cli() {
     let dir = common::fixture("llama-f32");
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_stllm"))
-            .args(args)
-            .arg("--model")
-            .arg(&dir)
-            .output()
-            .unwrap()
-    };
+    let run =
+        |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_stllm")).args(args).arg("--model").arg(&dir).output().unwrap();
     let out = run(&["logits", "--tokens", "1,99999"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("token id 99999 is out of range"), "{err}");
     let out = run(&["logits", "--tokens", "1,x"]);
     assert!(!out.status.success());
-    let out = run(&[
-        "generate",
-        "--tokens",
-        "1,2",
-        "--max-tokens",
-        "300",
-        "--ctx-size",
-        "16",
-    ]);
+    let out = run(&["generate", "--tokens", "1,2", "--max-tokens", "300", "--ctx-size", "16"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("context full"), "{err}");

@@ -8,18 +8,11 @@ use std::process::Command;
 use common::{fixture, rel_err, Expected};
 
 fn stllm(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_stllm"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_stllm")).args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stllm {args:?} failed: {stderr}");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn csv(ids: &[u32]) -> String {
@@ -32,15 +25,7 @@ fn logits_command_prints_every_position() {
         let dir = fixture(name);
         let exp = Expected::load(&dir);
         let tokens = exp.ids("tokens");
-        let v = stllm(&[
-            "logits",
-            "--model",
-            dir.to_str().unwrap(),
-            "--tokens",
-            &csv(&tokens),
-            "--threads",
-            "2",
-        ]);
+        let v = stllm(&["logits", "--model", dir.to_str().unwrap(), "--tokens", &csv(&tokens), "--threads", "2"]);
         let rows: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
         assert_eq!(rows.len(), tokens.len());
         let tol = if name.ends_with("f32") { 2e-3 } else { 3e-2 };
@@ -55,18 +40,8 @@ fn generate_command_greedy_and_seeded() {
     let exp = Expected::load(&dir);
     let d = dir.to_str().unwrap();
     let prompt = csv(&exp.ids("tokens"));
-    let v = stllm(&[
-        "generate",
-        "--model",
-        d,
-        "--tokens",
-        &prompt,
-        "--max-tokens",
-        "8",
-        "--temperature",
-        "0",
-        "--json",
-    ]);
+    let v =
+        stllm(&["generate", "--model", d, "--tokens", &prompt, "--max-tokens", "8", "--temperature", "0", "--json"]);
     let got: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
     assert_eq!(got, exp.ids("greedy"));
 
@@ -92,19 +67,12 @@ fn generate_command_greedy_and_seeded() {
     assert_eq!(a.len(), 12);
     assert_eq!(a, sample("7"), "same seed, same tokens");
     let others: Vec<Vec<u32>> = ["8", "9", "10"].iter().map(|s| sample(s)).collect();
-    assert!(
-        others.iter().any(|o| *o != a),
-        "different seeds should differ at temperature 1.5"
-    );
+    assert!(others.iter().any(|o| *o != a), "different seeds should differ at temperature 1.5");
 }
 
 #[test]
 fn info_command() {
-    let v = stllm(&[
-        "info",
-        "--model",
-        fixture("qwen3-f32-sharded").to_str().unwrap(),
-    ]);
+    let v = stllm(&["info", "--model", fixture("qwen3-f32-sharded").to_str().unwrap()]);
     assert_eq!(v["architecture"], "qwen3");
     assert_eq!(v["dtype"], "f32");
     assert_eq!(v["head_dim"], 32);
@@ -118,16 +86,8 @@ fn info_command() {
 
 #[test]
 fn bench_command_reports_speeds() {
-    let v = stllm(&[
-        "bench",
-        "--model",
-        fixture("qwen2-bf16").to_str().unwrap(),
-        "--prompt",
-        "24",
-        "--gen",
-        "4",
-        "--json",
-    ]);
+    let v =
+        stllm(&["bench", "--model", fixture("qwen2-bf16").to_str().unwrap(), "--prompt", "24", "--gen", "4", "--json"]);
     assert!(v["prefill_tok_s"].as_f64().unwrap() > 0.0);
     assert!(v["decode_tok_s"].as_f64().unwrap() > 0.0);
     assert_eq!(v["prompt"], 24);

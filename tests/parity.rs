@@ -19,28 +19,15 @@ fn tolerance(dtype: &str) -> f64 {
 }
 
 fn load(name: &str) -> Arc<Model> {
-    Arc::new(
-        Model::load(&fixture(name), &ModelOptions { threads: 2 })
-            .unwrap_or_else(|e| panic!("{name}: {e}")),
-    )
+    Arc::new(Model::load(&fixture(name), &ModelOptions { threads: 2 }).unwrap_or_else(|e| panic!("{name}: {e}")))
 }
 
 fn session(model: &Arc<Model>, n_batch: usize, kv: Option<DType>) -> Session {
     session_fa(model, n_batch, kv, None)
 }
 
-fn session_fa(
-    model: &Arc<Model>,
-    n_batch: usize,
-    kv: Option<DType>,
-    flash_attn: Option<bool>,
-) -> Session {
-    let opts = SessionOptions {
-        n_ctx: Some(64),
-        n_batch,
-        kv_type: kv,
-        flash_attn,
-    };
+fn session_fa(model: &Arc<Model>, n_batch: usize, kv: Option<DType>, flash_attn: Option<bool>) -> Session {
+    let opts = SessionOptions { n_ctx: Some(64), n_batch, kv_type: kv, flash_attn };
     Session::new(model.clone(), &opts).unwrap()
 }
 
@@ -59,22 +46,12 @@ fn check_logits(name: &str, dtype: &str, kv: Option<DType>) -> f64 {
             let e = rel_err(&traced.hidden[i], &exp.rows(&format!("hidden.{i}")));
             report += &format!(
                 "\n  hidden.{i} ({}): max|d|/std = {e:.3e}",
-                if i == 0 {
-                    "embeddings".to_string()
-                } else {
-                    format!("layer {}", i - 1)
-                }
+                if i == 0 { "embeddings".to_string() } else { format!("layer {}", i - 1) }
             );
         }
         let first = (0..exp.n_hidden())
             .find(|&i| rel_err(&traced.hidden[i], &exp.rows(&format!("hidden.{i}"))) > tol)
-            .map(|i| {
-                if i == 0 {
-                    "the embeddings".to_string()
-                } else {
-                    format!("layer {}", i - 1)
-                }
-            })
+            .map(|i| if i == 0 { "the embeddings".to_string() } else { format!("layer {}", i - 1) })
             .unwrap_or_else(|| "the final norm / LM head".into());
         panic!("{name}: logits max|d|/std = {err:.3e} > {tol:.0e}; first divergence at {first}{report}");
     }
@@ -96,9 +73,7 @@ fn greedy_tokens_match_hf() {
         let model = load(name);
         let mut s = session(&model, 512, None);
         let mut sampler = Sampler::new(SamplerConfig::default());
-        let got = s
-            .generate(&exp.ids("tokens"), 8, &mut sampler, &[], |_| {})
-            .unwrap();
+        let got = s.generate(&exp.ids("tokens"), 8, &mut sampler, &[], |_| {}).unwrap();
         assert_eq!(got, exp.ids("greedy"), "{name}: greedy tokens");
     }
 }
@@ -118,10 +93,7 @@ fn chunked_and_incremental_decoding_match() {
             rows.extend(s.decode(&[t], Logits::All).unwrap());
         }
         let err = rel_err(&rows, &want);
-        assert!(
-            err <= tolerance(dtype),
-            "{name}: chunked/incremental logits max|d|/std = {err:.3e}"
-        );
+        assert!(err <= tolerance(dtype), "{name}: chunked/incremental logits max|d|/std = {err:.3e}");
         assert_eq!(s.n_past(), tokens.len());
     }
 }
@@ -133,11 +105,7 @@ fn transformers4_config_spelling_gives_the_same_logits() {
     for name in ["llama-f32", "llama-bf16"] {
         let tmp = common::copy_fixture(name);
         common::edit_json(&tmp.path().join("config.json"), |c| {
-            let mut p = c
-                .as_object_mut()
-                .unwrap()
-                .remove("rope_parameters")
-                .unwrap();
+            let mut p = c.as_object_mut().unwrap().remove("rope_parameters").unwrap();
             let theta = p.as_object_mut().unwrap().remove("rope_theta").unwrap();
             c["rope_theta"] = theta;
             let kind = p.as_object_mut().unwrap().remove("rope_type").unwrap();
@@ -149,10 +117,7 @@ fn transformers4_config_spelling_gives_the_same_logits() {
         let mut s = session(&model, 512, None);
         let rows = s.decode(&exp.ids("tokens"), Logits::All).unwrap();
         let err = rel_err(&rows, &exp.rows("logits"));
-        assert!(
-            err <= tolerance(&name[name.len() - 3..]).max(2e-3),
-            "{name}: {err}"
-        );
+        assert!(err <= tolerance(&name[name.len() - 3..]).max(2e-3), "{name}: {err}");
     }
 }
 
@@ -170,11 +135,7 @@ fn attention_paths_agree_with_hf() {
                 let rows = s.decode(&exp.ids("tokens"), Logits::All).unwrap();
                 let err = rel_err(&rows, &want);
                 // An F16 cache rounds K and V: allow the BF16 tolerance for it.
-                let tol = if kv == DType::F16 {
-                    3e-2
-                } else {
-                    tolerance(dtype)
-                };
+                let tol = if kv == DType::F16 { 3e-2 } else { tolerance(dtype) };
                 assert!(err <= tol, "{name} flash_attn={fa} kv={kv:?}: {err:.3e}");
                 eprintln!("{name} flash_attn={fa} kv={kv:?}: {err:.3e}");
             }

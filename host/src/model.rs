@@ -17,9 +17,7 @@ pub struct ModelOptions {
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        ModelOptions {
-            threads: ggml::default_threads(),
-        }
+        ModelOptions { threads: ggml::default_threads() }
     }
 }
 
@@ -86,22 +84,12 @@ impl Model {
     pub fn eos_tokens(&self) -> Vec<u32> {
         let pick = |v: &serde_json::Value| -> Vec<u32> {
             match v.get("eos_token_id") {
-                Some(serde_json::Value::Number(n)) => {
-                    n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
-                }
-                Some(serde_json::Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|x| x.as_u64())
-                    .map(|x| x as u32)
-                    .collect(),
+                Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
                 _ => vec![],
             }
         };
-        let from_gen = self
-            .generation_config
-            .as_ref()
-            .map(pick)
-            .unwrap_or_default();
+        let from_gen = self.generation_config.as_ref().map(pick).unwrap_or_default();
         if from_gen.is_empty() {
             pick(&self.config)
         } else {

@@ -16,12 +16,7 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        }
+        SamplerConfig { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
     }
 }
 
@@ -105,11 +100,7 @@ mod tests {
 
     #[test]
     fn seeded_sampling_is_reproducible_and_follows_probabilities() {
-        let cfg = SamplerConfig {
-            temperature: 1.0,
-            seed: 42,
-            ..Default::default()
-        };
+        let cfg = SamplerConfig { temperature: 1.0, seed: 42, ..Default::default() };
         let logits = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY];
         let draw = |cfg: &SamplerConfig| {
             let mut s = Sampler::new(cfg.clone());
@@ -124,12 +115,7 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy() {
-        let cfg = SamplerConfig {
-            temperature: 5.0,
-            top_k: 1,
-            seed: 7,
-            ..Default::default()
-        };
+        let cfg = SamplerConfig { temperature: 5.0, top_k: 1, seed: 7, ..Default::default() };
         let mut s = Sampler::new(cfg);
         for _ in 0..50 {
             assert_eq!(s.sample(&[0.0, 0.5, 0.2]), 1);

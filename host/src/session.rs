@@ -38,12 +38,7 @@ pub struct SessionOptions {
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions {
-            n_ctx: None,
-            n_batch: 512,
-            kv_type: None,
-            flash_attn: None,
-        }
+        SessionOptions { n_ctx: None, n_batch: 512, kv_type: None, flash_attn: None }
     }
 }
 
@@ -76,28 +71,11 @@ impl Session {
     pub fn new(model: Arc<Model>, opts: &SessionOptions) -> Result<Session, GgmlError> {
         let hp = model.hparams();
         let n_ctx = opts.n_ctx.unwrap_or(hp.n_ctx_train.min(4096)).max(1);
-        let kv_type = opts.kv_type.unwrap_or(if model.dtype == DType::F32 {
-            DType::F32
-        } else {
-            DType::F16
-        });
+        let kv_type = opts.kv_type.unwrap_or(if model.dtype == DType::F32 { DType::F32 } else { DType::F16 });
         let flash = opts.flash_attn.unwrap_or(true);
-        let kv = KvCache::new(
-            &model.backend,
-            hp.n_layer,
-            hp.n_embd_kv(),
-            hp.n_embd_kv(),
-            n_ctx,
-            kv_type,
-            !flash,
-        )?;
+        let kv = KvCache::new(&model.backend, hp.n_layer, hp.n_embd_kv(), hp.n_embd_kv(), n_ctx, kv_type, !flash)?;
         let sched = Sched::new(&[&model.backend], graph_size(hp.n_layer))?;
-        tracing::debug!(
-            n_ctx,
-            kv_bytes = kv.bytes(),
-            kv_type = kv_type.name(),
-            "session created"
-        );
+        tracing::debug!(n_ctx, kv_bytes = kv.bytes(), kv_type = kv_type.name(), "session created");
         Ok(Session {
             sched,
             kv,
@@ -157,10 +135,7 @@ impl Session {
         }
         let need = self.n_past + tokens.len();
         if need > self.kv.n_ctx() {
-            return Err(DecodeError::ContextFull {
-                need,
-                n_ctx: self.kv.n_ctx(),
-            });
+            return Err(DecodeError::ContextFull { need, n_ctx: self.kv.n_ctx() });
         }
         Ok(())
     }
@@ -206,10 +181,7 @@ impl Session {
         if max_tokens == 0 {
             return Ok(out);
         }
-        let mut logits = self
-            .decode(prompt, Logits::Last)?
-            .pop()
-            .ok_or(DecodeError::Empty)?;
+        let mut logits = self.decode(prompt, Logits::Last)?.pop().ok_or(DecodeError::Empty)?;
         loop {
             let t = sampler.sample(&logits);
             out.push(t);
@@ -217,10 +189,7 @@ impl Session {
             if out.len() >= max_tokens || stop.contains(&t) {
                 return Ok(out);
             }
-            logits = self
-                .decode(&[t], Logits::Last)?
-                .pop()
-                .ok_or(DecodeError::Empty)?;
+            logits = self.decode(&[t], Logits::Last)?.pop().ok_or(DecodeError::Empty)?;
         }
     }
 
@@ -241,30 +210,17 @@ impl Session {
         let n_out = out.len().max(1);
         let gsize = graph_size(hp.n_layer);
         // Flash attention wants an F16 mask.
-        let mask_type = if self.kv.v_trans() {
-            DType::F32
-        } else {
-            DType::F16
-        };
+        let mask_type = if self.kv.v_trans() { DType::F32 } else { DType::F16 };
         let ctx = Context::new(2 * gsize, gsize)?;
         let mut graph = ctx.new_graph(gsize);
         let inp = StepInputs {
-            tokens: ctx
-                .new_tensor(DType::I32, &[n as i64], "inp_tokens")
-                .set_input(),
-            pos: ctx
-                .new_tensor(DType::I32, &[n as i64], "inp_pos")
-                .set_input(),
-            mask: ctx
-                .new_tensor(mask_type, &[n_kv as i64, n as i64], "inp_mask")
-                .set_input(),
-            mask_swa: hp.sliding_window.map(|_| {
-                ctx.new_tensor(mask_type, &[n_kv as i64, n as i64], "inp_mask_swa")
-                    .set_input()
-            }),
-            out_ids: ctx
-                .new_tensor(DType::I32, &[n_out as i64], "inp_out_ids")
-                .set_input(),
+            tokens: ctx.new_tensor(DType::I32, &[n as i64], "inp_tokens").set_input(),
+            pos: ctx.new_tensor(DType::I32, &[n as i64], "inp_pos").set_input(),
+            mask: ctx.new_tensor(mask_type, &[n_kv as i64, n as i64], "inp_mask").set_input(),
+            mask_swa: hp
+                .sliding_window
+                .map(|_| ctx.new_tensor(mask_type, &[n_kv as i64, n as i64], "inp_mask_swa").set_input()),
+            out_ids: ctx.new_tensor(DType::I32, &[n_out as i64], "inp_out_ids").set_input(),
         };
         let mut f = Forward {
             ctx: &ctx,
@@ -280,28 +236,18 @@ impl Session {
         let taps = f.taps.take().unwrap_or_default();
         graph.expand(logits);
 
-        let _guard = self
-            .model
-            .compute_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _guard = self.model.compute_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.sched.reset();
         self.sched.alloc(&graph)?;
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         let pos: Vec<i32> = (n_past as i32..n_kv as i32).collect();
-        let out_ids: Vec<i32> = if out.is_empty() {
-            vec![n as i32 - 1]
-        } else {
-            out.to_vec()
-        };
+        let out_ids: Vec<i32> = if out.is_empty() { vec![n as i32 - 1] } else { out.to_vec() };
         write_input(inp.tokens, |t| t.write_i32(&ids))?;
         write_input(inp.pos, |t| t.write_i32(&pos))?;
         write_input(inp.out_ids, |t| t.write_i32(&out_ids))?;
         write_input(inp.mask, |t| write_mask(t, &causal_mask(n_past, n, None)))?;
         if let Some(m) = inp.mask_swa {
-            write_input(m, |t| {
-                write_mask(t, &causal_mask(n_past, n, hp.sliding_window))
-            })?;
+            write_input(m, |t| write_mask(t, &causal_mask(n_past, n, hp.sliding_window)))?;
         }
         self.sched.compute(&graph)?;
         self.n_past = n_kv;
@@ -311,10 +257,7 @@ impl Session {
         };
         let width = if embeddings { hp.n_embd } else { hp.n_vocab };
         let logits = if out.is_empty() { vec![] } else { rows(logits, width)? };
-        let hidden = taps
-            .into_iter()
-            .map(|t| rows(t, hp.n_embd))
-            .collect::<Result<Vec<_>, _>>()?;
+        let hidden = taps.into_iter().map(|t| rows(t, hp.n_embd)).collect::<Result<Vec<_>, _>>()?;
         Ok((logits, hidden))
     }
 }
@@ -336,10 +279,7 @@ pub fn embed(model: &Arc<Model>, opts: &SessionOptions, tokens: &[u32]) -> Resul
     Ok(mean)
 }
 
-fn write_input(
-    t: Tensor,
-    f: impl FnOnce(Tensor) -> Result<(), GgmlError>,
-) -> Result<(), GgmlError> {
+fn write_input(t: Tensor, f: impl FnOnce(Tensor) -> Result<(), GgmlError>) -> Result<(), GgmlError> {
     // An input the graph never reads (e.g. the full mask of an all-sliding model) gets no memory.
     if t.has_memory() {
         f(t)
@@ -350,11 +290,7 @@ fn write_input(
 
 fn write_mask(t: Tensor, m: &[f32]) -> Result<(), GgmlError> {
     if t.dtype() == Some(DType::F16) {
-        t.write_f16(
-            &m.iter()
-                .map(|&x| half::f16::from_f32(x))
-                .collect::<Vec<_>>(),
-        )
+        t.write_f16(&m.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>())
     } else {
         t.write_f32(m)
     }

@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use stllm::loader::safetensors::SafetensorsFile;
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 /// Every fixture the generator makes, with its weight dtype.
@@ -30,21 +28,14 @@ pub struct Expected {
 
 impl Expected {
     pub fn load(dir: &Path) -> Expected {
-        let f =
-            SafetensorsFile::open(&dir.join("expected.safetensors")).expect("expected.safetensors");
+        let f = SafetensorsFile::open(&dir.join("expected.safetensors")).expect("expected.safetensors");
         let mut tensors = BTreeMap::new();
         let mut buf = Vec::new();
         for (name, e) in &f.tensors {
             f.read(name, e, &mut buf).unwrap();
             let vals: Vec<f64> = match e.dtype.name() {
-                "F32" => buf
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-                "I64" => buf
-                    .chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
+                "F32" => buf.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+                "I64" => buf.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
                 d => panic!("unexpected dtype {d} in expected.safetensors"),
             };
             tensors.insert(name.clone(), (e.shape.clone(), vals));
@@ -63,23 +54,14 @@ impl Expected {
     }
 
     pub fn n_hidden(&self) -> usize {
-        self.tensors
-            .keys()
-            .filter(|k| k.starts_with("hidden."))
-            .count()
+        self.tensors.keys().filter(|k| k.starts_with("hidden.")).count()
     }
 }
 
 pub fn std(rows: &[Vec<f64>]) -> f64 {
     let n = rows.iter().map(Vec::len).sum::<usize>() as f64;
     let mean = rows.iter().flatten().sum::<f64>() / n;
-    (rows
-        .iter()
-        .flatten()
-        .map(|x| (x - mean).powi(2))
-        .sum::<f64>()
-        / n)
-        .sqrt()
+    (rows.iter().flatten().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt()
 }
 
 /// max |got - want| / std(want)
@@ -116,12 +98,7 @@ pub fn read_all(path: &Path) -> Vec<RawTensor> {
     for (name, e) in &f.tensors {
         let mut buf = Vec::new();
         f.read(name, e, &mut buf).unwrap();
-        out.push((
-            name.clone(),
-            e.dtype.name().to_string(),
-            e.shape.clone(),
-            buf,
-        ));
+        out.push((name.clone(), e.dtype.name().to_string(), e.shape.clone(), buf));
     }
     out
 }
@@ -151,8 +128,7 @@ pub fn write_safetensors(path: &Path, tensors: &[RawTensor]) {
 
 /// Edit a JSON file in place.
 pub fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
 }

@@ -9,16 +9,13 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::ggml::DType;
+use crate::runtime::{ModelHandle, Prompt, Runtime, RuntimeConfig};
 use crate::sampling::{Sampler, SamplerConfig};
 use crate::session::Logits;
 use crate::{Model, ModelOptions, Session, SessionOptions};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "stllm",
-    version,
-    about = "Run HuggingFace safetensors models on ggml"
-)]
+#[command(name = "stllm", version, about = "Run HuggingFace safetensors models on ggml")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -46,8 +43,139 @@ pub struct ModelArgs {
     pub flash_attn: String,
 }
 
+/// Sampling and stopping for text generation (defaults: the model's generation_config.json,
+/// else greedy).
+#[derive(Args, Debug, Clone)]
+pub struct GenArgs {
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: u32,
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<u32>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Random seed (default: from the clock)
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when the output ends with this string (repeatable)
+    #[arg(long)]
+    pub stop: Vec<String>,
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+/// Which components run the policy, and their sandbox limits.
+#[derive(Args, Debug, Clone)]
+pub struct PolicyArgs {
+    /// A policy component (.wasm) to use instead of the built-in one
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// A sampler plug-in component (.wasm), e.g. guest/examples/mirostat
+    #[arg(long)]
+    pub sampler: Option<PathBuf>,
+    /// Memory limit of each guest instance, MiB
+    #[arg(long, default_value_t = 1024)]
+    pub guest_memory_mib: usize,
+    /// Longest a guest may compute between two engine calls, milliseconds
+    #[arg(long, default_value_t = 10_000)]
+    pub guest_step_timeout_ms: u64,
+}
+
+impl PolicyArgs {
+    fn config(&self) -> RuntimeConfig {
+        RuntimeConfig {
+            policy: self.policy.clone(),
+            sampler: self.sampler.clone(),
+            memory_limit: self.guest_memory_mib << 20,
+            step_timeout: std::time::Duration::from_millis(self.guest_step_timeout_ms),
+            ..RuntimeConfig::default()
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Generate text for a prompt (the chat template is applied when the model has one)
+    Run {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        /// Use the prompt as raw text, without the chat template
+        #[arg(long)]
+        raw: bool,
+        /// A system message (chat mode)
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        g: GenArgs,
+        #[command(flatten)]
+        p: PolicyArgs,
+        /// Print {"text", "tokens", "finish", "prompt_tokens"} at the end instead of streaming
+        #[arg(long)]
+        json: bool,
+    },
+    /// Interactive multi-turn chat on stdin/stdout (/exit or end of input to quit)
+    Chat {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        g: GenArgs,
+        #[command(flatten)]
+        p: PolicyArgs,
+    },
+    /// Token ids of a text, as JSON: {"ids": [...]}
+    Tokenize {
+        /// Folder with tokenizer.json (+ tokenizer_config.json); a model folder works
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        text: String,
+        /// Add special tokens (BOS...) like add_special_tokens=True
+        #[arg(long)]
+        special: bool,
+        #[command(flatten)]
+        p: PolicyArgs,
+    },
+    /// Text of token ids, as JSON: {"text": "..."} (special tokens kept unless --skip-special)
+    Detokenize {
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+        #[arg(long)]
+        skip_special: bool,
+        #[command(flatten)]
+        p: PolicyArgs,
+    },
+    /// Render chat messages (a JSON file) with the chat template, as JSON: {"text": "..."}
+    Template {
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        messages: PathBuf,
+        #[arg(long)]
+        no_generation_prompt: bool,
+        /// Tools (a JSON file with an array)
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        /// Extra template variables as a JSON object, e.g. '{"date_string": "26 Jul 2024"}'
+        #[arg(long)]
+        vars: Option<String>,
+        #[command(flatten)]
+        p: PolicyArgs,
+    },
     /// Print architecture, sizes, dtype and parameter count as JSON
     Info {
         #[command(flatten)]
@@ -121,12 +249,9 @@ fn open(m: &ModelArgs, min_ctx: usize) -> Result<Session> {
         }
         opts.threads = t;
     }
-    let model =
-        Model::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))?;
+    let model = Model::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))?;
     let kv_type = m.kv_type.as_deref().map(parse_kv_type).transpose()?;
-    let n_ctx = m
-        .ctx_size
-        .unwrap_or_else(|| model.hparams().n_ctx_train.min(4096).max(min_ctx));
+    let n_ctx = m.ctx_size.unwrap_or_else(|| model.hparams().n_ctx_train.min(4096).max(min_ctx));
     let sopts = SessionOptions {
         n_ctx: Some(n_ctx),
         n_batch: m.batch,
@@ -144,13 +269,8 @@ fn open(m: &ModelArgs, min_ctx: usize) -> Result<Session> {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Info { m } => {
-            let model = Model::load(
-                &m.model,
-                &ModelOptions {
-                    threads: m.threads.unwrap_or(1).max(1),
-                },
-            )
-            .with_context(|| format!("loading {}", m.model.display()))?;
+            let model = Model::load(&m.model, &ModelOptions { threads: m.threads.unwrap_or(1).max(1) })
+                .with_context(|| format!("loading {}", m.model.display()))?;
             let hp = model.hparams();
             let out = serde_json::json!({
                 "architecture": hp.arch,
@@ -174,22 +294,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Logits { m, tokens } => {
             let mut s = open(&m, tokens.len())?;
             let rows = s.decode(&tokens, Logits::All)?;
-            println!(
-                "{}",
-                serde_json::to_string(&serde_json::json!({ "logits": rows }))?
-            );
+            println!("{}", serde_json::to_string(&serde_json::json!({ "logits": rows }))?);
         }
-        Command::Generate {
-            m,
-            tokens,
-            max_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            ignore_eos,
-            json,
-        } => {
+        Command::Generate { m, tokens, max_tokens, temperature, top_k, top_p, seed, ignore_eos, json } => {
             if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
                 bail!("--top-p must be in (0, 1], got {top_p}");
             }
@@ -197,36 +304,65 @@ pub fn run(cli: Cli) -> Result<()> {
                 bail!("--temperature must be >= 0, got {temperature}");
             }
             let mut s = open(&m, tokens.len() + max_tokens)?;
-            let stop = if ignore_eos {
-                vec![]
-            } else {
-                s.model().eos_tokens()
-            };
-            let mut sampler = Sampler::new(SamplerConfig {
-                temperature,
-                top_k,
-                top_p,
-                seed,
-            });
+            let stop = if ignore_eos { vec![] } else { s.model().eos_tokens() };
+            let mut sampler = Sampler::new(SamplerConfig { temperature, top_k, top_p, seed });
             let out = s.generate(&tokens, max_tokens, &mut sampler, &stop, |t| {
                 if !json {
                     println!("{t}");
                 }
             })?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&serde_json::json!({ "tokens": out }))?
-                );
+                println!("{}", serde_json::to_string(&serde_json::json!({ "tokens": out }))?);
             }
         }
-        Command::Bench {
-            m,
-            prompt,
-            gen,
-            repeat,
-            json,
-        } => bench(&m, prompt, gen, repeat.max(1), json)?,
+        Command::Bench { m, prompt, gen, repeat, json } => bench(&m, prompt, gen, repeat.max(1), json)?,
+        Command::Run { m, prompt, raw, system, g, p, json } => {
+            let (rt, chat) = runtime_with_model(&m, &p)?;
+            let prompt = if chat && !raw {
+                Prompt::Chat(messages_json(system.as_deref(), &[("user", &prompt)]))
+            } else {
+                Prompt::Text(prompt)
+            };
+            let r = tokio_rt()?.block_on(run_one(&rt, prompt, &g, !json))?;
+            if json {
+                let out = serde_json::json!({
+                    "text": r.text, "tokens": r.tokens, "prompt_tokens": r.prompt_tokens,
+                    "finish": match r.finish {
+                        crate::runtime::FinishReason::Stop => "stop",
+                        crate::runtime::FinishReason::Length => "length",
+                        crate::runtime::FinishReason::Cancelled => "cancelled",
+                    },
+                });
+                println!("{}", serde_json::to_string(&out)?);
+            } else {
+                println!();
+            }
+        }
+        Command::Chat { m, system, g, p } => chat(&m, &p, &g, system.as_deref())?,
+        Command::Tokenize { tokenizer, text, special, p } => {
+            let rt = runtime_tokenizer_only(&tokenizer, &p)?;
+            let ids = tokio_rt()?.block_on(rt.tokenize(&text, special))?;
+            println!("{}", serde_json::to_string(&serde_json::json!({ "ids": ids }))?);
+        }
+        Command::Detokenize { tokenizer, ids, skip_special, p } => {
+            let rt = runtime_tokenizer_only(&tokenizer, &p)?;
+            let text = tokio_rt()?.block_on(rt.detokenize(&ids, skip_special))?;
+            println!("{}", serde_json::to_string(&serde_json::json!({ "text": text }))?);
+        }
+        Command::Template { tokenizer, messages, no_generation_prompt, tools, vars, p } => {
+            let rt = runtime_tokenizer_only(&tokenizer, &p)?;
+            let msgs = std::fs::read_to_string(&messages).with_context(|| format!("reading {}", messages.display()))?;
+            let tools = tools
+                .map(|t| std::fs::read_to_string(&t).with_context(|| format!("reading {}", t.display())))
+                .transpose()?;
+            let text = tokio_rt()?.block_on(rt.apply_chat_template(
+                &msgs,
+                !no_generation_prompt,
+                tools.as_deref(),
+                vars.as_deref(),
+            ))?;
+            println!("{}", serde_json::to_string(&serde_json::json!({ "text": text }))?);
+        }
     }
     Ok(())
 }
@@ -241,9 +377,7 @@ fn bench(m: &ModelArgs, prompt: usize, gen: usize, repeat: usize, json: bool) ->
     let mut x: u64 = 0x9e3779b97f4a7c15;
     let tokens: Vec<u32> = (0..prompt)
         .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (((x >> 33) as u32) % (n_vocab - n_vocab.min(100)).max(1)) + n_vocab.min(100)
         })
         .collect();
@@ -279,6 +413,130 @@ fn bench(m: &ModelArgs, prompt: usize, gen: usize, repeat: usize, json: bool) ->
             model.threads(),
             best_pp * 1e3
         );
+    }
+    Ok(())
+}
+
+fn tokio_rt() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+fn runtime_tokenizer_only(dir: &std::path::Path, p: &PolicyArgs) -> Result<Runtime> {
+    let handle = ModelHandle::from_dir(dir, None).with_context(|| format!("reading {}", dir.display()))?;
+    if handle.tokenizer_json.is_none() {
+        bail!("{}: no tokenizer.json", dir.display());
+    }
+    Ok(Runtime::new(Arc::new(handle), p.config())?)
+}
+
+/// A runtime over a loaded model; also says whether the model has a chat template.
+fn runtime_with_model(m: &ModelArgs, p: &PolicyArgs) -> Result<(Runtime, bool)> {
+    let s = open(m, 1)?;
+    let model = s.model().clone();
+    drop(s);
+    let mut handle =
+        ModelHandle::from_dir(&m.model, Some(model)).with_context(|| format!("reading {}", m.model.display()))?;
+    if handle.tokenizer_json.is_none() {
+        bail!("{}: no tokenizer.json (needed for text; `stllm generate` takes token ids)", m.model.display());
+    }
+    handle.session.kv_type = m.kv_type.as_deref().map(parse_kv_type).transpose()?;
+    handle.session.n_batch = m.batch;
+    let chat = handle
+        .tokenizer_config_json
+        .as_deref()
+        .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
+        .is_some_and(|c| c.get("chat_template").is_some());
+    Ok((Runtime::new(Arc::new(handle), p.config())?, chat))
+}
+
+fn messages_json(system: Option<&str>, turns: &[(&str, &str)]) -> String {
+    let mut v = Vec::new();
+    if let Some(s) = system {
+        v.push(serde_json::json!({"role": "system", "content": s}));
+    }
+    for (role, content) in turns {
+        v.push(serde_json::json!({"role": role, "content": content}));
+    }
+    serde_json::Value::Array(v).to_string()
+}
+
+/// Sampling from the flags, falling back to generation_config.json, then greedy.
+fn sampling(rt: &Runtime, g: &GenArgs) -> crate::runtime::Sampling {
+    let gc: serde_json::Value =
+        rt.handle().generation_config_json.as_deref().and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
+    let f = |k: &str| gc.get(k).and_then(|v| v.as_f64()).map(|v| v as f32);
+    let do_sample = gc.get("do_sample").and_then(|v| v.as_bool()).unwrap_or(false);
+    let seed = g.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    });
+    crate::runtime::Sampling {
+        temperature: g.temperature.unwrap_or(if do_sample { f("temperature").unwrap_or(1.0) } else { 0.0 }),
+        top_k: g.top_k.unwrap_or(if do_sample { f("top_k").unwrap_or(0.0) as u32 } else { 0 }),
+        top_p: g.top_p.unwrap_or(if do_sample { f("top_p").unwrap_or(1.0) } else { 1.0 }),
+        min_p: g.min_p.unwrap_or(if do_sample { f("min_p").unwrap_or(0.0) } else { 0.0 }),
+        repetition_penalty: g.repetition_penalty.unwrap_or(f("repetition_penalty").unwrap_or(1.0)),
+        presence_penalty: g.presence_penalty,
+        frequency_penalty: g.frequency_penalty,
+        seed,
+    }
+}
+
+async fn run_one(rt: &Runtime, prompt: Prompt, g: &GenArgs, stream: bool) -> Result<crate::runtime::GenerateResult> {
+    let req = crate::runtime::GenerateRequest {
+        prompt,
+        tools_json: None,
+        max_tokens: g.max_tokens,
+        stop: g.stop.clone(),
+        ignore_eos: g.ignore_eos,
+        sampling: sampling(rt, g),
+    };
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let r = rt
+        .generate(
+            &req,
+            move |text, _| {
+                if stream {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    // A closed stdout (e.g. `| head`) cancels the request.
+                    out.write_all(text.as_bytes()).is_ok() && out.flush().is_ok()
+                } else {
+                    true
+                }
+            },
+            cancel,
+        )
+        .await?;
+    Ok(r)
+}
+
+fn chat(m: &ModelArgs, p: &PolicyArgs, g: &GenArgs, system: Option<&str>) -> Result<()> {
+    use std::io::BufRead;
+    let (rt, has_template) = runtime_with_model(m, p)?;
+    if !has_template {
+        bail!("{}: the model has no chat template (use `stllm run --raw`)", m.model.display());
+    }
+    let trt = tokio_rt()?;
+    let mut turns: Vec<(String, String)> = Vec::new();
+    let stdin = std::io::stdin();
+    eprint!("> ");
+    for line in stdin.lock().lines() {
+        let line = line?;
+        let line = line.trim_end().to_string();
+        if line == "/exit" {
+            break;
+        }
+        if line.is_empty() {
+            eprint!("> ");
+            continue;
+        }
+        turns.push(("user".into(), line));
+        let refs: Vec<(&str, &str)> = turns.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
+        let prompt = Prompt::Chat(messages_json(system, &refs));
+        let r = trt.block_on(run_one(&rt, prompt, g, true))?;
+        println!();
+        turns.push(("assistant".into(), r.text));
+        eprint!("> ");
     }
     Ok(())
 }

@@ -98,9 +98,7 @@ impl DType {
 /// The version string of the linked ggml (e.g. "0.26.0").
 pub fn version() -> String {
     // SAFETY: returns a static NUL-terminated string.
-    unsafe { CStr::from_ptr(sys::ggml_version()) }
-        .to_string_lossy()
-        .into_owned()
+    unsafe { CStr::from_ptr(sys::ggml_version()) }.to_string_lossy().into_owned()
 }
 
 static LOG_INIT: Once = Once::new();
@@ -153,19 +151,11 @@ impl Context {
         if graph_size > 0 {
             bytes += unsafe { sys::ggml_graph_overhead_custom(graph_size, false) };
         }
-        let params = sys::ggml_init_params {
-            mem_size: bytes.max(1024),
-            mem_buffer: std::ptr::null_mut(),
-            no_alloc: true,
-        };
+        let params =
+            sys::ggml_init_params { mem_size: bytes.max(1024), mem_buffer: std::ptr::null_mut(), no_alloc: true };
         // SAFETY: ggml_init allocates its own memory buffer; null on failure.
         let ptr = unsafe { sys::ggml_init(params) };
-        NonNull::new(ptr)
-            .map(|ptr| Context { ptr })
-            .ok_or(GgmlError::Alloc {
-                what: "context".into(),
-                bytes,
-            })
+        NonNull::new(ptr).map(|ptr| Context { ptr }).ok_or(GgmlError::Alloc { what: "context".into(), bytes })
     }
 
     pub(crate) fn raw(&self) -> *mut sys::ggml_context {
@@ -174,15 +164,10 @@ impl Context {
 
     /// A new tensor of the given ggml shape (`ne[0]` first), named.
     pub fn new_tensor(&self, dtype: DType, shape: &[i64], name: &str) -> Tensor {
-        assert!(
-            !shape.is_empty() && shape.len() <= 4,
-            "tensor rank must be 1..=4"
-        );
+        assert!(!shape.is_empty() && shape.len() <= 4, "tensor rank must be 1..=4");
         // SAFETY: the context is valid; ggml copies the shape. Aborts if the context is full,
         // which only a sizing bug of ours can cause.
-        let t = unsafe {
-            sys::ggml_new_tensor(self.raw(), dtype.raw(), shape.len() as i32, shape.as_ptr())
-        };
+        let t = unsafe { sys::ggml_new_tensor(self.raw(), dtype.raw(), shape.len() as i32, shape.as_ptr()) };
         let t = Tensor::from_raw(t);
         t.set_name(name);
         t
@@ -199,21 +184,14 @@ impl Context {
         // SAFETY: as above.
         let bytes = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft_size(self.raw(), buft) };
         let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(self.raw(), buft) };
-        NonNull::new(buf)
-            .map(|ptr| Buffer { ptr })
-            .ok_or(GgmlError::Alloc {
-                what: "backend buffer".into(),
-                bytes,
-            })
+        NonNull::new(buf).map(|ptr| Buffer { ptr }).ok_or(GgmlError::Alloc { what: "backend buffer".into(), bytes })
     }
 
     /// A new graph with room for `size` nodes.
     pub fn new_graph(&self, size: usize) -> Graph {
         // SAFETY: the context was sized for a graph of this size by `Context::new`.
         let g = unsafe { sys::ggml_new_graph_custom(self.raw(), size, false) };
-        Graph {
-            ptr: NonNull::new(g).expect("ggml_new_graph_custom returned null"),
-        }
+        Graph { ptr: NonNull::new(g).expect("ggml_new_graph_custom returned null") }
     }
 }
 
@@ -237,21 +215,13 @@ unsafe impl Sync for Tensor {}
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Tensor({:?} {:?} {:?})",
-            self.name(),
-            self.dtype(),
-            self.shape()
-        )
+        write!(f, "Tensor({:?} {:?} {:?})", self.name(), self.dtype(), self.shape())
     }
 }
 
 impl Tensor {
     fn from_raw(ptr: *mut sys::ggml_tensor) -> Tensor {
-        Tensor {
-            ptr: NonNull::new(ptr).expect("ggml returned a null tensor"),
-        }
+        Tensor { ptr: NonNull::new(ptr).expect("ggml returned a null tensor") }
     }
 
     fn raw(self) -> *mut sys::ggml_tensor {
@@ -296,9 +266,7 @@ impl Tensor {
 
     pub fn name(&self) -> String {
         // SAFETY: `name` is a NUL-terminated fixed array inside the tensor.
-        unsafe { CStr::from_ptr(self.inner().name.as_ptr()) }
-            .to_string_lossy()
-            .into_owned()
+        unsafe { CStr::from_ptr(self.inner().name.as_ptr()) }.to_string_lossy().into_owned()
     }
 
     pub fn set_name(self, name: &str) -> Tensor {
@@ -330,10 +298,7 @@ impl Tensor {
     fn check_bytes(&self, bytes: usize, offset: usize) -> Result<(), GgmlError> {
         let total = self.nbytes();
         if !self.has_memory() {
-            return Err(GgmlError::Tensor {
-                name: self.name(),
-                msg: "tensor has no memory".into(),
-            });
+            return Err(GgmlError::Tensor { name: self.name(), msg: "tensor has no memory".into() });
         }
         if offset.checked_add(bytes).is_none_or(|end| end > total) {
             return Err(GgmlError::Tensor {
@@ -348,9 +313,7 @@ impl Tensor {
     pub fn write_bytes(&self, data: &[u8], offset: usize) -> Result<(), GgmlError> {
         self.check_bytes(data.len(), offset)?;
         // SAFETY: bounds checked above; the tensor has backend memory.
-        unsafe {
-            sys::ggml_backend_tensor_set(self.raw(), data.as_ptr().cast(), offset, data.len())
-        };
+        unsafe { sys::ggml_backend_tensor_set(self.raw(), data.as_ptr().cast(), offset, data.len()) };
         Ok(())
     }
 
@@ -433,12 +396,7 @@ impl Buffer {
     /// Tell the scheduler this buffer holds weights (so ops run where the weights are).
     pub fn mark_weights(&self) {
         // SAFETY: sets a usage flag.
-        unsafe {
-            sys::ggml_backend_buffer_set_usage(
-                self.ptr.as_ptr(),
-                sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS,
-            )
-        }
+        unsafe { sys::ggml_backend_buffer_set_usage(self.ptr.as_ptr(), sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS) }
     }
 
     pub fn clear(&self) {
@@ -489,10 +447,7 @@ impl Backend {
         let n_threads = n_threads.max(1);
         // SAFETY: plain constructors; null on failure.
         let be = unsafe { sys::ggml_backend_cpu_init() };
-        let ptr = NonNull::new(be).ok_or(GgmlError::Alloc {
-            what: "cpu backend".into(),
-            bytes: 0,
-        })?;
+        let ptr = NonNull::new(be).ok_or(GgmlError::Alloc { what: "cpu backend".into(), bytes: 0 })?;
         let mut params = unsafe { sys::ggml_threadpool_params_default(n_threads as i32) };
         let tp = unsafe { sys::ggml_threadpool_new(&mut params) };
         let threadpool = NonNull::new(tp);
@@ -503,11 +458,7 @@ impl Backend {
                 sys::ggml_backend_cpu_set_threadpool(ptr.as_ptr(), tp.as_ptr());
             }
         }
-        Ok(Backend {
-            ptr,
-            threadpool,
-            n_threads,
-        })
+        Ok(Backend { ptr, threadpool, n_threads })
     }
 
     pub fn n_threads(&self) -> usize {
@@ -520,9 +471,7 @@ impl Backend {
 
     pub fn name(&self) -> String {
         // SAFETY: returns a static string owned by the backend.
-        unsafe { CStr::from_ptr(sys::ggml_backend_name(self.raw())) }
-            .to_string_lossy()
-            .into_owned()
+        unsafe { CStr::from_ptr(sys::ggml_backend_name(self.raw())) }.to_string_lossy().into_owned()
     }
 }
 
@@ -540,9 +489,7 @@ impl Drop for Backend {
 
 /// Number of CPU cores available to this process.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// A `ggml_backend_sched`: allocates graph activations and runs graphs over the given backends
@@ -568,12 +515,7 @@ impl Sched {
                 true,
             )
         };
-        NonNull::new(p)
-            .map(|ptr| Sched { ptr })
-            .ok_or(GgmlError::Alloc {
-                what: "scheduler".into(),
-                bytes: 0,
-            })
+        NonNull::new(p).map(|ptr| Sched { ptr }).ok_or(GgmlError::Alloc { what: "scheduler".into(), bytes: 0 })
     }
 
     /// Allocate the graph's tensors (inputs included) in the compute buffers.
@@ -583,17 +525,13 @@ impl Sched {
         if ok {
             Ok(())
         } else {
-            Err(GgmlError::Alloc {
-                what: "compute graph".into(),
-                bytes: 0,
-            })
+            Err(GgmlError::Alloc { what: "compute graph".into(), bytes: 0 })
         }
     }
 
     pub fn compute(&mut self, g: &Graph) -> Result<(), GgmlError> {
         // SAFETY: graph allocated by `alloc` on this scheduler.
-        let st =
-            unsafe { sys::ggml_backend_sched_graph_compute(self.ptr.as_ptr(), g.ptr.as_ptr()) };
+        let st = unsafe { sys::ggml_backend_sched_graph_compute(self.ptr.as_ptr(), g.ptr.as_ptr()) };
         if st == sys::GGML_STATUS_SUCCESS {
             Ok(())
         } else {

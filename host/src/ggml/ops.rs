@@ -98,19 +98,8 @@ impl Context {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn view_3d(
-        &self,
-        a: Tensor,
-        n0: i64,
-        n1: i64,
-        n2: i64,
-        nb1: usize,
-        nb2: usize,
-        offset: usize,
-    ) -> Tensor {
-        Tensor::from_raw(unsafe {
-            sys::ggml_view_3d(self.c(), a.raw(), n0, n1, n2, nb1, nb2, offset)
-        })
+    pub fn view_3d(&self, a: Tensor, n0: i64, n1: i64, n2: i64, nb1: usize, nb2: usize, offset: usize) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_view_3d(self.c(), a.raw(), n0, n1, n2, nb1, nb2, offset) })
     }
 
     /// Copy `a` into `b` (converting types); the result is `b` after the copy.
@@ -130,13 +119,7 @@ impl Context {
     }
 
     /// Rotary position embedding of `a` [head_dim, n_head, n_tokens] at positions `pos` (I32).
-    pub fn rope_ext(
-        &self,
-        a: Tensor,
-        pos: Tensor,
-        freq_factors: Option<Tensor>,
-        p: &RopeParams,
-    ) -> Tensor {
+    pub fn rope_ext(&self, a: Tensor, pos: Tensor, freq_factors: Option<Tensor>, p: &RopeParams) -> Tensor {
         let ff = freq_factors.map_or(std::ptr::null_mut(), |f| f.raw());
         Tensor::from_raw(unsafe {
             sys::ggml_rope_ext(
@@ -159,17 +142,8 @@ impl Context {
 
     /// Fused attention. q [d, n_tokens, n_head], k/v [d, n_kv, n_head_kv], mask F16
     /// [n_kv, n_tokens_padded]; result [d_v, n_head, n_tokens].
-    pub fn flash_attn_ext(
-        &self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        mask: Option<Tensor>,
-        scale: f32,
-    ) -> Tensor {
+    pub fn flash_attn_ext(&self, q: Tensor, k: Tensor, v: Tensor, mask: Option<Tensor>, scale: f32) -> Tensor {
         let m = mask.map_or(std::ptr::null_mut(), |m| m.raw());
-        Tensor::from_raw(unsafe {
-            sys::ggml_flash_attn_ext(self.c(), q.raw(), k.raw(), v.raw(), m, scale, 0.0, 0.0)
-        })
+        Tensor::from_raw(unsafe { sys::ggml_flash_attn_ext(self.c(), q.raw(), k.raw(), v.raw(), m, scale, 0.0, 0.0) })
     }
 }

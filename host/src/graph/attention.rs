@@ -50,22 +50,16 @@ impl Attention {
         opts: AttnOptions,
         norm_eps: f32,
     ) -> Result<Attention, LoadError> {
-        let AttnDims {
-            n_embd,
-            n_head,
-            n_head_kv,
-            head_dim,
-        } = dims;
+        let AttnDims { n_embd, n_head, n_head_kv, head_dim } = dims;
         let (nq, nkv) = (n_head * head_dim, n_head_kv * head_dim);
-        let mut get =
-            |name: &str, shape: &[usize], required: bool| -> Result<Option<Tensor>, LoadError> {
-                let full = format!("{prefix}.{name}");
-                if required {
-                    w.get(&full, shape).map(Some)
-                } else {
-                    w.get_opt(&full, shape)
-                }
-            };
+        let mut get = |name: &str, shape: &[usize], required: bool| -> Result<Option<Tensor>, LoadError> {
+            let full = format!("{prefix}.{name}");
+            if required {
+                w.get(&full, shape).map(Some)
+            } else {
+                w.get_opt(&full, shape)
+            }
+        };
         Ok(Attention {
             dims,
             q: get("q_proj.weight", &[nq, n_embd], true)?.expect("required"),
@@ -83,20 +77,8 @@ impl Attention {
     }
 
     /// `x` [n_embd, n_tokens] -> [n_embd, n_tokens]
-    pub fn forward(
-        &self,
-        f: &mut Forward,
-        il: usize,
-        x: Tensor,
-        rope: &Rope,
-        sliding: bool,
-    ) -> Tensor {
-        let AttnDims {
-            n_head,
-            n_head_kv,
-            head_dim,
-            ..
-        } = self.dims;
+    pub fn forward(&self, f: &mut Forward, il: usize, x: Tensor, rope: &Rope, sliding: bool) -> Tensor {
+        let AttnDims { n_head, n_head_kv, head_dim, .. } = self.dims;
         let nt = f.n_tokens as i64;
         let q = linear(f, self.q, self.bq, x);
         let k = linear(f, self.k, self.bk, x);
@@ -127,21 +109,8 @@ fn linear(f: &Forward, w: Tensor, b: Option<Tensor>, x: Tensor) -> Tensor {
 
 /// Store this step's k/v in the cache and attend over cells `0..n_kv`.
 /// q [hd, n_head, nt], k [hd, n_head_kv, nt], v [hd*n_head_kv, nt] -> [hd*n_head, nt]
-fn attend(
-    f: &mut Forward,
-    il: usize,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    dims: AttnDims,
-    sliding: bool,
-) -> Tensor {
-    let AttnDims {
-        n_head,
-        n_head_kv,
-        head_dim,
-        ..
-    } = dims;
+fn attend(f: &mut Forward, il: usize, q: Tensor, k: Tensor, v: Tensor, dims: AttnDims, sliding: bool) -> Tensor {
+    let AttnDims { n_head, n_head_kv, head_dim, .. } = dims;
     let ctx = f.ctx;
     let (nt, n_kv, n_past) = (f.n_tokens as i64, f.n_kv() as i64, f.n_past);
     let n_embd_kv = (head_dim * n_head_kv) as i64;
@@ -158,57 +127,23 @@ fn attend(
     f.graph.expand(k_cpy);
     let v_cur = ctx.reshape_2d(v, n_embd_kv, nt);
     let v_cpy = if flash {
-        ctx.cpy(
-            v_cur,
-            ctx.view_2d(vc, n_embd_kv, nt, vc.nb()[1], n_past * vc.nb()[1]),
-        )
+        ctx.cpy(v_cur, ctx.view_2d(vc, n_embd_kv, nt, vc.nb()[1], n_past * vc.nb()[1]))
     } else {
-        ctx.cpy(
-            ctx.transpose(v_cur),
-            ctx.view_2d(vc, nt, n_embd_kv, vc.nb()[1], n_past * esize_v),
-        )
+        ctx.cpy(ctx.transpose(v_cur), ctx.view_2d(vc, nt, n_embd_kv, vc.nb()[1], n_past * esize_v))
     };
     f.graph.expand(v_cpy);
 
-    let keys = ctx.view_3d(
-        kc,
-        head_dim as i64,
-        n_kv,
-        n_head_kv as i64,
-        kc.nb()[1],
-        head_dim * esize_k,
-        0,
-    );
+    let keys = ctx.view_3d(kc, head_dim as i64, n_kv, n_head_kv as i64, kc.nb()[1], head_dim * esize_k, 0);
     let q = ctx.permute(q, [0, 2, 1, 3]); // [hd, nt, n_head]
-    let mask = if sliding {
-        f.inp.mask_swa.unwrap_or(f.inp.mask)
-    } else {
-        f.inp.mask
-    };
+    let mask = if sliding { f.inp.mask_swa.unwrap_or(f.inp.mask) } else { f.inp.mask };
     let scale = 1.0 / (head_dim as f32).sqrt();
     if flash {
-        let vals = ctx.view_3d(
-            vc,
-            head_dim as i64,
-            n_kv,
-            n_head_kv as i64,
-            vc.nb()[1],
-            head_dim * esize_v,
-            0,
-        );
+        let vals = ctx.view_3d(vc, head_dim as i64, n_kv, n_head_kv as i64, vc.nb()[1], head_dim * esize_v, 0);
         let o = ctx.flash_attn_ext(q, keys, vals, Some(mask), scale); // [hd, n_head, nt]
         ctx.set_prec_f32(o);
         return ctx.reshape_2d(o, (head_dim * n_head) as i64, nt);
     }
-    let vals = ctx.view_3d(
-        vc,
-        n_kv,
-        head_dim as i64,
-        n_head_kv as i64,
-        vc.nb()[1],
-        vc.nb()[1] * head_dim,
-        0,
-    );
+    let vals = ctx.view_3d(vc, n_kv, head_dim as i64, n_head_kv as i64, vc.nb()[1], vc.nb()[1] * head_dim, 0);
     let kq = ctx.mul_mat(keys, q); // [n_kv, nt, n_head]
     ctx.set_prec_f32(kq);
     let kq = ctx.soft_max_ext(kq, Some(mask), scale);

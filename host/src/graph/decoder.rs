@@ -54,24 +54,19 @@ fn default_eps() -> f64 {
 
 impl DecoderConfig {
     pub fn parse(dir: &ModelDir) -> Result<DecoderConfig, LoadError> {
-        let cfg: DecoderConfig = serde_path_to_error::deserialize(&dir.config).map_err(|e| {
-            LoadError::InvalidConfig {
+        let cfg: DecoderConfig =
+            serde_path_to_error::deserialize(&dir.config).map_err(|e| LoadError::InvalidConfig {
                 file: dir.config_path.clone(),
                 field: e.path().to_string(),
                 msg: e.inner().to_string(),
-            }
-        })?;
+            })?;
         cfg.validate(dir)?;
         Ok(cfg)
     }
 
     fn validate(&self, dir: &ModelDir) -> Result<(), LoadError> {
         let bad = |field: &str, msg: String| {
-            Err(LoadError::InvalidConfig {
-                file: dir.config_path.clone(),
-                field: field.into(),
-                msg,
-            })
+            Err(LoadError::InvalidConfig { file: dir.config_path.clone(), field: field.into(), msg })
         };
         for (name, v) in [
             ("vocab_size", self.vocab_size),
@@ -88,39 +83,24 @@ impl DecoderConfig {
         if nkv == 0 || !self.num_attention_heads.is_multiple_of(nkv) {
             return bad(
                 "num_key_value_heads",
-                format!(
-                    "{nkv} must divide num_attention_heads ({})",
-                    self.num_attention_heads
-                ),
+                format!("{nkv} must divide num_attention_heads ({})", self.num_attention_heads),
             );
         }
         if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(
                 "hidden_size",
-                format!(
-                    "{} is not divisible by num_attention_heads ({})",
-                    self.hidden_size, self.num_attention_heads
-                ),
+                format!("{} is not divisible by num_attention_heads ({})", self.hidden_size, self.num_attention_heads),
             );
         }
         if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
-            return bad(
-                "head_dim",
-                format!("must be positive and even, got {}", self.head_dim()),
-            );
+            return bad("head_dim", format!("must be positive and even, got {}", self.head_dim()));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return bad(
-                "rms_norm_eps",
-                format!("must be a positive number, got {}", self.rms_norm_eps),
-            );
+            return bad("rms_norm_eps", format!("must be a positive number, got {}", self.rms_norm_eps));
         }
         if let Some(act) = &self.hidden_act {
             if act != "silu" && act != "swish" {
-                return bad(
-                    "hidden_act",
-                    format!("{act:?} is not supported (supported: silu)"),
-                );
+                return bad("hidden_act", format!("{act:?} is not supported (supported: silu)"));
             }
         }
         if self.mlp_bias == Some(true) {
@@ -128,19 +108,9 @@ impl DecoderConfig {
         }
         if let Some(lt) = &self.layer_types {
             if lt.len() != self.num_hidden_layers {
-                return bad(
-                    "layer_types",
-                    format!(
-                        "has {} entries for {} layers",
-                        lt.len(),
-                        self.num_hidden_layers
-                    ),
-                );
+                return bad("layer_types", format!("has {} entries for {} layers", lt.len(), self.num_hidden_layers));
             }
-            if let Some(t) = lt
-                .iter()
-                .find(|t| *t != "full_attention" && *t != "sliding_attention")
-            {
+            if let Some(t) = lt.iter().find(|t| *t != "full_attention" && *t != "sliding_attention") {
                 return bad("layer_types", format!("unknown layer type {t:?}"));
             }
         }
@@ -155,8 +125,7 @@ impl DecoderConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     /// Which layers use the sliding window: `layer_types` when the config has it, else `fallback`.
@@ -199,15 +168,10 @@ impl DenseDecoder {
         sliding: Vec<bool>,
     ) -> Result<DenseDecoder, LoadError> {
         let (n_embd, n_vocab) = (cfg.hidden_size, cfg.vocab_size);
-        let dims = AttnDims {
-            n_embd,
-            n_head: cfg.num_attention_heads,
-            n_head_kv: cfg.n_head_kv(),
-            head_dim: cfg.head_dim(),
-        };
+        let dims =
+            AttnDims { n_embd, n_head: cfg.num_attention_heads, n_head_kv: cfg.n_head_kv(), head_dim: cfg.head_dim() };
         let n_ctx_train = cfg.max_position_embeddings.unwrap_or(4096);
-        let rope = RopeConfig::from_hf(&dir.config, dims.head_dim, n_ctx_train, &dir.config_path)?
-            .build(w);
+        let rope = RopeConfig::from_hf(&dir.config, dims.head_dim, n_ctx_train, &dir.config_path)?.build(w);
         let eps = cfg.rms_norm_eps as f32;
         let embed_tokens = w.get("model.embed_tokens.weight", &[n_vocab, n_embd])?;
         // transformers' default for these families is untied; a tied model may still ship a copy
@@ -226,8 +190,7 @@ impl DenseDecoder {
             layers.push(DenseLayer {
                 input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[n_embd])?,
                 attn: Attention::load(w, &format!("{p}.self_attn"), dims, opts, eps)?,
-                post_attention_layernorm: w
-                    .get(&format!("{p}.post_attention_layernorm.weight"), &[n_embd])?,
+                post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[n_embd])?,
                 mlp: SwigluMlp::load(w, &format!("{p}.mlp"), n_embd, cfg.intermediate_size)?,
                 sliding,
             });
@@ -242,22 +205,10 @@ impl DenseDecoder {
             head_dim: dims.head_dim,
             n_ff: cfg.intermediate_size,
             n_ctx_train,
-            sliding_window: if sliding.iter().any(|&s| s) {
-                cfg.sliding_window
-            } else {
-                None
-            },
+            sliding_window: if sliding.iter().any(|&s| s) { cfg.sliding_window } else { None },
             tied_embeddings: tied,
         };
-        Ok(DenseDecoder {
-            hp,
-            embed_tokens,
-            norm,
-            lm_head,
-            layers,
-            rope,
-            eps,
-        })
+        Ok(DenseDecoder { hp, embed_tokens, norm, lm_head, layers, rope, eps })
     }
 }
 

@@ -13,12 +13,7 @@ pub struct SwigluMlp {
 
 impl SwigluMlp {
     /// Load `{prefix}.gate_proj/up_proj/down_proj.weight`.
-    pub fn load(
-        w: &mut WeightBuilder,
-        prefix: &str,
-        n_embd: usize,
-        n_ff: usize,
-    ) -> Result<Self, LoadError> {
+    pub fn load(w: &mut WeightBuilder, prefix: &str, n_embd: usize, n_ff: usize) -> Result<Self, LoadError> {
         Ok(SwigluMlp {
             gate: w.get(&format!("{prefix}.gate_proj.weight"), &[n_ff, n_embd])?,
             up: w.get(&format!("{prefix}.up_proj.weight"), &[n_ff, n_embd])?,

@@ -35,12 +35,7 @@ pub struct RopeConfig {
 }
 
 impl RopeConfig {
-    pub fn from_hf(
-        cfg: &Value,
-        head_dim: usize,
-        max_pos: usize,
-        file: &Path,
-    ) -> Result<RopeConfig, LoadError> {
+    pub fn from_hf(cfg: &Value, head_dim: usize, max_pos: usize, file: &Path) -> Result<RopeConfig, LoadError> {
         let bad = |field: &str, msg: String| LoadError::InvalidConfig {
             file: file.to_path_buf(),
             field: field.to_string(),
@@ -52,51 +47,26 @@ impl RopeConfig {
             .find(|v| v.is_object())
             .cloned()
             .unwrap_or(Value::Null);
-        let theta = num(&params, "rope_theta")
-            .or_else(|| num(cfg, "rope_theta"))
-            .unwrap_or(10000.0);
+        let theta = num(&params, "rope_theta").or_else(|| num(cfg, "rope_theta")).unwrap_or(10000.0);
         if !(theta.is_finite() && theta > 0.0) {
-            return Err(bad(
-                "rope_theta",
-                format!("must be a positive number, got {theta}"),
-            ));
+            return Err(bad("rope_theta", format!("must be a positive number, got {theta}")));
         }
-        let partial = num(&params, "partial_rotary_factor")
-            .or_else(|| num(cfg, "partial_rotary_factor"))
-            .unwrap_or(1.0);
+        let partial =
+            num(&params, "partial_rotary_factor").or_else(|| num(cfg, "partial_rotary_factor")).unwrap_or(1.0);
         if !(partial > 0.0 && partial <= 1.0) {
-            return Err(bad(
-                "partial_rotary_factor",
-                format!("must be in (0, 1], got {partial}"),
-            ));
+            return Err(bad("partial_rotary_factor", format!("must be in (0, 1], got {partial}")));
         }
         let n_dims = ((head_dim as f64 * partial) as usize) & !1;
-        let kind = params
-            .get("rope_type")
-            .or_else(|| params.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
+        let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
         let factor = num(&params, "factor");
         let need_factor = |kind: &str| -> Result<f64, LoadError> {
             match factor {
                 Some(f) if f.is_finite() && f >= 1.0 => Ok(f),
-                Some(f) => Err(bad(
-                    "rope_scaling.factor",
-                    format!("must be >= 1 for {kind} scaling, got {f}"),
-                )),
-                None => Err(bad(
-                    "rope_scaling.factor",
-                    format!("{kind} scaling needs a factor"),
-                )),
+                Some(f) => Err(bad("rope_scaling.factor", format!("must be >= 1 for {kind} scaling, got {f}"))),
+                None => Err(bad("rope_scaling.factor", format!("{kind} scaling needs a factor"))),
             }
         };
-        let mut rc = RopeConfig {
-            theta,
-            n_dims,
-            n_ctx_orig: max_pos,
-            freq_scale: 1.0,
-            freq_factors: None,
-        };
+        let mut rc = RopeConfig { theta, n_dims, n_ctx_orig: max_pos, freq_scale: 1.0, freq_factors: None };
         match kind {
             "default" => {}
             "linear" => rc.freq_scale = 1.0 / need_factor(kind)?,
@@ -126,10 +96,8 @@ impl RopeConfig {
 
     /// Make the runtime form; the llama3 divisors become a small F32 tensor in the weights.
     pub fn build(&self, w: &mut WeightBuilder) -> Rope {
-        let freq_factors = self
-            .freq_factors
-            .as_ref()
-            .map(|ff| w.derived("rope_freq_factors", &[ff.len() as i64], ff.clone()));
+        let freq_factors =
+            self.freq_factors.as_ref().map(|ff| w.derived("rope_freq_factors", &[ff.len() as i64], ff.clone()));
         Rope {
             params: RopeParams {
                 n_dims: self.n_dims as i32,
@@ -149,14 +117,7 @@ impl RopeConfig {
 
 /// HF's `_compute_llama3_parameters`, expressed as ggml frequency divisors:
 /// ggml uses `theta_i = pos * base^(-2i/d) / ff[i]`, so `ff[i] = inv_freq[i] / inv_freq_llama3[i]`.
-fn llama3_freq_factors(
-    theta: f64,
-    n_dims: usize,
-    factor: f64,
-    low: f64,
-    high: f64,
-    orig: f64,
-) -> Vec<f32> {
+fn llama3_freq_factors(theta: f64, n_dims: usize, factor: f64, low: f64, high: f64, orig: f64) -> Vec<f32> {
     let low_wavelen = orig / low;
     let high_wavelen = orig / high;
     (0..n_dims / 2)
@@ -179,8 +140,7 @@ fn llama3_freq_factors(
 impl Rope {
     /// Rotate `x` [head_dim, n_head, n_tokens] by this step's positions.
     pub fn apply(&self, f: &Forward, x: Tensor) -> Tensor {
-        f.ctx
-            .rope_ext(x, f.inp.pos, self.freq_factors, &self.params)
+        f.ctx.rope_ext(x, f.inp.pos, self.freq_factors, &self.params)
     }
 }
 
@@ -191,8 +151,7 @@ mod tests {
 
     #[test]
     fn both_spellings_agree() {
-        let old =
-            json!({"rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0}});
+        let old = json!({"rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0}});
         let new = json!({"rope_parameters": {"rope_type": "linear", "rope_theta": 500000.0, "factor": 2.0}});
         let p = Path::new("config.json");
         let a = RopeConfig::from_hf(&old, 64, 4096, p).unwrap();
@@ -210,14 +169,8 @@ mod tests {
         let ff = rc.freq_factors.unwrap();
         assert_eq!(ff.len(), 64);
         assert!((ff[0] - 1.0).abs() < 1e-6, "high frequencies unscaled");
-        assert!(
-            (ff[63] - 8.0).abs() < 1e-4,
-            "low frequencies divided by the factor"
-        );
-        assert!(
-            ff.iter().any(|&x| x > 1.01 && x < 7.99),
-            "a smooth middle band"
-        );
+        assert!((ff[63] - 8.0).abs() < 1e-4, "low frequencies divided by the factor");
+        assert!(ff.iter().any(|&x| x > 1.01 && x < 7.99), "a smooth middle band");
         assert_eq!(rc.n_ctx_orig, 8192);
     }
 
@@ -226,9 +179,6 @@ mod tests {
         let cfg = json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}});
         let e = RopeConfig::from_hf(&cfg, 64, 4096, Path::new("m/config.json")).unwrap_err();
         let msg = e.to_string();
-        assert!(
-            msg.contains("dynamic") && msg.contains("m/config.json"),
-            "{msg}"
-        );
+        assert!(msg.contains("dynamic") && msg.contains("m/config.json"), "{msg}");
     }
 }

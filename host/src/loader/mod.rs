@@ -19,94 +19,45 @@ use safetensors::{SafetensorsFile, StDtype, TensorEntry};
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{}: invalid JSON: {source}", path.display())]
-    Json {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    Json { path: PathBuf, source: serde_json::Error },
     #[error("{}: no model.safetensors or model.safetensors.index.json in the model directory", dir.display())]
     NoWeights { dir: PathBuf },
     #[error("{}: corrupt safetensors file: {msg}", file.display())]
     Corrupt { file: PathBuf, msg: String },
     #[error("{}: truncated{}: {msg}", file.display(), tensor.as_ref().map(|t| format!(" at tensor {t}")).unwrap_or_default())]
-    Truncated {
-        file: PathBuf,
-        tensor: Option<String>,
-        msg: String,
-    },
+    Truncated { file: PathBuf, tensor: Option<String>, msg: String },
     #[error("{}: tensor {name} is listed in the index but not found in shard {shard}", index.display())]
-    IndexMismatch {
-        index: PathBuf,
-        name: String,
-        shard: String,
-    },
+    IndexMismatch { index: PathBuf, name: String, shard: String },
     #[error("tensor {name} appears in both {} and {}", a.display(), b.display())]
-    Duplicate {
-        name: String,
-        a: PathBuf,
-        b: PathBuf,
-    },
+    Duplicate { name: String, a: PathBuf, b: PathBuf },
     #[error("missing tensor {name} (the {arch} architecture needs it; not in {})", dir.display())]
-    MissingTensor {
-        name: String,
-        arch: String,
-        dir: PathBuf,
-    },
+    MissingTensor { name: String, arch: String, dir: PathBuf },
     #[error("unexpected tensor {name} in {} (unused by the {arch} architecture: wrong architecture or config?)", file.display())]
-    UnexpectedTensor {
-        name: String,
-        arch: String,
-        file: PathBuf,
-    },
+    UnexpectedTensor { name: String, arch: String, file: PathBuf },
     #[error("{}: tensor {name} has shape {got:?}, expected {expected:?}", file.display())]
-    ShapeMismatch {
-        name: String,
-        file: PathBuf,
-        expected: Vec<usize>,
-        got: Vec<usize>,
-    },
+    ShapeMismatch { name: String, file: PathBuf, expected: Vec<usize>, got: Vec<usize> },
     #[error("{}: tensor {name} has dtype {dtype}, supported: F32, F16, BF16", file.display())]
-    UnsupportedDtype {
-        name: String,
-        file: PathBuf,
-        dtype: String,
-    },
+    UnsupportedDtype { name: String, file: PathBuf, dtype: String },
     #[error("{}: unknown architecture {name:?} (supported: {supported})", file.display())]
-    UnknownArchitecture {
-        name: String,
-        file: PathBuf,
-        supported: String,
-    },
+    UnknownArchitecture { name: String, file: PathBuf, supported: String },
     #[error("{}: {field}: {msg}", file.display())]
-    InvalidConfig {
-        file: PathBuf,
-        field: String,
-        msg: String,
-    },
+    InvalidConfig { file: PathBuf, field: String, msg: String },
     #[error(transparent)]
     Ggml(#[from] GgmlError),
 }
 
 impl LoadError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> LoadError {
-        LoadError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        LoadError::Io { path: path.to_path_buf(), source }
     }
 }
 
 /// Read a JSON file.
 pub fn read_json(path: &Path) -> Result<serde_json::Value, LoadError> {
     let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| LoadError::Json {
-        path: path.to_path_buf(),
-        source,
-    })
+    serde_json::from_str(&text).map_err(|source| LoadError::Json { path: path.to_path_buf(), source })
 }
 
 /// A model folder: its configs and its (validated) safetensors files.
@@ -133,11 +84,7 @@ impl ModelDir {
             });
         }
         let gen_path = dir.join("generation_config.json");
-        let generation_config = if gen_path.exists() {
-            Some(read_json(&gen_path)?)
-        } else {
-            None
-        };
+        let generation_config = if gen_path.exists() { Some(read_json(&gen_path)?) } else { None };
 
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
@@ -145,14 +92,11 @@ impl ModelDir {
         let mut tensors: BTreeMap<String, usize> = BTreeMap::new();
         if index_path.exists() {
             let index = read_json(&index_path)?;
-            let map = index
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| LoadError::InvalidConfig {
-                    file: index_path.clone(),
-                    field: "weight_map".into(),
-                    msg: "missing or not an object".into(),
-                })?;
+            let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| LoadError::InvalidConfig {
+                file: index_path.clone(),
+                field: "weight_map".into(),
+                msg: "missing or not an object".into(),
+            })?;
             let mut shards: Vec<String> = Vec::new();
             for (name, shard) in map {
                 let shard = shard.as_str().ok_or_else(|| LoadError::InvalidConfig {
@@ -176,10 +120,7 @@ impl ModelDir {
                 files.push(SafetensorsFile::open(&dir.join(shard))?);
             }
             for (name, shard) in map {
-                let i = shards
-                    .iter()
-                    .position(|s| s == shard.as_str().unwrap_or_default())
-                    .unwrap_or(0);
+                let i = shards.iter().position(|s| s == shard.as_str().unwrap_or_default()).unwrap_or(0);
                 if !files[i].tensors.contains_key(name) {
                     return Err(LoadError::IndexMismatch {
                         index: index_path.clone(),
@@ -191,9 +132,7 @@ impl ModelDir {
         } else if single.exists() {
             files.push(SafetensorsFile::open(&single)?);
         } else {
-            return Err(LoadError::NoWeights {
-                dir: dir.to_path_buf(),
-            });
+            return Err(LoadError::NoWeights { dir: dir.to_path_buf() });
         }
         for (i, f) in files.iter().enumerate() {
             for name in f.tensors.keys() {
@@ -207,14 +146,7 @@ impl ModelDir {
                 tensors.insert(name.clone(), i);
             }
         }
-        Ok(ModelDir {
-            dir: dir.to_path_buf(),
-            config_path,
-            config,
-            generation_config,
-            files,
-            tensors,
-        })
+        Ok(ModelDir { dir: dir.to_path_buf(), config_path, config, generation_config, files, tensors })
     }
 
     pub fn entry(&self, name: &str) -> Option<(&SafetensorsFile, &TensorEntry)> {
@@ -230,25 +162,17 @@ impl ModelDir {
                 by.entry(e.dtype.name()).or_insert((0, e.dtype)).0 += e.len;
             }
         }
-        by.values()
-            .max_by_key(|(n, _)| *n)
-            .map(|(_, d)| *d)
-            .unwrap_or(StDtype::F32)
+        by.values().max_by_key(|(n, _)| *n).map(|(_, d)| *d).unwrap_or(StDtype::F32)
     }
 }
 
 /// Widen little-endian F16/BF16 bytes to F32.
 fn to_f32(dtype: StDtype, bytes: &[u8]) -> Vec<f32> {
-    let halves = bytes
-        .chunks_exact(2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let halves = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
     match dtype {
         StDtype::BF16 => halves.map(|h| f32::from_bits((h as u32) << 16)).collect(),
         StDtype::F16 => halves.map(|h| half::f16::from_bits(h).to_f32()).collect(),
-        _ => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
+        _ => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
     }
 }
 
@@ -288,12 +212,11 @@ impl<'a> WeightBuilder<'a> {
 
     /// A required weight with the given shape (PyTorch order).
     pub fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
-        self.get_opt(name, shape)?
-            .ok_or_else(|| LoadError::MissingTensor {
-                name: name.to_string(),
-                arch: self.arch.clone(),
-                dir: self.dir.dir.clone(),
-            })
+        self.get_opt(name, shape)?.ok_or_else(|| LoadError::MissingTensor {
+            name: name.to_string(),
+            arch: self.arch.clone(),
+            dir: self.dir.dir.clone(),
+        })
     }
 
     /// An optional weight: `None` if the files do not have it, an error if they have it wrong.
@@ -400,20 +323,8 @@ impl<'a> WeightBuilder<'a> {
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        tracing::info!(
-            bytes = buffer.size(),
-            tensors = self.from_file.len(),
-            "weights loaded"
-        );
-        let n_params = self
-            .from_file
-            .iter()
-            .map(|(t, _)| t.nelements() as u64)
-            .sum();
-        Ok(Weights {
-            buffer,
-            n_params,
-            ctx: self.ctx,
-        })
+        tracing::info!(bytes = buffer.size(), tensors = self.from_file.len(), "weights loaded");
+        let n_params = self.from_file.iter().map(|(t, _)| t.nelements() as u64).sum();
+        Ok(Weights { buffer, n_params, ctx: self.ctx })
     }
 }

@@ -104,20 +104,14 @@ struct RawEntry {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<SafetensorsFile, LoadError> {
-        let corrupt = |msg: String| LoadError::Corrupt {
-            file: path.to_path_buf(),
-            msg,
-        };
+        let corrupt = |msg: String| LoadError::Corrupt { file: path.to_path_buf(), msg };
         let mut file = File::open(path).map_err(|e| LoadError::io(path, e))?;
         let file_len = file.metadata().map_err(|e| LoadError::io(path, e))?.len();
         let mut n = [0u8; 8];
-        file.read_exact(&mut n)
-            .map_err(|_| corrupt(format!("file is {file_len} bytes, too short for a header")))?;
+        file.read_exact(&mut n).map_err(|_| corrupt(format!("file is {file_len} bytes, too short for a header")))?;
         let n = u64::from_le_bytes(n);
         if n > MAX_HEADER {
-            return Err(corrupt(format!(
-                "header length {n} is larger than {MAX_HEADER}"
-            )));
+            return Err(corrupt(format!("header length {n} is larger than {MAX_HEADER}")));
         }
         if 8 + n > file_len {
             return Err(LoadError::Truncated {
@@ -127,10 +121,9 @@ impl SafetensorsFile {
             });
         }
         let mut header = vec![0u8; n as usize];
-        file.read_exact(&mut header)
-            .map_err(|e| LoadError::io(path, e))?;
-        let map: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
-            .map_err(|e| corrupt(format!("header is not a JSON object: {e}")))?;
+        file.read_exact(&mut header).map_err(|e| LoadError::io(path, e))?;
+        let map: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| corrupt(format!("header is not a JSON object: {e}")))?;
         let data_start = 8 + n;
         let data_len = file_len - data_start;
         let mut tensors = BTreeMap::new();
@@ -139,29 +132,23 @@ impl SafetensorsFile {
             if name == "__metadata__" {
                 continue;
             }
-            let raw: RawEntry = serde_json::from_value(value)
-                .map_err(|e| corrupt(format!("tensor {name}: bad header entry: {e}")))?;
+            let raw: RawEntry =
+                serde_json::from_value(value).map_err(|e| corrupt(format!("tensor {name}: bad header entry: {e}")))?;
             let dtype = StDtype::parse(&raw.dtype)
                 .ok_or_else(|| corrupt(format!("tensor {name}: unknown dtype {:?}", raw.dtype)))?;
             let [begin, end] = raw.data_offsets;
             if end < begin {
-                return Err(corrupt(format!(
-                    "tensor {name}: data_offsets [{begin}, {end}] are reversed"
-                )));
+                return Err(corrupt(format!("tensor {name}: data_offsets [{begin}, {end}] are reversed")));
             }
             let numel = raw
                 .shape
                 .iter()
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
-                .ok_or_else(|| {
-                    corrupt(format!("tensor {name}: shape {:?} overflows", raw.shape))
-                })?;
+                .ok_or_else(|| corrupt(format!("tensor {name}: shape {:?} overflows", raw.shape)))?;
             let want = numel
                 .checked_mul(dtype.bits() as u64)
                 .map(|b| b.div_ceil(8))
-                .ok_or_else(|| {
-                    corrupt(format!("tensor {name}: shape {:?} overflows", raw.shape))
-                })?;
+                .ok_or_else(|| corrupt(format!("tensor {name}: shape {:?} overflows", raw.shape)))?;
             if end - begin != want {
                 return Err(corrupt(format!(
                     "tensor {name}: data_offsets [{begin}, {end}] span {} bytes but shape {:?} of {} needs {want}",
@@ -174,55 +161,30 @@ impl SafetensorsFile {
                 return Err(LoadError::Truncated {
                     file: path.to_path_buf(),
                     tensor: Some(name),
-                    msg: format!(
-                        "its data ends at byte {} but the file has {file_len}",
-                        data_start + end
-                    ),
+                    msg: format!("its data ends at byte {} but the file has {file_len}", data_start + end),
                 });
             }
             spans.push((begin, end, name.clone()));
-            tensors.insert(
-                name,
-                TensorEntry {
-                    dtype,
-                    shape: raw.shape,
-                    offset: data_start + begin,
-                    len: end - begin,
-                },
-            );
+            tensors.insert(name, TensorEntry { dtype, shape: raw.shape, offset: data_start + begin, len: end - begin });
         }
         // Tensors must not overlap (the format also requires them to be packed; we only need
         // them disjoint).
         spans.sort();
         for w in spans.windows(2) {
             if w[1].0 < w[0].1 {
-                return Err(corrupt(format!(
-                    "tensors {} and {} overlap",
-                    w[0].2, w[1].2
-                )));
+                return Err(corrupt(format!("tensors {} and {} overlap", w[0].2, w[1].2)));
             }
         }
-        Ok(SafetensorsFile {
-            path: path.to_path_buf(),
-            file,
-            tensors,
-        })
+        Ok(SafetensorsFile { path: path.to_path_buf(), file, tensors })
     }
 
     /// Read a tensor's bytes into `buf` (resized to fit).
-    pub fn read(
-        &self,
-        name: &str,
-        entry: &TensorEntry,
-        buf: &mut Vec<u8>,
-    ) -> Result<(), LoadError> {
+    pub fn read(&self, name: &str, entry: &TensorEntry, buf: &mut Vec<u8>) -> Result<(), LoadError> {
         buf.resize(entry.len as usize, 0);
-        self.file
-            .read_exact_at(buf, entry.offset)
-            .map_err(|e| LoadError::Truncated {
-                file: self.path.clone(),
-                tensor: Some(name.to_string()),
-                msg: format!("reading {} bytes at {}: {e}", entry.len, entry.offset),
-            })
+        self.file.read_exact_at(buf, entry.offset).map_err(|e| LoadError::Truncated {
+            file: self.path.clone(),
+            tensor: Some(name.to_string()),
+            msg: format!("reading {} bytes at {}: {e}", entry.len, entry.offset),
+        })
     }
 }

@@ -32,29 +32,13 @@ impl KvCache {
         let mut k = Vec::with_capacity(n_layer);
         let mut v = Vec::with_capacity(n_layer);
         for il in 0..n_layer {
-            k.push(ctx.new_tensor(
-                dtype,
-                &[n_embd_k as i64, n_ctx as i64],
-                &format!("cache_k_l{il}"),
-            ));
-            v.push(ctx.new_tensor(
-                dtype,
-                &[n_ctx as i64, n_embd_v as i64],
-                &format!("cache_v_l{il}"),
-            ));
+            k.push(ctx.new_tensor(dtype, &[n_embd_k as i64, n_ctx as i64], &format!("cache_k_l{il}")));
+            v.push(ctx.new_tensor(dtype, &[n_ctx as i64, n_embd_v as i64], &format!("cache_v_l{il}")));
         }
         let buffer = ctx.alloc_tensors(backend)?;
         // Zero it: masked cells must never hold NaN/Inf bit patterns (0 * NaN is NaN).
         buffer.clear();
-        Ok(KvCache {
-            k,
-            v,
-            n_ctx,
-            dtype,
-            v_trans,
-            buffer,
-            _ctx: ctx,
-        })
+        Ok(KvCache { k, v, n_ctx, dtype, v_trans, buffer, _ctx: ctx })
     }
 
     pub fn k(&self, il: usize) -> Tensor {

@@ -9,12 +9,5 @@ use crate::models::Architecture;
 pub fn load(dir: &ModelDir, w: &mut WeightBuilder) -> Result<Box<dyn Architecture>, LoadError> {
     let cfg = DecoderConfig::parse(dir)?;
     let sliding = cfg.sliding_layers(|_| true);
-    Ok(Box::new(DenseDecoder::load(
-        "mistral",
-        dir,
-        w,
-        &cfg,
-        AttnOptions::default(),
-        sliding,
-    )?))
+    Ok(Box::new(DenseDecoder::load("mistral", dir, w, &cfg, AttnOptions::default(), sliding)?))
 }

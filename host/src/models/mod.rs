@@ -53,11 +53,7 @@ const REGISTRY: &[(&str, &str, Loader)] = &[
 ];
 
 pub fn supported() -> String {
-    REGISTRY
-        .iter()
-        .map(|(m, _, _)| *m)
-        .collect::<Vec<_>>()
-        .join(", ")
+    REGISTRY.iter().map(|(m, _, _)| *m).collect::<Vec<_>>().join(", ")
 }
 
 /// Find the architecture of a model folder (by `model_type`, else by `architectures[0]`).

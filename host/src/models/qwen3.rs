@@ -15,12 +15,6 @@ pub fn load(dir: &ModelDir, w: &mut WeightBuilder) -> Result<Box<dyn Architectur
     let from = cfg.max_window_layers.unwrap_or(cfg.num_hidden_layers);
     let sliding = cfg.sliding_layers(|il| il >= from);
     let bias = cfg.attention_bias.unwrap_or(false);
-    let opts = AttnOptions {
-        qkv_bias: bias,
-        o_bias: bias,
-        qk_norm: true,
-    };
-    Ok(Box::new(DenseDecoder::load(
-        "qwen3", dir, w, &cfg, opts, sliding,
-    )?))
+    let opts = AttnOptions { qkv_bias: bias, o_bias: bias, qk_norm: true };
+    Ok(Box::new(DenseDecoder::load("qwen3", dir, w, &cfg, opts, sliding)?))
 }

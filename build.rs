@@ -1,0 +1,61 @@
+//! Builds the guest components (guest/: the default policy, the example sampler, the chaos
+//! policy used by the sandbox tests) for wasm32-wasip2 and leaves them in OUT_DIR, where
+//! `host/src/runtime/` embeds them. One `cargo build` at the root builds everything.
+//!
+//! The guests are their own cargo workspace with their own target directory (inside OUT_DIR), so
+//! their dependencies never unify with the host's and the outer build's flags do not leak in.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const COMPONENTS: &[(&str, &str)] = &[
+    ("stllm-policy", "stllm_policy.wasm"),
+    ("stllm-sampler-mirostat", "stllm_sampler_mirostat.wasm"),
+    ("stllm-policy-chaos", "stllm_policy_chaos.wasm"),
+];
+
+fn main() {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    println!("cargo:rerun-if-changed=wit");
+    println!("cargo:rerun-if-changed=guest");
+    println!("cargo:rerun-if-env-changed=STLLM_GUEST_CARGO");
+    let guest = root.join("guest");
+    let target_dir = out.join("guest-target");
+    let cargo =
+        std::env::var("STLLM_GUEST_CARGO").or_else(|_| std::env::var("CARGO")).unwrap_or_else(|_| "cargo".into());
+    for (package, file) in COMPONENTS {
+        build_component(&cargo, &guest, &target_dir, package);
+        let built = target_dir.join("wasm32-wasip2/release").join(file);
+        std::fs::copy(&built, out.join(file)).unwrap_or_else(|e| panic!("copying {}: {e}", built.display()));
+    }
+}
+
+fn build_component(cargo: &str, guest: &Path, target_dir: &Path, package: &str) {
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(guest)
+        .args(["rustc", "--release", "--locked", "--lib", "--crate-type", "cdylib", "--target", "wasm32-wasip2", "-p"])
+        .arg(package)
+        .arg("--target-dir")
+        .arg(target_dir);
+    // The outer build's settings are for the host target; keep them out of the guest build.
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_MANIFEST_DIR",
+        "CARGO_PKG_NAME",
+    ] {
+        cmd.env_remove(var);
+    }
+    let status = cmd.status().unwrap_or_else(|e| panic!("running {cargo} to build the guest component {package}: {e}"));
+    if !status.success() {
+        panic!(
+            "building the guest component {package} for wasm32-wasip2 failed (is the target installed? \
+             `rustup target add wasm32-wasip2`)"
+        );
+    }
+}

@@ -1,0 +1,168 @@
+//! The wasm component: WIT bindings (`policy-component` world) adapted to the library.
+//!
+//! One instance serves one model and is reused across requests (the host pools instances), so the
+//! tokenizer and chat template are parsed once, on first use, from the host's `current-model`.
+
+use std::sync::OnceLock;
+
+use crate::generate::{self, Engine, Finish, PluginSampler, Request, Sink};
+use crate::sampling::{Candidate, SamplingParams};
+use crate::template::ChatTemplate;
+use crate::tokenizer::Tokenizer;
+use crate::Error;
+
+wit_bindgen::generate!({
+    world: "policy-component",
+    path: "../../wit",
+});
+
+use exports::stllm::inference::policy::{self as wit_policy, FinishReason, GenerateRequest, GenerateResult, Prompt};
+use stllm::inference::engine;
+use stllm::inference::plugin_sampler;
+use stllm::inference::streaming;
+use stllm::inference::types::{self as wit};
+
+struct Loaded {
+    tok: Tokenizer,
+    template: Option<ChatTemplate>,
+}
+
+static LOADED: OnceLock<Result<Loaded, Error>> = OnceLock::new();
+
+fn loaded() -> Result<&'static Loaded, wit::Error> {
+    LOADED
+        .get_or_init(|| {
+            let model = engine::current_model();
+            let json = model
+                .tokenizer_json()
+                .ok_or_else(|| Error::InvalidInput("the model folder has no tokenizer.json".into()))?;
+            let config = model.tokenizer_config_json();
+            let tok = Tokenizer::new(&json, config.as_deref())?;
+            let template = ChatTemplate::from_tokenizer(&tok)?;
+            Ok(Loaded { tok, template })
+        })
+        .as_ref()
+        .map_err(|e| to_wit(e.clone()))
+}
+
+fn to_wit(e: Error) -> wit::Error {
+    match e {
+        Error::InvalidInput(m) => wit::Error::InvalidInput(m),
+        Error::ContextFull(m) => wit::Error::ContextFull(m),
+        Error::Cancelled => wit::Error::Cancelled,
+        Error::Internal(m) => wit::Error::Internal(m),
+    }
+}
+
+fn from_wit(e: wit::Error) -> Error {
+    match e {
+        wit::Error::InvalidInput(m) => Error::InvalidInput(m),
+        wit::Error::ContextFull(m) => Error::ContextFull(m),
+        wit::Error::Cancelled => Error::Cancelled,
+        wit::Error::Internal(m) => Error::Internal(m),
+    }
+}
+
+struct Seq(engine::Sequence);
+
+impl Engine for Seq {
+    fn decode(&mut self, tokens: &[u32]) -> Result<Vec<f32>, Error> {
+        self.0.decode(tokens).map_err(from_wit)
+    }
+    fn decode_top(&mut self, tokens: &[u32], k: u32, min_p: f32) -> Result<Vec<Candidate>, Error> {
+        let c = self.0.decode_top(tokens, k, min_p).map_err(from_wit)?;
+        Ok(c.into_iter().map(|c| Candidate { id: c.id, logit: c.logit }).collect())
+    }
+}
+
+struct Out<'a>(&'a streaming::Sink);
+
+impl Sink for Out<'_> {
+    fn emit(&mut self, text: &str, tokens: &[u32]) -> bool {
+        self.0.emit(text, tokens)
+    }
+}
+
+struct Plugin;
+
+impl PluginSampler for Plugin {
+    fn sample(&mut self, candidates: &[Candidate], history: &[u32]) -> u32 {
+        let c: Vec<wit::Candidate> = candidates.iter().map(|c| wit::Candidate { id: c.id, logit: c.logit }).collect();
+        plugin_sampler::sample(&c, history)
+    }
+}
+
+struct Policy;
+
+impl wit_policy::Guest for Policy {
+    fn tokenize(text: String, add_special: bool) -> Result<Vec<u32>, wit::Error> {
+        loaded()?.tok.encode(&text, add_special).map_err(to_wit)
+    }
+
+    fn detokenize(ids: Vec<u32>, skip_special: bool) -> Result<String, wit::Error> {
+        loaded()?.tok.decode(&ids, skip_special).map_err(to_wit)
+    }
+
+    fn apply_chat_template(
+        messages_json: String,
+        add_generation_prompt: bool,
+        tools_json: Option<String>,
+        extra_json: Option<String>,
+    ) -> Result<String, wit::Error> {
+        let l = loaded()?;
+        let t = l.template.as_ref().ok_or_else(|| wit::Error::InvalidInput("the model has no chat template".into()))?;
+        t.render(&messages_json, add_generation_prompt, tools_json.as_deref(), extra_json.as_deref()).map_err(to_wit)
+    }
+
+    fn generate(req: GenerateRequest, out: &streaming::Sink) -> Result<GenerateResult, wit::Error> {
+        let l = loaded()?;
+        let prompt = match &req.prompt {
+            Prompt::Text(s) => l.tok.encode(s, true).map_err(to_wit)?,
+            Prompt::Tokens(ids) => ids.clone(),
+            Prompt::Chat(messages) => {
+                let t = l
+                    .template
+                    .as_ref()
+                    .ok_or_else(|| wit::Error::InvalidInput("the model has no chat template".into()))?;
+                let text = t.render(messages, true, req.tools_json.as_deref(), None).map_err(to_wit)?;
+                l.tok.encode(&text, false).map_err(to_wit)?
+            }
+        };
+        let model = engine::current_model();
+        let eos = model.special_tokens().eos;
+        let max_len = (prompt.len() as u64 + req.max_tokens as u64).min(u32::MAX as u64) as u32;
+        let mut seq = Seq(model.new_sequence(max_len)?);
+        let s = &req.sampling;
+        let request = Request {
+            max_tokens: req.max_tokens,
+            stop: req.stop.clone(),
+            ignore_eos: req.ignore_eos,
+            sampling: SamplingParams {
+                temperature: s.temperature,
+                top_k: s.top_k,
+                top_p: s.top_p,
+                min_p: s.min_p,
+                repetition_penalty: s.repetition_penalty,
+                presence_penalty: s.presence_penalty,
+                frequency_penalty: s.frequency_penalty,
+                seed: s.seed,
+            },
+        };
+        let mut sink = Out(out);
+        let mut plugin = Plugin;
+        let plugin: Option<&mut dyn PluginSampler> = if plugin_sampler::active() { Some(&mut plugin) } else { None };
+        let o = generate::generate(&l.tok, &mut seq, &prompt, &request, &eos, &mut sink, plugin).map_err(to_wit)?;
+        Ok(GenerateResult {
+            tokens: o.tokens,
+            text: o.text,
+            finish: match o.finish {
+                Finish::Stop => FinishReason::Stop,
+                Finish::Length => FinishReason::Length,
+                Finish::Cancelled => FinishReason::Cancelled,
+            },
+            prompt_tokens: o.prompt_tokens,
+        })
+    }
+}
+
+export!(Policy);

@@ -1,0 +1,309 @@
+//! Samplers over candidate lists: repetition / presence / frequency penalties, temperature,
+//! top-k, top-p, min-p, seeded draws. The order follows HF's logits processors: penalties, then
+//! temperature, top-k, top-p, min-p.
+
+/// A candidate token and its logit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    pub id: u32,
+    pub logit: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 = greedy
+    pub temperature: f32,
+    /// 0 = off
+    pub top_k: u32,
+    /// 1 = off
+    pub top_p: f32,
+    /// 0 = off
+    pub min_p: f32,
+    /// 1 = off; HF: logit / p if positive else logit * p, for tokens seen before
+    pub repetition_penalty: f32,
+    /// 0 = off; OpenAI: logit - presence * [count > 0] - frequency * count
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<(), crate::Error> {
+        let bad = |m: String| Err(crate::Error::InvalidInput(m));
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        if !self.presence_penalty.is_finite() || !self.frequency_penalty.is_finite() {
+            return bad("presence/frequency penalties must be finite".into());
+        }
+        Ok(())
+    }
+
+    pub fn greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
+    pub fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
+    }
+}
+
+/// SplitMix64: small, fast, and the same on every platform (wasm included).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+pub struct Sampler {
+    pub params: SamplingParams,
+    rng: Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Sampler {
+        let rng = Rng::new(params.seed);
+        Sampler { params, rng }
+    }
+
+    /// Apply the penalties for `history` to the candidates' logits (in place).
+    pub fn penalize(&self, cands: &mut [Candidate], history: &[u32]) {
+        let p = &self.params;
+        if !p.has_penalties() || history.is_empty() {
+            return;
+        }
+        let mut counts = std::collections::HashMap::<u32, u32>::new();
+        for &t in history {
+            *counts.entry(t).or_default() += 1;
+        }
+        for c in cands.iter_mut() {
+            if let Some(&n) = counts.get(&c.id) {
+                if p.repetition_penalty != 1.0 {
+                    c.logit =
+                        if c.logit > 0.0 { c.logit / p.repetition_penalty } else { c.logit * p.repetition_penalty };
+                }
+                c.logit -= p.presence_penalty + p.frequency_penalty * n as f32;
+            }
+        }
+    }
+
+    /// The probability distribution the draw uses, after penalties and all filters: (id, p)
+    /// sorted by probability, highest first. Exposed for tests.
+    pub fn distribution(&self, mut cands: Vec<Candidate>, history: &[u32]) -> Vec<(u32, f64)> {
+        let p = &self.params;
+        self.penalize(&mut cands, history);
+        cands.retain(|c| c.logit.is_finite());
+        cands.sort_by(|a, b| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id)));
+        if cands.is_empty() {
+            return vec![];
+        }
+        if p.greedy() {
+            return vec![(cands[0].id, 1.0)];
+        }
+        if p.top_k > 0 {
+            cands.truncate(p.top_k as usize);
+        }
+        let t = p.temperature as f64;
+        let max = cands[0].logit as f64 / t;
+        let mut probs: Vec<(u32, f64)> = cands.iter().map(|c| (c.id, (c.logit as f64 / t - max).exp())).collect();
+        normalize(&mut probs);
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let keep = probs
+                .iter()
+                .position(|(_, q)| {
+                    acc += q;
+                    acc >= p.top_p as f64
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep.max(1));
+            normalize(&mut probs);
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0].1 * p.min_p as f64;
+            probs.retain(|(_, q)| *q >= floor);
+            normalize(&mut probs);
+        }
+        probs
+    }
+
+    /// Pick the next token.
+    pub fn sample(&mut self, cands: Vec<Candidate>, history: &[u32]) -> Option<u32> {
+        let probs = self.distribution(cands, history);
+        if probs.len() <= 1 {
+            return probs.first().map(|(id, _)| *id);
+        }
+        let r = self.rng.next_f64();
+        let mut acc = 0.0;
+        for (id, q) in &probs {
+            acc += q;
+            if r < acc {
+                return Some(*id);
+            }
+        }
+        probs.last().map(|(id, _)| *id)
+    }
+}
+
+fn normalize(p: &mut [(u32, f64)]) {
+    let s: f64 = p.iter().map(|(_, q)| q).sum();
+    if s > 0.0 {
+        p.iter_mut().for_each(|(_, q)| *q /= s);
+    }
+}
+
+/// The `k` highest logits (sorted, highest first), dropping those whose probability is below
+/// `min_p` times the top one. What the host's `decode-top` returns.
+pub fn top_candidates(logits: &[f32], k: usize, min_p: f32) -> Vec<Candidate> {
+    let mut idx: Vec<u32> = (0..logits.len() as u32).filter(|&i| logits[i as usize].is_finite()).collect();
+    let k = k.clamp(1, idx.len().max(1));
+    if idx.len() > k {
+        idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        idx.truncate(k);
+    }
+    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    let mut out: Vec<Candidate> = idx.into_iter().map(|i| Candidate { id: i, logit: logits[i as usize] }).collect();
+    if min_p > 0.0 && !out.is_empty() {
+        // p_i / p_max = exp(l_i - l_max) >= min_p  <=>  l_i >= l_max + ln(min_p)
+        let floor = out[0].logit + min_p.ln();
+        out.retain(|c| c.logit >= floor);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(v: &[f32]) -> Vec<Candidate> {
+        v.iter().enumerate().map(|(i, &l)| Candidate { id: i as u32, logit: l }).collect()
+    }
+
+    #[test]
+    fn greedy_and_ties() {
+        let mut s = Sampler::new(SamplingParams::default());
+        assert_eq!(s.sample(c(&[0.5, 2.0, 2.0, -1.0]), &[]), Some(1));
+        assert_eq!(s.sample(vec![], &[]), None);
+    }
+
+    #[test]
+    fn seeded_draws_follow_the_distribution() {
+        let params = SamplingParams { temperature: 1.0, seed: 1234, ..Default::default() };
+        let logits = c(&[0.0, (3.0f32).ln()]);
+        let draw = || {
+            let mut s = Sampler::new(params.clone());
+            (0..20000).map(|_| s.sample(logits.clone(), &[]).unwrap()).collect::<Vec<_>>()
+        };
+        let a = draw();
+        assert_eq!(a, draw(), "same seed, same draws");
+        let p1 = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
+        assert!((p1 - 0.75).abs() < 0.015, "p(1) = {p1}");
+        let other = Sampler::new(SamplingParams { seed: 99, ..params.clone() });
+        let mut other = other;
+        let b: Vec<u32> = (0..200).map(|_| other.sample(logits.clone(), &[]).unwrap()).collect();
+        assert_ne!(&a[..200], &b[..], "another seed, other draws");
+    }
+
+    #[test]
+    fn temperature_top_k_top_p_min_p() {
+        let logits = c(&[3.0, 2.0, 1.0, 0.0, -1.0]);
+        let s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 3, ..Default::default() });
+        let d = s.distribution(logits.clone(), &[]);
+        assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 1, 2]);
+        let z: f64 = [3.0f64, 2.0, 1.0].iter().map(|x| x.exp()).sum();
+        assert!((d[0].1 - 3f64.exp() / z).abs() < 1e-9);
+
+        // top-p keeps the smallest prefix reaching p
+        let s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.7, ..Default::default() });
+        let d = s.distribution(logits.clone(), &[]);
+        assert_eq!(d.len(), 2, "{d:?}"); // 0.636, then 0.870 >= 0.7
+
+        // min-p drops tokens below min_p * p_max (after temperature)
+        let s = Sampler::new(SamplingParams { temperature: 1.0, min_p: 0.3, ..Default::default() });
+        let d = s.distribution(logits.clone(), &[]);
+        assert_eq!(d.len(), 2, "{d:?}"); // e^-1 = 0.37 kept, e^-2 = 0.14 dropped
+
+        // edge cases: min_p = 1 keeps only the top (and its ties)
+        let s = Sampler::new(SamplingParams { temperature: 1.0, min_p: 1.0, ..Default::default() });
+        assert_eq!(s.distribution(c(&[1.0, 1.0, 0.0]), &[]).len(), 2);
+        // low temperature sharpens, high temperature flattens
+        let sharp =
+            Sampler::new(SamplingParams { temperature: 0.1, ..Default::default() }).distribution(logits.clone(), &[]);
+        let flat = Sampler::new(SamplingParams { temperature: 10.0, ..Default::default() }).distribution(logits, &[]);
+        assert!(sharp[0].1 > 0.99 && flat[0].1 < 0.3);
+    }
+
+    #[test]
+    fn penalties() {
+        let s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..Default::default() });
+        let mut v = c(&[4.0, -1.0, 3.0]);
+        s.penalize(&mut v, &[0, 1, 1]);
+        assert_eq!(v.iter().map(|x| x.logit).collect::<Vec<_>>(), vec![2.0, -2.0, 3.0]);
+        // greedy with a repetition penalty avoids the repeated token
+        let mut g = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..Default::default() });
+        assert_eq!(g.sample(c(&[4.0, -1.0, 3.0]), &[0]), Some(2));
+
+        let s = Sampler::new(SamplingParams { presence_penalty: 0.5, frequency_penalty: 0.25, ..Default::default() });
+        let mut v = c(&[1.0, 1.0, 1.0]);
+        s.penalize(&mut v, &[0, 2, 2, 2]);
+        assert_eq!(v.iter().map(|x| x.logit).collect::<Vec<_>>(), vec![0.25, 1.0, -0.25]);
+    }
+
+    #[test]
+    fn top_candidates_are_sorted_and_filtered() {
+        let logits = [0.0, 5.0, f32::NEG_INFINITY, 4.0, 1.0, 5.0];
+        let t = top_candidates(&logits, 3, 0.0);
+        assert_eq!(t.iter().map(|c| c.id).collect::<Vec<_>>(), vec![1, 5, 3]);
+        let t = top_candidates(&logits, 10, 0.5); // keeps logits >= 5 + ln 0.5 = 4.31
+        assert_eq!(t.iter().map(|c| c.id).collect::<Vec<_>>(), vec![1, 5]);
+        assert_eq!(top_candidates(&logits, 0, 0.0).len(), 1);
+    }
+
+    #[test]
+    fn invalid_params_are_rejected() {
+        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams { temperature: -1.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams { min_p: 2.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}

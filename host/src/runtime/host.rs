@@ -1,0 +1,389 @@
+//! The host side of the WIT contract: `engine` (models and sequences over [`crate::Session`]),
+//! `streaming` (the sink a policy writes to) and `plugin-sampler` (forwarding to a sampler
+//! plug-in), implemented for any store data that is an [`EngineView`].
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use wasmtime::component::Resource;
+
+use super::bindings::policy::stllm::inference::{engine, plugin_sampler, streaming, types};
+use super::EngineHost;
+use crate::session::{DecodeError, Logits, Session, SessionOptions};
+use crate::Model;
+
+/// A model as guests see it: its tokenizer files, and its weights when loaded (tokenizer-only
+/// handles serve `tokenize`/`detokenize`/`template` without weights).
+pub struct ModelHandle {
+    pub model: Option<Arc<Model>>,
+    pub tokenizer_json: Option<String>,
+    pub tokenizer_config_json: Option<String>,
+    pub generation_config_json: Option<String>,
+    /// Session options for new sequences (context size is set per sequence).
+    pub session: SessionOptions,
+}
+
+fn read_opt(path: &Path) -> std::io::Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl ModelHandle {
+    /// Read the tokenizer files of a folder (tokenizer.json, tokenizer_config.json,
+    /// generation_config.json; a separate chat_template.jinja is folded into the config as
+    /// transformers does).
+    pub fn from_dir(dir: &Path, model: Option<Arc<Model>>) -> std::io::Result<ModelHandle> {
+        let tokenizer_json = read_opt(&dir.join("tokenizer.json"))?;
+        let mut tokenizer_config_json = read_opt(&dir.join("tokenizer_config.json"))?;
+        if let Some(tmpl) = read_opt(&dir.join("chat_template.jinja"))? {
+            let mut cfg: serde_json::Value = tokenizer_config_json
+                .as_deref()
+                .and_then(|s| serde_json::from_str(s).ok())
+                .unwrap_or_else(|| serde_json::json!({}));
+            if cfg.get("chat_template").is_none() {
+                cfg["chat_template"] = serde_json::Value::String(tmpl);
+                tokenizer_config_json = Some(cfg.to_string());
+            }
+        }
+        let generation_config_json = read_opt(&dir.join("generation_config.json"))?;
+        Ok(ModelHandle {
+            model,
+            tokenizer_json,
+            tokenizer_config_json,
+            generation_config_json,
+            session: SessionOptions::default(),
+        })
+    }
+
+    fn model(&self) -> Result<&Arc<Model>, types::Error> {
+        self.model
+            .as_ref()
+            .ok_or_else(|| types::Error::Internal("this runtime has a tokenizer but no model weights".into()))
+    }
+}
+
+/// The `model` resource.
+pub struct ModelRes(pub Arc<ModelHandle>);
+
+/// The `sequence` resource: one session (KV cache) of the engine.
+pub struct SequenceRes {
+    session: Arc<Mutex<Session>>,
+}
+
+/// Receives each piece of generated text (and its tokens); returns false to cancel.
+pub type OnText = Box<dyn FnMut(&str, &[u32]) -> bool + Send>;
+
+/// The `sink` resource: where a policy's text goes.
+pub struct SinkRes {
+    pub on_text: OnText,
+    pub cancel: Arc<AtomicBool>,
+}
+
+fn decode_err(e: DecodeError) -> types::Error {
+    match e {
+        DecodeError::ContextFull { .. } => types::Error::ContextFull(e.to_string()),
+        DecodeError::TokenOutOfRange { .. } | DecodeError::Empty | DecodeError::Truncate { .. } => {
+            types::Error::InvalidInput(e.to_string())
+        }
+        DecodeError::Ggml(_) => types::Error::Internal(e.to_string()),
+    }
+}
+
+/// Run blocking engine work off the async executor.
+async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> wasmtime::Result<R> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| wasmtime::format_err!("engine task failed: {e}"))
+}
+
+impl types::Host for EngineHost<'_> {}
+
+impl engine::Host for EngineHost<'_> {
+    async fn current_model(&mut self) -> wasmtime::Result<Resource<ModelRes>> {
+        let h = self.handle.clone();
+        Ok(self.table.push(ModelRes(h))?)
+    }
+}
+
+impl engine::HostModel for EngineHost<'_> {
+    async fn info(&mut self, m: Resource<ModelRes>) -> wasmtime::Result<engine::ModelInfo> {
+        let h = self.table.get(&m)?.0.clone();
+        let info = match &h.model {
+            Some(model) => {
+                let hp = model.hparams();
+                engine::ModelInfo {
+                    architecture: hp.arch.clone(),
+                    vocab_size: hp.n_vocab as u32,
+                    context_length: hp.n_ctx_train as u32,
+                    hidden_size: hp.n_embd as u32,
+                    layers: hp.n_layer as u32,
+                    dtype: model.dtype.name().to_string(),
+                    parameters: model.n_params(),
+                }
+            }
+            None => engine::ModelInfo {
+                architecture: String::new(),
+                vocab_size: 0,
+                context_length: 0,
+                hidden_size: 0,
+                layers: 0,
+                dtype: String::new(),
+                parameters: 0,
+            },
+        };
+        self.returned_to_guest();
+        Ok(info)
+    }
+
+    async fn special_tokens(&mut self, m: Resource<ModelRes>) -> wasmtime::Result<engine::SpecialTokens> {
+        let h = self.table.get(&m)?.0.clone();
+        let gen: Option<serde_json::Value> =
+            h.generation_config_json.as_deref().and_then(|s| serde_json::from_str(s).ok());
+        let cfg = h.model.as_ref().map(|m| m.config.clone());
+        let id = |key: &str| -> Option<u32> {
+            gen.as_ref()
+                .and_then(|g| g.get(key))
+                .or_else(|| cfg.as_ref().and_then(|c| c.get(key)))
+                .and_then(|v| v.as_u64())
+                .map(|v| v as u32)
+        };
+        let eos = match &h.model {
+            Some(model) => model.eos_tokens(),
+            None => match gen.as_ref().and_then(|g| g.get("eos_token_id")) {
+                Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+                _ => vec![],
+            },
+        };
+        let out = engine::SpecialTokens { bos: id("bos_token_id"), eos, pad: id("pad_token_id") };
+        self.returned_to_guest();
+        Ok(out)
+    }
+
+    async fn tokenizer_json(&mut self, m: Resource<ModelRes>) -> wasmtime::Result<Option<String>> {
+        let s = self.table.get(&m)?.0.tokenizer_json.clone();
+        self.returned_to_guest();
+        Ok(s)
+    }
+
+    async fn tokenizer_config_json(&mut self, m: Resource<ModelRes>) -> wasmtime::Result<Option<String>> {
+        let s = self.table.get(&m)?.0.tokenizer_config_json.clone();
+        self.returned_to_guest();
+        Ok(s)
+    }
+
+    async fn generation_config_json(&mut self, m: Resource<ModelRes>) -> wasmtime::Result<Option<String>> {
+        let s = self.table.get(&m)?.0.generation_config_json.clone();
+        self.returned_to_guest();
+        Ok(s)
+    }
+
+    async fn new_sequence(
+        &mut self,
+        m: Resource<ModelRes>,
+        max_len: u32,
+    ) -> wasmtime::Result<Result<Resource<SequenceRes>, types::Error>> {
+        let h = self.table.get(&m)?.0.clone();
+        let model = match h.model() {
+            Ok(m) => m.clone(),
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut opts = h.session.clone();
+        let n_ctx_train = model.hparams().n_ctx_train;
+        let want = if max_len == 0 { n_ctx_train.min(4096) } else { max_len as usize };
+        if want > n_ctx_train.max(1) * 8 {
+            return Ok(Err(types::Error::ContextFull(format!(
+                "a sequence of {want} positions is more than this host allows for a model trained on {n_ctx_train}"
+            ))));
+        }
+        opts.n_ctx = Some(want);
+        let r = blocking(move || Session::new(model, &opts)).await?;
+        let out = match r {
+            Ok(s) => Ok(self.table.push(SequenceRes { session: Arc::new(Mutex::new(s)) })?),
+            Err(e) => Err(types::Error::Internal(format!("creating a sequence: {e}"))),
+        };
+        self.returned_to_guest();
+        Ok(out)
+    }
+
+    async fn embed(
+        &mut self,
+        m: Resource<ModelRes>,
+        tokens: Vec<u32>,
+    ) -> wasmtime::Result<Result<Vec<f32>, types::Error>> {
+        let h = self.table.get(&m)?.0.clone();
+        let model = match h.model() {
+            Ok(m) => m.clone(),
+            Err(e) => return Ok(Err(e)),
+        };
+        let opts = h.session.clone();
+        let r = blocking(move || crate::session::embed(&model, &opts, &tokens)).await?;
+        self.returned_to_guest();
+        Ok(r.map_err(decode_err))
+    }
+
+    async fn drop(&mut self, m: Resource<ModelRes>) -> wasmtime::Result<()> {
+        self.table.delete(m)?;
+        Ok(())
+    }
+}
+
+impl engine::HostSequence for EngineHost<'_> {
+    async fn decode(
+        &mut self,
+        s: Resource<SequenceRes>,
+        tokens: Vec<u32>,
+    ) -> wasmtime::Result<Result<Vec<f32>, types::Error>> {
+        let sess = self.table.get(&s)?.session.clone();
+        let r = blocking(move || {
+            let mut g = sess.lock().unwrap_or_else(|p| p.into_inner());
+            g.decode(&tokens, Logits::Last).map(|mut rows| rows.pop().unwrap_or_default())
+        })
+        .await?;
+        self.returned_to_guest();
+        Ok(r.map_err(decode_err))
+    }
+
+    async fn decode_all(
+        &mut self,
+        s: Resource<SequenceRes>,
+        tokens: Vec<u32>,
+    ) -> wasmtime::Result<Result<Vec<Vec<f32>>, types::Error>> {
+        let sess = self.table.get(&s)?.session.clone();
+        let r = blocking(move || {
+            let mut g = sess.lock().unwrap_or_else(|p| p.into_inner());
+            g.decode(&tokens, Logits::All)
+        })
+        .await?;
+        self.returned_to_guest();
+        Ok(r.map_err(decode_err))
+    }
+
+    async fn decode_top(
+        &mut self,
+        s: Resource<SequenceRes>,
+        tokens: Vec<u32>,
+        k: u32,
+        min_p: f32,
+    ) -> wasmtime::Result<Result<Vec<types::Candidate>, types::Error>> {
+        if !(0.0..=1.0).contains(&min_p) {
+            return Ok(Err(types::Error::InvalidInput(format!("min-p must be in [0, 1], got {min_p}"))));
+        }
+        let sess = self.table.get(&s)?.session.clone();
+        let r = blocking(move || {
+            let mut g = sess.lock().unwrap_or_else(|p| p.into_inner());
+            g.decode(&tokens, Logits::Last).map(|mut rows| {
+                let logits = rows.pop().unwrap_or_default();
+                stllm_policy::sampling::top_candidates(&logits, k as usize, min_p)
+                    .into_iter()
+                    .map(|c| types::Candidate { id: c.id, logit: c.logit })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .await?;
+        self.returned_to_guest();
+        Ok(r.map_err(decode_err))
+    }
+
+    async fn fork(
+        &mut self,
+        s: Resource<SequenceRes>,
+    ) -> wasmtime::Result<Result<Resource<SequenceRes>, types::Error>> {
+        let sess = self.table.get(&s)?.session.clone();
+        let r = blocking(move || sess.lock().unwrap_or_else(|p| p.into_inner()).fork()).await?;
+        let out = match r {
+            Ok(f) => Ok(self.table.push(SequenceRes { session: Arc::new(Mutex::new(f)) })?),
+            Err(e) => Err(types::Error::Internal(format!("fork: {e}"))),
+        };
+        self.returned_to_guest();
+        Ok(out)
+    }
+
+    async fn truncate(&mut self, s: Resource<SequenceRes>, len: u32) -> wasmtime::Result<Result<(), types::Error>> {
+        let sess = self.table.get(&s)?.session.clone();
+        let mut g = sess.lock().unwrap_or_else(|p| p.into_inner());
+        let r = g.truncate(len as usize).map_err(|e| types::Error::InvalidInput(e.to_string()));
+        drop(g);
+        self.returned_to_guest();
+        Ok(r)
+    }
+
+    async fn len(&mut self, s: Resource<SequenceRes>) -> wasmtime::Result<u32> {
+        let sess = self.table.get(&s)?.session.clone();
+        let n = sess.lock().unwrap_or_else(|p| p.into_inner()).n_past() as u32;
+        self.returned_to_guest();
+        Ok(n)
+    }
+
+    async fn drop(&mut self, s: Resource<SequenceRes>) -> wasmtime::Result<()> {
+        self.table.delete(s)?;
+        Ok(())
+    }
+}
+
+impl streaming::Host for EngineHost<'_> {}
+
+impl streaming::HostSink for EngineHost<'_> {
+    async fn emit(&mut self, s: Resource<streaming::Sink>, text: String, tokens: Vec<u32>) -> wasmtime::Result<bool> {
+        let sink = self.table.get_mut(&s)?;
+        let go_on = !sink.cancel.load(Ordering::Relaxed) && (sink.on_text)(&text, &tokens);
+        if !go_on {
+            sink.cancel.store(true, Ordering::Relaxed);
+        }
+        self.returned_to_guest();
+        Ok(go_on)
+    }
+
+    async fn cancelled(&mut self, s: Resource<streaming::Sink>) -> wasmtime::Result<bool> {
+        let c = self.table.get(&s)?.cancel.load(Ordering::Relaxed);
+        self.returned_to_guest();
+        Ok(c)
+    }
+
+    async fn drop(&mut self, s: Resource<streaming::Sink>) -> wasmtime::Result<()> {
+        // Sinks are lent to the guest (borrow); an owned handle would be ours to drop.
+        if s.owned() {
+            self.table.delete(s)?;
+        }
+        Ok(())
+    }
+}
+
+impl plugin_sampler::Host for EngineHost<'_> {
+    async fn active(&mut self) -> wasmtime::Result<bool> {
+        let a = self.plugin.is_some();
+        self.returned_to_guest();
+        Ok(a)
+    }
+
+    async fn sample(&mut self, candidates: Vec<types::Candidate>, history: Vec<u32>) -> wasmtime::Result<u32> {
+        let Some(p) = self.plugin.as_deref_mut() else {
+            wasmtime::bail!("plugin-sampler.sample called but no sampler plug-in is configured");
+        };
+        p.store.data_mut().last_return = Instant::now();
+        let c: Vec<_> = candidates
+            .into_iter()
+            .map(|c| super::bindings::sampler::stllm::inference::types::Candidate { id: c.id, logit: c.logit })
+            .collect();
+        let r = p.bindings.stllm_inference_sampler().call_sample(&mut p.store, &c, &history).await;
+        match r {
+            Ok(t) => {
+                self.returned_to_guest();
+                Ok(t)
+            }
+            Err(e) => {
+                let d = p.store.data();
+                let err = super::classify(&e, d.limits.refused, "sampler", d.limits.max_memory, p.step_timeout);
+                let msg = err.to_string();
+                if let Some(slot) = self.plugin_error.as_deref_mut() {
+                    *slot = Some(err);
+                }
+                // Trap the policy too: its request cannot go on without its sampler.
+                Err(wasmtime::format_err!("{msg}"))
+            }
+        }
+    }
+}

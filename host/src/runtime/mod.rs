@@ -1,0 +1,544 @@
+//! The component runtime: wasmtime (component model, async) hosting policy components that
+//! implement the `stllm:inference` WIT contract (`wit/inference.wit`) on top of the engine.
+//!
+//! - The default policy component (guest/policy) is built by `build.rs` and embedded; `--policy`
+//!   loads another one. Compiled code is cached on disk (wasmtime's cache), so start-up after the
+//!   first run is fast.
+//! - Instances are heavy (the tokenizer is parsed inside the guest on first use), so each
+//!   [`Runtime`] keeps a pool of initialised instances and reuses them across requests; an
+//!   instance that trapped is discarded.
+//! - Each instance has its own `Store` with a memory limit and a per-step time limit (epoch
+//!   interruption): a guest that loops, exhausts memory or traps ends its own request with a
+//!   clear [`RuntimeError`], and the host goes on.
+//! - Other wasmtime embedders can offer the same `engine` interface to their guests with
+//!   [`add_to_linker`].
+//!
+//! Only this module knows wasmtime.
+
+mod host;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, Linker, Resource, ResourceTable};
+use wasmtime::{Config, Engine, Store, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+pub use host::{ModelHandle, ModelRes, SequenceRes, SinkRes};
+
+/// Generated bindings of the WIT worlds.
+pub mod bindings {
+    /// The `policy-component` world: the host implements `engine`, `streaming`, `plugin-sampler`.
+    pub mod policy {
+        wasmtime::component::bindgen!({
+            world: "policy-component",
+            path: "wit",
+            imports: { default: async | trappable },
+            exports: { default: async },
+            with: {
+                "stllm:inference/engine.model": crate::runtime::ModelRes,
+                "stllm:inference/engine.sequence": crate::runtime::SequenceRes,
+                "stllm:inference/streaming.sink": crate::runtime::SinkRes,
+            },
+        });
+    }
+
+    /// The `sampler-component` world: a plug-in that only exports `sampler`.
+    pub mod sampler {
+        wasmtime::component::bindgen!({
+            world: "sampler-component",
+            path: "wit",
+            exports: { default: async },
+        });
+    }
+}
+
+use bindings::policy::exports::stllm::inference::policy as wit_policy;
+use bindings::policy::stllm::inference::types as wit_types;
+use bindings::policy::{PolicyComponent, PolicyComponentPre};
+use bindings::sampler::{SamplerComponent, SamplerComponentPre};
+
+pub use wit_policy::{FinishReason, GenerateRequest, GenerateResult, Prompt, Sampling};
+
+/// The default policy component, built from guest/policy by build.rs.
+pub const DEFAULT_POLICY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/stllm_policy.wasm"));
+/// The example sampler plug-in (Mirostat 2.0), built from guest/examples/mirostat.
+pub const MIROSTAT_SAMPLER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/stllm_sampler_mirostat.wasm"));
+/// A misbehaving policy for sandbox tests (guest/examples/chaos).
+pub const CHAOS_POLICY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/stllm_policy_chaos.wasm"));
+
+/// Why a guest call failed. The runtime and its other requests are unaffected.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The guest returned an error (bad input, context full, ...).
+    #[error("{0}")]
+    Guest(String),
+    #[error("the request was cancelled")]
+    Cancelled,
+    #[error("the {what} component ran for more than {limit:?} without returning to the host (killed)")]
+    Timeout { what: &'static str, limit: Duration },
+    #[error("the {what} component exceeded its memory limit of {limit_mib} MiB (killed)")]
+    OutOfMemory { what: &'static str, limit_mib: usize },
+    #[error("the {what} component trapped: {msg}")]
+    Trap { what: &'static str, msg: String },
+    #[error("loading component {path}: {msg}")]
+    Load { path: String, msg: String },
+    #[error("wasmtime: {0}")]
+    Wasmtime(String),
+}
+
+impl RuntimeError {
+    fn from_guest(e: wit_types::Error) -> RuntimeError {
+        match e {
+            wit_types::Error::InvalidInput(m) => RuntimeError::Guest(format!("invalid input: {m}")),
+            wit_types::Error::ContextFull(m) => RuntimeError::Guest(format!("context full: {m}")),
+            wit_types::Error::Cancelled => RuntimeError::Cancelled,
+            wit_types::Error::Internal(m) => RuntimeError::Guest(m),
+        }
+    }
+}
+
+/// Limits and components of a [`Runtime`].
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// A policy component to use instead of the embedded default.
+    pub policy: Option<PathBuf>,
+    /// A sampler plug-in component the policy should consult.
+    pub sampler: Option<PathBuf>,
+    /// Linear memory limit of each guest instance, in bytes.
+    pub memory_limit: usize,
+    /// Longest a guest may run without returning to the host (between engine calls).
+    pub step_timeout: Duration,
+    /// Directory for compiled components (default: `$XDG_CACHE_HOME/stllm` or `~/.cache/stllm`).
+    pub cache_dir: Option<PathBuf>,
+    /// Idle initialised instances kept for reuse.
+    pub pool_size: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            policy: None,
+            sampler: None,
+            memory_limit: 1 << 30,
+            step_timeout: Duration::from_secs(10),
+            cache_dir: None,
+            pool_size: 4,
+        }
+    }
+}
+
+/// Memory limiter that remembers whether it refused a request (to name the failure).
+struct Limits {
+    max_memory: usize,
+    refused: bool,
+}
+
+impl wasmtime::ResourceLimiter for Limits {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_memory {
+            self.refused = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+/// Store data of a policy instance.
+pub struct GuestState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: Limits,
+    pub(crate) handle: Arc<ModelHandle>,
+    /// The sampler plug-in of the current request, if any.
+    pub(crate) plugin: Option<Plugin>,
+    /// When the guest last got control back from the host (for the step timeout).
+    pub(crate) last_return: Instant,
+    /// Why the sampler plug-in failed, if it did (reported instead of the policy's trap).
+    pub(crate) plugin_error: Option<RuntimeError>,
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// Store data of a sampler plug-in instance.
+pub struct SamplerState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: Limits,
+    last_return: Instant,
+}
+
+impl WasiView for SamplerState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// A live sampler plug-in instance (one per request: plug-ins may keep state across tokens).
+pub struct Plugin {
+    pub(crate) store: Store<SamplerState>,
+    pub(crate) bindings: SamplerComponent,
+    pub(crate) step_timeout: Duration,
+}
+
+/// The host's implementation of the `engine`, `streaming` and `plugin-sampler` interfaces,
+/// borrowed from a store's data for the duration of one host call.
+pub struct EngineHost<'a> {
+    pub table: &'a mut ResourceTable,
+    pub handle: &'a Arc<ModelHandle>,
+    /// Set when a host call returns to the guest (the guest's step clock restarts).
+    pub last_return: Option<&'a mut Instant>,
+    /// The request's sampler plug-in, if any, and where its failure is recorded.
+    pub plugin: Option<&'a mut Plugin>,
+    pub plugin_error: Option<&'a mut Option<RuntimeError>>,
+}
+
+impl EngineHost<'_> {
+    pub(crate) fn returned_to_guest(&mut self) {
+        if let Some(t) = self.last_return.as_deref_mut() {
+            *t = Instant::now();
+        }
+    }
+}
+
+/// Store data that can host the `engine` interface.
+pub trait EngineView {
+    fn engine_host(&mut self) -> EngineHost<'_>;
+}
+
+struct HasEngine;
+
+impl wasmtime::component::HasData for HasEngine {
+    type Data<'a> = EngineHost<'a>;
+}
+
+/// Add the host's `engine`, `streaming` and `plugin-sampler` interfaces to a linker, for
+/// embedders who run their own guests against stllm (like `wasmtime_wasi::p2::add_to_linker_async`
+/// for WASI). Add WASI too if the guests use Rust's std.
+pub fn add_to_linker<T: EngineView + Send + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    bindings::policy::PolicyComponent::add_to_linker::<T, HasEngine>(linker, |s| s.engine_host())
+}
+
+impl EngineView for GuestState {
+    fn engine_host(&mut self) -> EngineHost<'_> {
+        EngineHost {
+            table: &mut self.table,
+            handle: &self.handle,
+            last_return: Some(&mut self.last_return),
+            plugin: self.plugin.as_mut(),
+            plugin_error: Some(&mut self.plugin_error),
+        }
+    }
+}
+
+/// Increments the engine's epoch every tick until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+const TICK: Duration = Duration::from_millis(10);
+
+impl EpochTicker {
+    fn start(engine: Engine) -> EpochTicker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::Builder::new()
+            .name("stllm-epoch".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch thread");
+        EpochTicker { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+struct Instance {
+    store: Store<GuestState>,
+    bindings: PolicyComponent,
+}
+
+/// Runs policy components for one model. `Send + Sync`: share it with `Arc`.
+pub struct Runtime {
+    engine: Engine,
+    policy_pre: PolicyComponentPre<GuestState>,
+    sampler_pre: Option<SamplerComponentPre<SamplerState>>,
+    handle: Arc<ModelHandle>,
+    pool: Mutex<Vec<Instance>>,
+    cfg: RuntimeConfig,
+    _ticker: EpochTicker,
+}
+
+fn wt(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Wasmtime(e.to_string())
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("stllm").join("wasmtime"))
+}
+
+fn load_component(engine: &Engine, path: Option<&Path>, default: &[u8]) -> Result<Component, RuntimeError> {
+    let t0 = Instant::now();
+    let c = match path {
+        Some(p) => {
+            let bytes = std::fs::read(p)
+                .map_err(|e| RuntimeError::Load { path: p.display().to_string(), msg: e.to_string() })?;
+            Component::new(engine, &bytes)
+                .map_err(|e| RuntimeError::Load { path: p.display().to_string(), msg: format!("{e:#}") })?
+        }
+        None => Component::new(engine, default)
+            .map_err(|e| RuntimeError::Load { path: "<embedded>".into(), msg: format!("{e:#}") })?,
+    };
+    tracing::debug!(elapsed_ms = t0.elapsed().as_millis() as u64, "component compiled or loaded from cache");
+    Ok(c)
+}
+
+impl Runtime {
+    pub fn new(handle: Arc<ModelHandle>, cfg: RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        if let Some(dir) = cfg.cache_dir.clone().or_else(default_cache_dir) {
+            if std::fs::create_dir_all(&dir).is_ok() {
+                let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+                let mut cc = wasmtime::CacheConfig::new();
+                cc.with_directory(dir);
+                match wasmtime::Cache::new(cc) {
+                    Ok(cache) => {
+                        config.cache(Some(cache));
+                    }
+                    Err(e) => tracing::warn!("compiled-component cache disabled: {e}"),
+                }
+            }
+        }
+        let engine = Engine::new(&config).map_err(wt)?;
+        let policy = load_component(&engine, cfg.policy.as_deref(), DEFAULT_POLICY)?;
+        let mut linker: Linker<GuestState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(wt)?;
+        add_to_linker(&mut linker).map_err(wt)?;
+        let pre = linker.instantiate_pre(&policy).map_err(|e| RuntimeError::Load {
+            path: cfg.policy.as_ref().map_or("<embedded>".into(), |p| p.display().to_string()),
+            msg: format!("{e:#}"),
+        })?;
+        let policy_pre = PolicyComponentPre::new(pre).map_err(|e| RuntimeError::Load {
+            path: cfg.policy.as_ref().map_or("<embedded>".into(), |p| p.display().to_string()),
+            msg: format!("not a stllm policy component: {e:#}"),
+        })?;
+        let sampler_pre = match &cfg.sampler {
+            Some(path) => {
+                let c = load_component(&engine, Some(path), &[])?;
+                let mut l: Linker<SamplerState> = Linker::new(&engine);
+                wasmtime_wasi::p2::add_to_linker_async(&mut l).map_err(wt)?;
+                let pre = l
+                    .instantiate_pre(&c)
+                    .map_err(|e| RuntimeError::Load { path: path.display().to_string(), msg: format!("{e:#}") })?;
+                Some(SamplerComponentPre::new(pre).map_err(|e| RuntimeError::Load {
+                    path: path.display().to_string(),
+                    msg: format!("not a stllm sampler component: {e:#}"),
+                })?)
+            }
+            None => None,
+        };
+        let ticker = EpochTicker::start(engine.clone());
+        Ok(Runtime { engine, policy_pre, sampler_pre, handle, pool: Mutex::new(Vec::new()), cfg, _ticker: ticker })
+    }
+
+    pub fn handle(&self) -> &Arc<ModelHandle> {
+        &self.handle
+    }
+
+    fn new_wasi() -> WasiCtx {
+        // No files, no environment, no network: the guest sees only what the WIT gives it.
+        WasiCtx::builder().inherit_stderr().build()
+    }
+
+    async fn checkout(&self) -> Result<Instance, RuntimeError> {
+        if let Some(inst) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(inst);
+        }
+        let state = GuestState {
+            wasi: Self::new_wasi(),
+            table: ResourceTable::new(),
+            limits: Limits { max_memory: self.cfg.memory_limit, refused: false },
+            handle: self.handle.clone(),
+            plugin: None,
+            last_return: Instant::now(),
+            plugin_error: None,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        let limit = self.cfg.step_timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |ctx| {
+            if ctx.data().last_return.elapsed() > limit {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        let t0 = Instant::now();
+        let bindings =
+            self.policy_pre.instantiate_async(&mut store).await.map_err(|e| self.classify(&e, &store, "policy"))?;
+        tracing::debug!(elapsed_us = t0.elapsed().as_micros() as u64, "policy instance created");
+        Ok(Instance { store, bindings })
+    }
+
+    fn checkin(&self, inst: Instance) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < self.cfg.pool_size {
+            pool.push(inst);
+        }
+    }
+
+    fn classify(&self, e: &wasmtime::Error, store: &Store<GuestState>, what: &'static str) -> RuntimeError {
+        classify(e, store.data().limits.refused, what, self.cfg.memory_limit, self.cfg.step_timeout)
+    }
+
+    async fn new_plugin(&self) -> Result<Option<Plugin>, RuntimeError> {
+        let Some(pre) = &self.sampler_pre else { return Ok(None) };
+        let state = SamplerState {
+            wasi: Self::new_wasi(),
+            table: ResourceTable::new(),
+            limits: Limits { max_memory: self.cfg.memory_limit, refused: false },
+            last_return: Instant::now(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        let limit = self.cfg.step_timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |ctx| {
+            if ctx.data().last_return.elapsed() > limit {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        let bindings = pre.instantiate_async(&mut store).await.map_err(|e| {
+            classify(&e, store.data().limits.refused, "sampler", self.cfg.memory_limit, self.cfg.step_timeout)
+        })?;
+        Ok(Some(Plugin { store, bindings, step_timeout: limit }))
+    }
+
+    /// Take a pooled (or new) instance and reset its per-request state.
+    async fn begin(&self) -> Result<Instance, RuntimeError> {
+        let mut inst = self.checkout().await?;
+        let d = inst.store.data_mut();
+        d.last_return = Instant::now();
+        d.limits.refused = false;
+        d.plugin = None;
+        d.plugin_error = None;
+        Ok(inst)
+    }
+
+    /// Finish a guest call: the instance goes back to the pool unless the call trapped (a trapped
+    /// instance is in an undefined state and is dropped).
+    fn end<R>(&self, mut inst: Instance, r: wasmtime::Result<Result<R, wit_types::Error>>) -> Result<R, RuntimeError> {
+        inst.store.data_mut().plugin = None;
+        match r {
+            Ok(v) => {
+                self.checkin(inst);
+                v.map_err(RuntimeError::from_guest)
+            }
+            Err(e) => {
+                let err = match inst.store.data_mut().plugin_error.take() {
+                    Some(plugin_err) => plugin_err,
+                    None => self.classify(&e, &inst.store, "policy"),
+                };
+                tracing::warn!("guest call failed, instance discarded: {err}");
+                Err(err)
+            }
+        }
+    }
+
+    /// Token ids of `text` (`add_special`: like `add_special_tokens=True`).
+    pub async fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>, RuntimeError> {
+        let mut i = self.begin().await?;
+        let r = i.bindings.stllm_inference_policy().call_tokenize(&mut i.store, text, add_special).await;
+        self.end(i, r)
+    }
+
+    pub async fn detokenize(&self, ids: &[u32], skip_special: bool) -> Result<String, RuntimeError> {
+        let mut i = self.begin().await?;
+        let r = i.bindings.stllm_inference_policy().call_detokenize(&mut i.store, ids, skip_special).await;
+        self.end(i, r)
+    }
+
+    pub async fn apply_chat_template(
+        &self,
+        messages_json: &str,
+        add_generation_prompt: bool,
+        tools_json: Option<&str>,
+        extra_json: Option<&str>,
+    ) -> Result<String, RuntimeError> {
+        let mut i = self.begin().await?;
+        let r = i
+            .bindings
+            .stllm_inference_policy()
+            .call_apply_chat_template(&mut i.store, messages_json, add_generation_prompt, tools_json, extra_json)
+            .await;
+        self.end(i, r)
+    }
+
+    /// Run the guest's generation loop; `on_text` receives each piece of text and returns false
+    /// to cancel. `cancel` may also be set from another thread.
+    pub async fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_text: impl FnMut(&str, &[u32]) -> bool + Send + 'static,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<GenerateResult, RuntimeError> {
+        let plugin = self.new_plugin().await?;
+        let mut i = self.begin().await?;
+        i.store.data_mut().plugin = plugin;
+        let sink = SinkRes { on_text: Box::new(on_text), cancel };
+        let sink: Resource<SinkRes> = i.store.data_mut().table.push(sink).map_err(wt)?;
+        let rep = sink.rep();
+        let r = i.bindings.stllm_inference_policy().call_generate(&mut i.store, req, Resource::new_borrow(rep)).await;
+        // The host still owns the sink: take it back out of the table.
+        let _ = i.store.data_mut().table.delete(Resource::<SinkRes>::new_own(rep));
+        match self.end(i, r) {
+            Ok(r) if r.finish == FinishReason::Cancelled => Err(RuntimeError::Cancelled),
+            other => other,
+        }
+    }
+}
+
+fn classify(e: &wasmtime::Error, refused: bool, what: &'static str, mem: usize, limit: Duration) -> RuntimeError {
+    if let Some(t) = e.downcast_ref::<wasmtime::Trap>() {
+        if *t == wasmtime::Trap::Interrupt {
+            return RuntimeError::Timeout { what, limit };
+        }
+    }
+    if refused {
+        return RuntimeError::OutOfMemory { what, limit_mib: mem >> 20 };
+    }
+    tracing::debug!("{what} component failed: {e:?}");
+    let msg = match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::UnreachableCodeReached) => {
+            "wasm `unreachable` executed (a panic or abort in the guest)".into()
+        }
+        Some(t) => t.to_string(),
+        None => e.to_string(),
+    };
+    RuntimeError::Trap { what, msg }
+}
