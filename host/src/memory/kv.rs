@@ -33,7 +33,9 @@ impl KvCache {
         let mut v = Vec::with_capacity(n_layer);
         for il in 0..n_layer {
             k.push(ctx.new_tensor(dtype, &[n_embd_k as i64, n_ctx as i64], &format!("cache_k_l{il}")));
-            v.push(ctx.new_tensor(dtype, &[n_ctx as i64, n_embd_v as i64], &format!("cache_v_l{il}")));
+            // Flash attention reads V rows like K; the unfused path wants V transposed.
+            let v_shape = if v_trans { [n_ctx as i64, n_embd_v as i64] } else { [n_embd_v as i64, n_ctx as i64] };
+            v.push(ctx.new_tensor(dtype, &v_shape, &format!("cache_v_l{il}")));
         }
         let buffer = ctx.alloc_tensors(backend)?;
         // Zero it: masked cells must never hold NaN/Inf bit patterns (0 * NaN is NaN).
