@@ -92,3 +92,120 @@ fn bench_command_reports_speeds() {
     assert!(v["decode_tok_s"].as_f64().unwrap() > 0.0);
     assert_eq!(v["prompt"], 24);
 }
+
+#[test]
+fn run_command_streams_text_through_the_policy() {
+    let d = fixture("llama-f32");
+    let d = d.to_str().unwrap();
+    // JSON result: greedy, chat template applied (the fixture has one)
+    let v = stllm(&[
+        "run",
+        "--model",
+        d,
+        "--prompt",
+        "Hello world",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 12);
+    assert_eq!(v["finish"], "length");
+    let chat_prompt_tokens = v["prompt_tokens"].as_u64().unwrap();
+    // --raw skips the template: fewer prompt tokens
+    let raw = stllm(&[
+        "run",
+        "--model",
+        d,
+        "--prompt",
+        "Hello world",
+        "--raw",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    assert!(raw["prompt_tokens"].as_u64().unwrap() < chat_prompt_tokens);
+    // Streaming mode prints the same text
+    let out = Command::new(env!("CARGO_BIN_EXE_stllm"))
+        .args([
+            "run",
+            "--model",
+            d,
+            "--prompt",
+            "Hello world",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'), v["text"].as_str().unwrap());
+}
+
+#[test]
+fn tokenizer_commands_match_python() {
+    let exp = common::tokenizer_expectations();
+    let q = &exp["packages"]["qwen3"];
+    let dir = common::npm_tokenizer(q["npm"].as_str().unwrap(), q["version"].as_str().unwrap());
+    let dir = dir.to_str().unwrap();
+    let case = &q["encode"][6];
+    let text = case["text"].as_str().unwrap();
+    let v = stllm(&["tokenize", "--tokenizer", dir, "--text", text]);
+    assert_eq!(v["ids"], case["ids"]);
+    let v = stllm(&["tokenize", "--tokenizer", dir, "--text", text, "--special"]);
+    assert_eq!(v["ids"], case["ids_special"]);
+    let ids: Vec<String> = case["ids"].as_array().unwrap().iter().map(|x| x.to_string()).collect();
+    let v = stllm(&["detokenize", "--tokenizer", dir, "--ids", &ids.join(",")]);
+    assert_eq!(v["text"], case["decoded"]);
+
+    let l = &exp["packages"]["llama3_1"];
+    let ldir = common::npm_tokenizer(l["npm"].as_str().unwrap(), l["version"].as_str().unwrap());
+    for chat in l["chat"].as_array().unwrap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let msgs = tmp.path().join("messages.json");
+        std::fs::write(&msgs, chat["messages"].to_string()).unwrap();
+        let mut args = vec![
+            "template".to_string(),
+            "--tokenizer".into(),
+            ldir.to_str().unwrap().into(),
+            "--messages".into(),
+            msgs.to_str().unwrap().into(),
+            "--vars".into(),
+            chat["vars"].to_string(),
+        ];
+        if !chat["add_generation_prompt"].as_bool().unwrap() {
+            args.push("--no-generation-prompt".into());
+        }
+        if !chat["tools"].is_null() {
+            let tools = tmp.path().join("tools.json");
+            std::fs::write(&tools, chat["tools"].to_string()).unwrap();
+            args.push("--tools".into());
+            args.push(tools.to_str().unwrap().into());
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let v = stllm(&refs);
+        assert_eq!(v["text"], chat["text"]);
+    }
+}
+
+#[test]
+fn policy_errors_exit_cleanly() {
+    let d = fixture("llama-f32");
+    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_stllm")).args(args).output().unwrap();
+    let out = run(&["run", "--model", d.to_str().unwrap(), "--prompt", "x", "--policy", "/nonexistent.wasm"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.wasm"));
+    let out = run(&["tokenize", "--tokenizer", "/nonexistent", "--text", "x"]);
+    assert!(!out.status.success());
+    let out = run(&["run", "--model", d.to_str().unwrap(), "--prompt", "x", "--top-p", "0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("top_p") && !err.contains("panicked"), "{err}");
+}

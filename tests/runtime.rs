@@ -99,7 +99,7 @@ fn wasm_and_native_policies_agree() {
         seed: 5,
         ..greedy()
     };
-    let req = request(Prompt::Text("Hello world! The quick brown fox".into()), 24, sampling.clone());
+    let req = request(Prompt::Text("Hello world! The quick brown fox".into()), 24, sampling);
     let streamed = Arc::new(Mutex::new(String::new()));
     let s2 = streamed.clone();
     let wasm = trt

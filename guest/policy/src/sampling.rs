@@ -127,24 +127,31 @@ impl Sampler {
         }
     }
 
-    /// The probability distribution the draw uses, after penalties and all filters: (id, p)
-    /// sorted by probability, highest first. Exposed for tests.
+    /// The probability distribution the draw uses, after penalties and all filters, as
+    /// (id, p). Sorted by probability (highest first) when top-k or top-p needed an order;
+    /// otherwise in candidate order (a full-vocabulary sort per token would cost milliseconds).
     pub fn distribution(&self, mut cands: Vec<Candidate>, history: &[u32]) -> Vec<(u32, f64)> {
         let p = &self.params;
         self.penalize(&mut cands, history);
         cands.retain(|c| c.logit.is_finite());
-        cands.sort_by(|a, b| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id)));
         if cands.is_empty() {
             return vec![];
         }
+        let desc = |a: &Candidate, b: &Candidate| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id));
         if p.greedy() {
-            return vec![(cands[0].id, 1.0)];
+            let best = cands.iter().copied().min_by(desc).expect("non-empty");
+            return vec![(best.id, 1.0)];
         }
-        if p.top_k > 0 {
+        if p.top_k > 0 && (p.top_k as usize) < cands.len() {
+            cands.select_nth_unstable_by(p.top_k as usize - 1, desc);
             cands.truncate(p.top_k as usize);
         }
+        let sorted = p.top_k > 0 || p.top_p < 1.0;
+        if sorted {
+            cands.sort_unstable_by(desc);
+        }
         let t = p.temperature as f64;
-        let max = cands[0].logit as f64 / t;
+        let max = cands.iter().map(|c| c.logit).fold(f32::NEG_INFINITY, f32::max) as f64 / t;
         let mut probs: Vec<(u32, f64)> = cands.iter().map(|c| (c.id, (c.logit as f64 / t - max).exp())).collect();
         normalize(&mut probs);
         if p.top_p < 1.0 {
@@ -160,7 +167,8 @@ impl Sampler {
             normalize(&mut probs);
         }
         if p.min_p > 0.0 {
-            let floor = probs[0].1 * p.min_p as f64;
+            let top = probs.iter().map(|x| x.1).fold(0.0, f64::max);
+            let floor = top * p.min_p as f64;
             probs.retain(|(_, q)| *q >= floor);
             normalize(&mut probs);
         }
