@@ -209,3 +209,22 @@ fn policy_errors_exit_cleanly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("top_p") && !err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn chat_command_takes_turns_on_stdin() {
+    use std::io::Write;
+    let d = fixture("qwen2-f32");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stllm"))
+        .args(["chat", "--model", d.to_str().unwrap(), "--max-tokens", "6", "--temperature", "0", "--ignore-eos"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"Hello there\nWhat is the capital of France?\n/exit\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 2, "one answer line per turn: {stdout:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr).matches("> ").count(), 3, "a prompt before each turn and at the end");
+}
