@@ -226,5 +226,9 @@ fn chat_command_takes_turns_on_stdin() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.matches('\n').count() >= 2, "an answer per turn: {stdout:?}");
-    assert_eq!(String::from_utf8_lossy(&out.stderr).matches("> ").count(), 3, "a prompt before each turn and at the end");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).matches("> ").count(),
+        3,
+        "a prompt before each turn and at the end"
+    );
 }

@@ -20,6 +20,8 @@ pub enum DecodeError {
     Empty,
     #[error("cannot truncate to {len} positions: the sequence has {n_past}")]
     Truncate { len: usize, n_past: usize },
+    #[error("invalid session options: {0}")]
+    Options(String),
     #[error(transparent)]
     Ggml(#[from] GgmlError),
 }
@@ -68,11 +70,27 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(model: Arc<Model>, opts: &SessionOptions) -> Result<Session, GgmlError> {
+    pub fn new(model: Arc<Model>, opts: &SessionOptions) -> Result<Session, DecodeError> {
         let hp = model.hparams();
         let n_ctx = opts.n_ctx.unwrap_or(hp.n_ctx_train.min(4096)).max(1);
         let kv_type = opts.kv_type.unwrap_or(if model.dtype == DType::F32 { DType::F32 } else { DType::F16 });
         let flash = opts.flash_attn.unwrap_or(true);
+        if kv_type.is_quantized() {
+            if !flash {
+                return Err(DecodeError::Options(format!(
+                    "a {} KV cache needs flash attention (V is read by rows; the unfused path stores it transposed)",
+                    kv_type.name()
+                )));
+            }
+            if hp.head_dim % kv_type.block_size() != 0 {
+                return Err(DecodeError::Options(format!(
+                    "a {} KV cache needs head_dim divisible by {} (the model has {})",
+                    kv_type.name(),
+                    kv_type.block_size(),
+                    hp.head_dim
+                )));
+            }
+        }
         let kv = KvCache::new(&model.backend, hp.n_layer, hp.n_embd_kv(), hp.n_embd_kv(), n_ctx, kv_type, !flash)?;
         let sched = Sched::new(&[&model.backend], graph_size(hp.n_layer))?;
         tracing::debug!(n_ctx, kv_bytes = kv.bytes(), kv_type = kv_type.name(), "session created");
@@ -87,7 +105,7 @@ impl Session {
     }
 
     /// A new session holding a copy of this one's sequence.
-    pub fn fork(&self) -> Result<Session, GgmlError> {
+    pub fn fork(&self) -> Result<Session, DecodeError> {
         let mut s = Session::new(self.model.clone(), &self.opts)?;
         s.kv.copy_from(&self.kv)?;
         s.n_past = self.n_past;

@@ -32,7 +32,7 @@ pub struct ModelArgs {
     /// Context size (positions held by the KV cache)
     #[arg(long)]
     pub ctx_size: Option<usize>,
-    /// KV cache type: f32, f16, bf16 (default: f32 for F32 models, f16 otherwise)
+    /// KV cache type: f32, f16, bf16, q8_0 (8-bit), q4_0 (default: f32 for F32 models, f16 otherwise)
     #[arg(long)]
     pub kv_type: Option<String>,
     /// Most tokens per graph during prefill
@@ -237,7 +237,12 @@ fn parse_kv_type(s: &str) -> Result<DType> {
         "f32" => DType::F32,
         "f16" => DType::F16,
         "bf16" => DType::BF16,
-        other => bail!("unsupported --kv-type {other:?} (supported: f32, f16, bf16)"),
+        "q8_0" | "int8" => DType::Q8_0,
+        "q4_0" => DType::Q4_0,
+        "fp8" | "f8" | "f8_e4m3" | "f8_e5m2" => bail!(
+            "--kv-type {s}: FP8 KV caches are not supported: ggml has no FP8 tensor type (use q8_0 for 8-bit; see ARCHITECTURE.md)"
+        ),
+        other => bail!("unsupported --kv-type {other:?} (supported: f32, f16, bf16, q8_0, q4_0)"),
     })
 }
 

@@ -88,6 +88,17 @@ impl DType {
         }
     }
 
+    /// Block-quantized types (elements come in blocks of `block_size`).
+    pub fn is_quantized(self) -> bool {
+        matches!(self, DType::Q8_0 | DType::Q4_0)
+    }
+
+    /// Elements per block (1 for plain types).
+    pub fn block_size(self) -> usize {
+        // SAFETY: pure function of its argument.
+        unsafe { sys::ggml_blck_size(self.raw()) as usize }
+    }
+
     /// Bytes taken by a row of `n` elements.
     pub fn row_size(self, n: i64) -> usize {
         // SAFETY: pure function of its arguments.

@@ -116,7 +116,9 @@ fn attend(f: &mut Forward, il: usize, q: Tensor, k: Tensor, v: Tensor, dims: Att
     let n_embd_kv = (head_dim * n_head_kv) as i64;
     let kc = f.kv.k(il);
     let vc = f.kv.v(il);
-    let esize_k = kc.nb()[0];
+    // Bytes of one head's slice of a cell (block-quantized caches pack heads in whole blocks).
+    let kv_type = f.kv.dtype();
+    let head_bytes = kv_type.row_size(head_dim as i64);
     let esize_v = vc.nb()[0];
     let flash = !f.kv.v_trans();
 
@@ -133,12 +135,12 @@ fn attend(f: &mut Forward, il: usize, q: Tensor, k: Tensor, v: Tensor, dims: Att
     };
     f.graph.expand(v_cpy);
 
-    let keys = ctx.view_3d(kc, head_dim as i64, n_kv, n_head_kv as i64, kc.nb()[1], head_dim * esize_k, 0);
+    let keys = ctx.view_3d(kc, head_dim as i64, n_kv, n_head_kv as i64, kc.nb()[1], head_bytes, 0);
     let q = ctx.permute(q, [0, 2, 1, 3]); // [hd, nt, n_head]
     let mask = if sliding { f.inp.mask_swa.unwrap_or(f.inp.mask) } else { f.inp.mask };
     let scale = 1.0 / (head_dim as f32).sqrt();
     if flash {
-        let vals = ctx.view_3d(vc, head_dim as i64, n_kv, n_head_kv as i64, vc.nb()[1], head_dim * esize_v, 0);
+        let vals = ctx.view_3d(vc, head_dim as i64, n_kv, n_head_kv as i64, vc.nb()[1], head_bytes, 0);
         let o = ctx.flash_attn_ext(q, keys, vals, Some(mask), scale); // [hd, n_head, nt]
         ctx.set_prec_f32(o);
         return ctx.reshape_2d(o, (head_dim * n_head) as i64, nt);

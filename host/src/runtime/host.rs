@@ -87,9 +87,10 @@ pub struct SinkRes {
 fn decode_err(e: DecodeError) -> types::Error {
     match e {
         DecodeError::ContextFull { .. } => types::Error::ContextFull(e.to_string()),
-        DecodeError::TokenOutOfRange { .. } | DecodeError::Empty | DecodeError::Truncate { .. } => {
-            types::Error::InvalidInput(e.to_string())
-        }
+        DecodeError::TokenOutOfRange { .. }
+        | DecodeError::Empty
+        | DecodeError::Truncate { .. }
+        | DecodeError::Options(_) => types::Error::InvalidInput(e.to_string()),
         DecodeError::Ggml(_) => types::Error::Internal(e.to_string()),
     }
 }
