@@ -237,6 +237,10 @@ fn bad_tokens_are_rejected_by_the_cli() {
     assert!(err.contains("token id 99999 is out of range"), "{err}");
     let out = run(&["logits", "--tokens", "1,x"]);
     assert!(!out.status.success());
+    let out = run(&["logits", "--tokens", "1,2", "--kv-type", "fp8"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("FP8 KV caches are not supported"), "{err}");
     let out = run(&["generate", "--tokens", "1,2", "--max-tokens", "300", "--ctx-size", "16"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
