@@ -220,16 +220,21 @@ impl Architecture for DenseDecoder {
     fn build(&self, f: &mut Forward) -> Tensor {
         let mut x = f.ctx.get_rows(self.embed_tokens, f.inp.tokens);
         f.tap(x);
+        let last = self.layers.len() - 1;
         for (il, l) in self.layers.iter().enumerate() {
             let h = norm::rms(f, x, l.input_layernorm, self.eps);
-            let h = l.attn.forward(f, il, h, &self.rope, l.sliding);
+            let mut h = l.attn.forward(f, il, h, &self.rope, l.sliding);
+            if il == last {
+                // Only the rows whose logits were asked for go through the last FFN and the head.
+                h = f.ctx.get_rows(h, f.inp.out_ids);
+                x = f.ctx.get_rows(x, f.inp.out_ids);
+            }
             x = f.ctx.add(x, h);
             let h = norm::rms(f, x, l.post_attention_layernorm, self.eps);
             let h = l.mlp.forward(f, h);
             x = f.ctx.add(x, h);
             f.tap(x);
         }
-        let x = f.ctx.get_rows(x, f.inp.out_ids);
         let x = norm::rms(f, x, self.norm, self.eps);
         if f.embeddings {
             return x;
