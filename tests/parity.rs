@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use common::{fixture, rel_err, Expected, FIXTURES};
 use stllm::ggml::DType;
-use stllm::sampling::{Sampler, SamplerConfig};
+use stllm::sampling::{Sampler, SamplingParams};
 use stllm::session::Logits;
 use stllm::{Model, ModelOptions, Session, SessionOptions};
 
@@ -82,7 +82,7 @@ fn greedy_tokens_match_hf() {
         let exp = Expected::load(&fixture(name));
         let model = load(name);
         let mut s = session(&model, 512, None);
-        let mut sampler = Sampler::new(SamplerConfig::default());
+        let mut sampler = Sampler::new(SamplingParams::default());
         let got = s.generate(&exp.ids("tokens"), 8, &mut sampler, &[], |_| {}).unwrap();
         assert_eq!(got, exp.ids("greedy"), "{name}: greedy tokens");
     }

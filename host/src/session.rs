@@ -7,7 +7,7 @@ use crate::ggml::{Context, DType, GgmlError, Sched, Tensor};
 use crate::graph::{Forward, StepInputs};
 use crate::memory::kv::KvCache;
 use crate::model::Model;
-use crate::sampling::Sampler;
+use crate::sampling::{sample_logits, Sampler};
 
 /// Why a decode step failed. The session is unchanged after an error.
 #[derive(Debug, thiserror::Error)]
@@ -200,8 +200,11 @@ impl Session {
             return Ok(out);
         }
         let mut logits = self.decode(prompt, Logits::Last)?.pop().ok_or(DecodeError::Empty)?;
+        // Prompt and output so far, for the penalties.
+        let mut history = prompt.to_vec();
         loop {
-            let t = sampler.sample(&logits);
+            let t = sample_logits(sampler, &logits, &history);
+            history.push(t);
             out.push(t);
             on_token(t);
             if out.len() >= max_tokens || stop.contains(&t) {

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::ggml::DType;
 use crate::runtime::{ModelHandle, Prompt, Runtime, RuntimeConfig};
-use crate::sampling::{Sampler, SamplerConfig};
+use crate::sampling::{Sampler, SamplingParams};
 use crate::session::Logits;
 use crate::{Model, ModelOptions, Session, SessionOptions};
 
@@ -310,7 +310,8 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             let mut s = open(&m, tokens.len() + max_tokens)?;
             let stop = if ignore_eos { vec![] } else { s.model().eos_tokens() };
-            let mut sampler = Sampler::new(SamplerConfig { temperature, top_k, top_p, seed });
+            let mut sampler =
+                Sampler::new(SamplingParams { temperature, top_k: top_k as u32, top_p, seed, ..Default::default() });
             let out = s.generate(&tokens, max_tokens, &mut sampler, &stop, |t| {
                 if !json {
                     println!("{t}");
