@@ -82,7 +82,7 @@ impl Session {
                     kv_type.name()
                 )));
             }
-            if hp.head_dim % kv_type.block_size() != 0 {
+            if !hp.head_dim.is_multiple_of(kv_type.block_size()) {
                 return Err(DecodeError::Options(format!(
                     "a {} KV cache needs head_dim divisible by {} (the model has {})",
                     kv_type.name(),
