@@ -75,16 +75,7 @@ fn main() {
     for (label, temperature, top_k) in
         [("greedy (decode-top k=1)", 0.0f32, 0u32), ("temperature 1, full vocabulary", 1.0, 0)]
     {
-        let sampling = Sampling {
-            temperature,
-            top_k,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            seed: 1,
-        };
+        let sampling = Sampling { temperature, top_k, seed: 1, ..Default::default() };
         let req = GenerateRequest {
             prompt: Prompt::Tokens(prompt.clone()),
             tools_json: None,

@@ -64,16 +64,7 @@ fn main() -> wasmtime::Result<()> {
             max_tokens: 16,
             stop: vec![],
             ignore_eos: false,
-            sampling: Sampling {
-                temperature: 0.0,
-                top_k: 0,
-                top_p: 1.0,
-                min_p: 0.0,
-                repetition_penalty: 1.0,
-                presence_penalty: 0.0,
-                frequency_penalty: 0.0,
-                seed: 0,
-            },
+            sampling: Sampling::default(), // greedy
         };
         let rep = sink.rep();
         let out = policy.stllm_inference_policy().call_generate(&mut store, &req, Resource::new_borrow(rep)).await?;

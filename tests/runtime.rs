@@ -28,16 +28,7 @@ fn runtime(name: &str, cfg: RuntimeConfig) -> Runtime {
 }
 
 fn greedy() -> Sampling {
-    Sampling {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        min_p: 0.0,
-        repetition_penalty: 1.0,
-        presence_penalty: 0.0,
-        frequency_penalty: 0.0,
-        seed: 0,
-    }
+    Sampling::default()
 }
 
 fn request(prompt: Prompt, max_tokens: u32, sampling: Sampling) -> GenerateRequest {

@@ -62,6 +62,22 @@ use bindings::sampler::{SamplerComponent, SamplerComponentPre};
 
 pub use wit_policy::{FinishReason, GenerateRequest, GenerateResult, Prompt, Sampling};
 
+/// Greedy, no penalties: the identity of every sampling knob.
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0,
+        }
+    }
+}
+
 /// The default policy component, built from guest/policy by build.rs.
 pub const DEFAULT_POLICY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/stllm_policy.wasm"));
 /// The example sampler plug-in (Mirostat 2.0), built from guest/examples/mirostat.
@@ -168,6 +184,45 @@ impl WasiView for GuestState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
+}
+
+/// What the sandbox needs of a store's data: its memory limiter and the guest's step clock.
+trait Sandboxed: Send + 'static {
+    fn limits(&mut self) -> &mut Limits;
+    fn last_return(&self) -> Instant;
+}
+
+impl Sandboxed for GuestState {
+    fn limits(&mut self) -> &mut Limits {
+        &mut self.limits
+    }
+    fn last_return(&self) -> Instant {
+        self.last_return
+    }
+}
+
+impl Sandboxed for SamplerState {
+    fn limits(&mut self) -> &mut Limits {
+        &mut self.limits
+    }
+    fn last_return(&self) -> Instant {
+        self.last_return
+    }
+}
+
+/// Put a store under the memory limit and the step time limit: the epoch ticks every 10 ms; at
+/// each tick a guest yields to the executor, or is interrupted if it has computed for longer than
+/// `limit` since the host last returned to it.
+fn sandbox<T: Sandboxed>(store: &mut Store<T>, limit: Duration) {
+    store.limiter(|s| s.limits());
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |ctx| {
+        if ctx.data().last_return().elapsed() > limit {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
 }
 
 /// Store data of a sampler plug-in instance.
@@ -386,16 +441,8 @@ impl Runtime {
             plugin_error: None,
         };
         let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.limits);
         let limit = self.cfg.step_timeout;
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |ctx| {
-            if ctx.data().last_return.elapsed() > limit {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::Yield(1))
-            }
-        });
+        sandbox(&mut store, limit);
         let t0 = Instant::now();
         let bindings =
             self.policy_pre.instantiate_async(&mut store).await.map_err(|e| self.classify(&e, &store, "policy"))?;
@@ -423,16 +470,8 @@ impl Runtime {
             last_return: Instant::now(),
         };
         let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.limits);
         let limit = self.cfg.step_timeout;
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |ctx| {
-            if ctx.data().last_return.elapsed() > limit {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::Yield(1))
-            }
-        });
+        sandbox(&mut store, limit);
         let bindings = pre.instantiate_async(&mut store).await.map_err(|e| {
             classify(&e, store.data().limits.refused, "sampler", self.cfg.memory_limit, self.cfg.step_timeout)
         })?;
