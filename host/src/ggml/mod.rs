@@ -75,7 +75,7 @@ impl DType {
         })
     }
 
-    /// Bytes of one element (for the block types: bytes per block / elements per block, rounded).
+    /// The lowercase name used on the command line and in logs ("bf16", "q8_0", ...).
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
