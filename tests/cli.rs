@@ -232,3 +232,42 @@ fn chat_command_takes_turns_on_stdin() {
         "a prompt before each turn and at the end"
     );
 }
+
+#[test]
+fn generate_with_a_prompt_cache() {
+    let dir = fixture("qwen3-bf16");
+    let exp = Expected::load(&dir);
+    let d = dir.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let pc = tmp.path().join("prompt.kv");
+    let prompt = csv(&exp.ids("tokens"));
+    let args = [
+        "generate",
+        "--model",
+        d,
+        "--tokens",
+        &prompt,
+        "--max-tokens",
+        "8",
+        "--ignore-eos",
+        "--json",
+        "--prompt-cache",
+    ];
+    let mut with = args.to_vec();
+    with.push(pc.to_str().unwrap());
+    let first = stllm(&with); // computes and saves
+    assert!(pc.exists());
+    let second = stllm(&with); // reuses
+    assert_eq!(first["tokens"], second["tokens"]);
+    let want: Vec<u32> = serde_json::from_value(first["tokens"].clone()).unwrap();
+    assert_eq!(want, exp.ids("greedy"));
+    // A cache from another model is a clear error.
+    let other = fixture("llama-bf16");
+    let out = Command::new(env!("CARGO_BIN_EXE_stllm"))
+        .args(["generate", "--model", other.to_str().unwrap(), "--tokens", "1,2,3", "--prompt-cache"])
+        .arg(&pc)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("made for architecture qwen3"));
+}

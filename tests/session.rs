@@ -69,3 +69,48 @@ fn embeddings_are_the_mean_of_the_final_normalised_states() {
     let err = rel_err(&[emb], &[want]);
     assert!(err < 1e-4, "embedding max|d|/std = {err}");
 }
+
+#[test]
+fn prompt_cache_round_trip_and_rejections() {
+    use stllm::ggml::DType;
+    use stllm::memory::state::StateError;
+    let tmp = tempfile::tempdir().unwrap();
+    // Both V layouts: flash attention (V by rows) and the unfused path (V transposed).
+    for (name, flash) in [("qwen2-bf16", true), ("llama-f32", false)] {
+        let (m, exp) = setup(name);
+        let tokens = exp.ids("tokens");
+        let o = SessionOptions { flash_attn: Some(flash), ..opts() };
+        let mut a = Session::new(m.clone(), &o).unwrap();
+        a.decode(&tokens[..7], Logits::Last).unwrap();
+        let file = tmp.path().join(format!("{name}.kv"));
+        a.save_state(&file).unwrap();
+        let want = a.decode(&tokens[7..], Logits::All).unwrap();
+
+        let mut b = Session::new(m.clone(), &o).unwrap();
+        assert_eq!(b.load_state(&file).unwrap(), tokens[..7]);
+        assert_eq!(b.n_past(), 7);
+        let got = b.decode(&tokens[7..], Logits::All).unwrap();
+        assert_eq!(got, want, "{name}: a loaded prompt cache continues exactly like the original");
+
+        // Another cache type: refused.
+        let other = if flash { DType::F32 } else { DType::F16 };
+        let mut c = Session::new(m.clone(), &SessionOptions { kv_type: Some(other), ..o.clone() }).unwrap();
+        let e = c.load_state(&file).unwrap_err();
+        assert!(matches!(e, StateError::Mismatch { field: "KV cache type", .. }), "{e}");
+        // Too small a session.
+        let mut d = Session::new(m.clone(), &SessionOptions { n_ctx: Some(4), ..o.clone() }).unwrap();
+        assert!(matches!(d.load_state(&file).unwrap_err(), StateError::TooLong { n: 7, .. }));
+        // Truncated and foreign files.
+        let bytes = std::fs::read(&file).unwrap();
+        let cut = tmp.path().join("cut.kv");
+        std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+        assert!(b.load_state(&cut).unwrap_err().to_string().contains("truncated"));
+        std::fs::write(&cut, b"definitely not a cache").unwrap();
+        assert!(b.load_state(&cut).unwrap_err().to_string().contains("not a stllm prompt-cache file"));
+    }
+    // Another model: refused, naming the architecture.
+    let (m, _) = setup("qwen3-f32-sharded");
+    let mut s = Session::new(m, &opts()).unwrap();
+    let e = s.load_state(&tmp.path().join("llama-f32.kv")).unwrap_err();
+    assert!(e.to_string().contains("made for architecture llama"), "{e}");
+}

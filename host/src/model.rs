@@ -80,6 +80,18 @@ impl Model {
         self.backend.n_threads()
     }
 
+    /// A fingerprint of the model: its config, weight dtype and parameter count (FNV-1a), so a
+    /// prompt cache made for another model is refused.
+    pub fn fingerprint(&self) -> String {
+        let mut h: u64 = 0xcbf29ce484222325;
+        let text = format!("{}|{}|{}|{}", self.config, self.dtype.name(), self.n_params(), self.weight_bytes());
+        for b in text.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        format!("{}-{h:016x}", self.hparams().arch)
+    }
+
     /// End-of-sequence token ids (generation_config.json, else config.json).
     pub fn eos_tokens(&self) -> Vec<u32> {
         let pick = |v: &serde_json::Value| -> Vec<u32> {

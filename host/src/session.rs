@@ -63,7 +63,8 @@ pub struct Session {
     // Declared first: dropped before the model whose backend it uses.
     sched: Sched,
     kv: KvCache,
-    n_past: usize,
+    /// The sequence so far (its K/V are in cells 0..tokens.len())
+    tokens: Vec<u32>,
     n_batch: usize,
     opts: SessionOptions,
     model: Arc<Model>,
@@ -97,7 +98,7 @@ impl Session {
         Ok(Session {
             sched,
             kv,
-            n_past: 0,
+            tokens: Vec::new(),
             n_batch: opts.n_batch.max(1),
             opts: SessionOptions { n_ctx: Some(n_ctx), ..opts.clone() },
             model,
@@ -108,16 +109,40 @@ impl Session {
     pub fn fork(&self) -> Result<Session, DecodeError> {
         let mut s = Session::new(self.model.clone(), &self.opts)?;
         s.kv.copy_from(&self.kv)?;
-        s.n_past = self.n_past;
+        s.tokens = self.tokens.clone();
         Ok(s)
+    }
+
+    fn state_header(&self) -> crate::memory::state::StateHeader {
+        crate::memory::state::StateHeader {
+            model: self.model.fingerprint(),
+            architecture: self.model.hparams().arch.clone(),
+            kv_type: self.kv.dtype().name().to_string(),
+            tokens: self.tokens.clone(),
+            data_bytes: 0,
+        }
+    }
+
+    /// Save the sequence (tokens and KV cells) to a prompt-cache file.
+    pub fn save_state(&self, path: &std::path::Path) -> Result<(), crate::memory::state::StateError> {
+        crate::memory::state::save(path, &self.state_header(), &self.kv)
+    }
+
+    /// Replace the sequence with the one saved in a prompt-cache file; returns its tokens. On
+    /// error the session is left empty (its cells may have been partly overwritten).
+    pub fn load_state(&mut self, path: &std::path::Path) -> Result<Vec<u32>, crate::memory::state::StateError> {
+        self.tokens.clear();
+        let tokens = crate::memory::state::load(path, &self.state_header(), &self.kv)?;
+        self.tokens = tokens.clone();
+        Ok(tokens)
     }
 
     /// Keep the first `len` positions (later ones are overwritten by the next decode).
     pub fn truncate(&mut self, len: usize) -> Result<(), DecodeError> {
-        if len > self.n_past {
-            return Err(DecodeError::Truncate { len, n_past: self.n_past });
+        if len > self.tokens.len() {
+            return Err(DecodeError::Truncate { len, n_past: self.tokens.len() });
         }
-        self.n_past = len;
+        self.tokens.truncate(len);
         Ok(())
     }
 
@@ -127,7 +152,12 @@ impl Session {
 
     /// Positions processed so far.
     pub fn n_past(&self) -> usize {
-        self.n_past
+        self.tokens.len()
+    }
+
+    /// The tokens of the sequence so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
     }
 
     pub fn n_ctx(&self) -> usize {
@@ -140,7 +170,7 @@ impl Session {
 
     /// Forget the sequence (the cache is reused from position 0).
     pub fn reset(&mut self) {
-        self.n_past = 0;
+        self.tokens.clear();
     }
 
     fn check(&self, tokens: &[u32]) -> Result<(), DecodeError> {
@@ -151,7 +181,7 @@ impl Session {
         if let Some(&token) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
             return Err(DecodeError::TokenOutOfRange { token, n_vocab });
         }
-        let need = self.n_past + tokens.len();
+        let need = self.tokens.len() + tokens.len();
         if need > self.kv.n_ctx() {
             return Err(DecodeError::ContextFull { need, n_ctx: self.kv.n_ctx() });
         }
@@ -226,7 +256,7 @@ impl Session {
     ) -> Result<(Vec<Vec<f32>>, Vec<Vec<Vec<f32>>>), DecodeError> {
         let hp = self.model.hparams().clone();
         let n = tokens.len();
-        let n_past = self.n_past;
+        let n_past = self.tokens.len();
         let n_kv = n_past + n;
         let n_out = out.len().max(1);
         let gsize = graph_size(hp.n_layer);
@@ -271,7 +301,7 @@ impl Session {
             write_input(m, |t| write_mask(t, &causal_mask(n_past, n, hp.sliding_window)))?;
         }
         self.sched.compute(&graph)?;
-        self.n_past = n_kv;
+        self.tokens.extend_from_slice(tokens);
 
         let rows = |t: Tensor, width: usize| -> Result<Vec<Vec<f32>>, GgmlError> {
             Ok(t.read_f32()?.chunks(width).map(<[f32]>::to_vec).collect())

@@ -212,6 +212,10 @@ pub enum Command {
         /// Print {"tokens": [...]} (the new ids only) instead of one id per line as they come
         #[arg(long)]
         json: bool,
+        /// Prompt-cache file: reused when it holds a prefix of the prompt (the rest is computed),
+        /// else the prompt is computed and saved there
+        #[arg(long)]
+        prompt_cache: Option<PathBuf>,
     },
     /// Measure prefill and decode speed on random token ids
     Bench {
@@ -301,7 +305,18 @@ pub fn run(cli: Cli) -> Result<()> {
             let rows = s.decode(&tokens, Logits::All)?;
             println!("{}", serde_json::to_string(&serde_json::json!({ "logits": rows }))?);
         }
-        Command::Generate { m, tokens, max_tokens, temperature, top_k, top_p, seed, ignore_eos, json } => {
+        Command::Generate {
+            m,
+            tokens,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            ignore_eos,
+            json,
+            prompt_cache,
+        } => {
             if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
                 bail!("--top-p must be in (0, 1], got {top_p}");
             }
@@ -312,7 +327,26 @@ pub fn run(cli: Cli) -> Result<()> {
             let stop = if ignore_eos { vec![] } else { s.model().eos_tokens() };
             let mut sampler =
                 Sampler::new(SamplingParams { temperature, top_k: top_k as u32, top_p, seed, ..Default::default() });
-            let out = s.generate(&tokens, max_tokens, &mut sampler, &stop, |t| {
+            // With a prompt cache, `done` positions come from the file (or are computed and saved).
+            let mut done = 0;
+            if let Some(pc) = &prompt_cache {
+                let reusable = pc.exists() && {
+                    let cached = s.load_state(pc)?;
+                    cached.len() < tokens.len() && tokens.starts_with(&cached)
+                };
+                if reusable {
+                    done = s.n_past();
+                    tracing::info!(reused = done, "prompt cache hit");
+                } else {
+                    s.reset();
+                    done = tokens.len() - 1;
+                    if done > 0 {
+                        s.decode(&tokens[..done], Logits::Last)?;
+                        s.save_state(pc)?;
+                    }
+                }
+            }
+            let out = s.generate(&tokens[done..], max_tokens, &mut sampler, &stop, |t| {
                 if !json {
                     println!("{t}");
                 }

@@ -353,6 +353,15 @@ impl Tensor {
         Ok(())
     }
 
+    /// Read `len` raw bytes at byte `offset` of the tensor's memory.
+    pub fn read_bytes(&self, offset: usize, len: usize) -> Result<Vec<u8>, GgmlError> {
+        self.check_bytes(len, offset)?;
+        let mut out = vec![0u8; len];
+        // SAFETY: bounds checked; `out` has exactly `len` bytes.
+        unsafe { sys::ggml_backend_tensor_get(self.raw(), out.as_mut_ptr().cast(), offset, len) };
+        Ok(out)
+    }
+
     /// Read an F32 tensor (contiguous) back from its backend.
     pub fn read_f32(&self) -> Result<Vec<f32>, GgmlError> {
         self.expect_dtype(DType::F32)?;

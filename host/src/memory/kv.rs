@@ -18,6 +18,15 @@ pub struct KvCache {
     _ctx: Context,
 }
 
+/// Elements of one cell of V.
+fn v_row(v: &Tensor, v_trans: bool) -> i64 {
+    if v_trans {
+        v.ne()[1]
+    } else {
+        v.ne()[0]
+    }
+}
+
 impl KvCache {
     pub fn new(
         backend: &Backend,
@@ -68,6 +77,61 @@ impl KvCache {
     pub fn copy_from(&self, other: &KvCache) -> Result<(), GgmlError> {
         for (a, b) in self.k.iter().zip(&other.k).chain(self.v.iter().zip(&other.v)) {
             a.copy_from(*b)?;
+        }
+        Ok(())
+    }
+
+    /// The bytes of cells `0..n` of every layer (K then V), layout-independent: per layer, K rows
+    /// then V rows (a transposed V is gathered column by column).
+    pub fn read_cells(&self, n: usize) -> Result<Vec<u8>, GgmlError> {
+        let mut out = Vec::new();
+        for (k, v) in self.k.iter().zip(&self.v) {
+            out.extend(k.read_bytes(0, n * k.nb()[1])?);
+            if self.v_trans {
+                let es = v.nb()[0];
+                let rows = v.ne()[1] as usize;
+                let mut col = vec![0u8; n * rows * es];
+                for r in 0..rows {
+                    let bytes = v.read_bytes(r * v.nb()[1], n * es)?;
+                    for c in 0..n {
+                        col[(c * rows + r) * es..(c * rows + r + 1) * es].copy_from_slice(&bytes[c * es..(c + 1) * es]);
+                    }
+                }
+                out.extend(col);
+            } else {
+                out.extend(v.read_bytes(0, n * v.nb()[1])?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bytes `read_cells(n)` produces.
+    pub fn cells_bytes(&self, n: usize) -> usize {
+        self.k.iter().zip(&self.v).map(|(k, v)| n * k.nb()[1] + n * self.dtype.row_size(v_row(v, self.v_trans))).sum()
+    }
+
+    /// Write cells `0..n` from bytes made by `read_cells` of a cache with the same shapes and type.
+    pub fn write_cells(&self, n: usize, data: &[u8]) -> Result<(), GgmlError> {
+        let mut at = 0;
+        for (k, v) in self.k.iter().zip(&self.v) {
+            let kb = n * k.nb()[1];
+            k.write_bytes(&data[at..at + kb], 0)?;
+            at += kb;
+            if self.v_trans {
+                let es = v.nb()[0];
+                let rows = v.ne()[1] as usize;
+                for r in 0..rows {
+                    let row: Vec<u8> = (0..n)
+                        .flat_map(|c| data[at + (c * rows + r) * es..at + (c * rows + r + 1) * es].iter().copied())
+                        .collect();
+                    v.write_bytes(&row, r * v.nb()[1])?;
+                }
+                at += n * rows * es;
+            } else {
+                let vb = n * v.nb()[1];
+                v.write_bytes(&data[at..at + vb], 0)?;
+                at += vb;
+            }
         }
         Ok(())
     }

@@ -1,0 +1,107 @@
+//! Prompt-cache files: a sequence's tokens and its KV cells, saved once and loaded instead of
+//! recomputing a long prompt (a system prompt, a RAG context). The header names the model (a
+//! fingerprint of its config and weights) and the cache type; a file made for another model or
+//! cache type, a truncated file or a foreign file is rejected with an error that says which.
+//!
+//! Format: `STLLMKV1`, u64 LE header length, a JSON header, then the cell bytes of
+//! [`KvCache::read_cells`] (per layer: K rows, then V rows).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::kv::KvCache;
+use crate::ggml::GgmlError;
+
+const MAGIC: &[u8; 8] = b"STLLMKV1";
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StateHeader {
+    /// Fingerprint of the model (config + weights metadata).
+    pub model: String,
+    pub architecture: String,
+    pub kv_type: String,
+    pub tokens: Vec<u32>,
+    pub data_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: not a stllm prompt-cache file ({msg})", path.display())]
+    Format { path: PathBuf, msg: String },
+    #[error("{}: the prompt cache was made for {field} {file}, this session has {session}", path.display())]
+    Mismatch { path: PathBuf, field: &'static str, file: String, session: String },
+    #[error("{}: the prompt cache holds {n} positions, the session only {n_ctx}", path.display())]
+    TooLong { path: PathBuf, n: usize, n_ctx: usize },
+    #[error(transparent)]
+    Ggml(#[from] GgmlError),
+}
+
+pub fn save(path: &Path, header: &StateHeader, kv: &KvCache) -> Result<(), StateError> {
+    let io = |source| StateError::Io { path: path.to_path_buf(), source };
+    let data = kv.read_cells(header.tokens.len())?;
+    let mut h = header.clone();
+    h.data_bytes = data.len() as u64;
+    let json = serde_json::to_vec(&h).expect("plain header serializes");
+    // Write to a temporary name and rename, so a crash never leaves a half-written cache.
+    let tmp = path.with_extension("partial");
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(MAGIC).map_err(io)?;
+    f.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
+    f.write_all(&json).map_err(io)?;
+    f.write_all(&data).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Read a file's header and data, check them against `expect` (model and cache type) and the
+/// cache, and write the cells. Returns the tokens.
+pub fn load(path: &Path, expect: &StateHeader, kv: &KvCache) -> Result<Vec<u32>, StateError> {
+    let io = |source| StateError::Io { path: path.to_path_buf(), source };
+    let format = |msg: String| StateError::Format { path: path.to_path_buf(), msg };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut magic = [0u8; 8];
+    f.read_exact(&mut magic).map_err(|_| format("too short".into()))?;
+    if &magic != MAGIC {
+        return Err(format("bad magic".into()));
+    }
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| format("truncated header".into()))?;
+    let n = u64::from_le_bytes(n);
+    if n > 1 << 30 {
+        return Err(format(format!("header length {n} is implausible")));
+    }
+    let mut json = vec![0u8; n as usize];
+    f.read_exact(&mut json).map_err(|_| format("truncated header".into()))?;
+    let h: StateHeader = serde_json::from_slice(&json).map_err(|e| format(format!("bad header: {e}")))?;
+    for (field, file, session) in [
+        ("architecture", &h.architecture, &expect.architecture),
+        ("model", &h.model, &expect.model),
+        ("KV cache type", &h.kv_type, &expect.kv_type),
+    ] {
+        if file != session {
+            return Err(StateError::Mismatch {
+                path: path.to_path_buf(),
+                field,
+                file: file.clone(),
+                session: session.clone(),
+            });
+        }
+    }
+    let cells = h.tokens.len();
+    if cells > kv.n_ctx() {
+        return Err(StateError::TooLong { path: path.to_path_buf(), n: cells, n_ctx: kv.n_ctx() });
+    }
+    let want = kv.cells_bytes(cells) as u64;
+    if h.data_bytes != want {
+        return Err(format(format!("{} bytes of cells for {cells} positions, expected {want}", h.data_bytes)));
+    }
+    let mut data = Vec::with_capacity(want as usize);
+    f.take(want).read_to_end(&mut data).map_err(io)?;
+    if data.len() as u64 != want {
+        return Err(format(format!("truncated: {} of {want} bytes of cells", data.len())));
+    }
+    kv.write_cells(cells, &data)?;
+    Ok(h.tokens)
+}
