@@ -11,19 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use stllm::runtime::{GenerateRequest, ModelHandle, Prompt, Runtime, RuntimeConfig, Sampling};
-use stllm::session::Logits;
 use stllm::{Model, ModelOptions, Session, SessionOptions};
-
-struct NativeSeq(Session);
-
-impl stllm_policy::generate::Engine for NativeSeq {
-    fn decode(&mut self, tokens: &[u32]) -> Result<Vec<f32>, stllm_policy::Error> {
-        self.0
-            .decode(tokens, Logits::Last)
-            .map(|mut r| r.pop().unwrap())
-            .map_err(|e| stllm_policy::Error::Internal(e.to_string()))
-    }
-}
 
 struct Null;
 
@@ -92,7 +80,7 @@ fn main() {
             best_wasm = best_wasm.min(t0.elapsed().as_secs_f64());
 
             let t0 = Instant::now();
-            let sess = Session::new(
+            let mut sess = Session::new(
                 model.clone(),
                 &SessionOptions { n_ctx: Some(prompt.len() + gen as usize), ..Default::default() },
             )
@@ -103,8 +91,7 @@ fn main() {
                 ignore_eos: true,
                 sampling: stllm_policy::sampling::SamplingParams { temperature, top_k, seed: 1, ..Default::default() },
             };
-            let n = stllm_policy::generate::generate(&tok, &mut NativeSeq(sess), &prompt, &nreq, &[], &mut Null, None)
-                .unwrap();
+            let n = stllm_policy::generate::generate(&tok, &mut sess, &prompt, &nreq, &[], &mut Null, None).unwrap();
             best_native = best_native.min(t0.elapsed().as_secs_f64());
             assert_eq!(n.tokens, w.tokens, "native and wasm loops must agree");
         }

@@ -15,7 +15,6 @@ use stllm::runtime::{
     FinishReason, GenerateRequest, ModelHandle, Prompt, Runtime, RuntimeConfig, RuntimeError, Sampling, CHAOS_POLICY,
     MIROSTAT_SAMPLER,
 };
-use stllm::session::Logits;
 use stllm::{Model, ModelOptions, Session, SessionOptions};
 
 fn model(name: &str) -> Arc<Model> {
@@ -50,18 +49,6 @@ fn guest_generation_equals_hf_greedy_tokens() {
         assert_eq!(r.tokens, exp.ids("greedy"), "{name}");
         assert_eq!(r.finish, FinishReason::Length);
         assert_eq!(r.prompt_tokens as usize, exp.ids("tokens").len());
-    }
-}
-
-/// The same policy code natively over a Session: same tokens and text as through wasm.
-struct NativeSeq(Session);
-
-impl stllm_policy::generate::Engine for NativeSeq {
-    fn decode(&mut self, tokens: &[u32]) -> Result<Vec<f32>, stllm_policy::Error> {
-        self.0
-            .decode(tokens, Logits::Last)
-            .map(|mut r| r.pop().unwrap())
-            .map_err(|e| stllm_policy::Error::Internal(e.to_string()))
     }
 }
 
@@ -112,7 +99,7 @@ fn wasm_and_native_policies_agree() {
     )
     .unwrap();
     let prompt = tok.encode("Hello world! The quick brown fox", true).unwrap();
-    let sess = Session::new(m.clone(), &SessionOptions { n_ctx: Some(64), ..Default::default() }).unwrap();
+    let mut sess = Session::new(m.clone(), &SessionOptions { n_ctx: Some(64), ..Default::default() }).unwrap();
     let native_req = stllm_policy::generate::Request {
         max_tokens: 24,
         stop: vec![],
@@ -130,8 +117,7 @@ fn wasm_and_native_policies_agree() {
     };
     let mut sink = Collect(String::new());
     let native =
-        stllm_policy::generate::generate(&tok, &mut NativeSeq(sess), &prompt, &native_req, &[2], &mut sink, None)
-            .unwrap();
+        stllm_policy::generate::generate(&tok, &mut sess, &prompt, &native_req, &[2], &mut sink, None).unwrap();
     assert_eq!(native.tokens, wasm.tokens);
     assert_eq!(native.text, wasm.text);
     assert_eq!(wasm.tokens.len(), 24);

@@ -94,18 +94,20 @@ impl Model {
 
     /// End-of-sequence token ids (generation_config.json, else config.json).
     pub fn eos_tokens(&self) -> Vec<u32> {
-        let pick = |v: &serde_json::Value| -> Vec<u32> {
-            match v.get("eos_token_id") {
-                Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
-                _ => vec![],
-            }
-        };
-        let from_gen = self.generation_config.as_ref().map(pick).unwrap_or_default();
+        let from_gen = self.generation_config.as_ref().map(eos_token_ids).unwrap_or_default();
         if from_gen.is_empty() {
-            pick(&self.config)
+            eos_token_ids(&self.config)
         } else {
             from_gen
         }
+    }
+}
+
+/// `eos_token_id` of a config object, written as one id or a list of ids.
+pub fn eos_token_ids(config: &serde_json::Value) -> Vec<u32> {
+    match config.get("eos_token_id") {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        _ => vec![],
     }
 }

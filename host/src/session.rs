@@ -367,6 +367,21 @@ pub fn causal_mask(n_past: usize, n: usize, window: Option<usize>) -> Vec<f32> {
     m
 }
 
+/// The policy crate's generation loop runs natively over a session (the same code the wasm
+/// component runs), for Rust apps that want tokenizer, template and samplers without wasm.
+impl stllm_policy::generate::Engine for Session {
+    fn decode(&mut self, tokens: &[u32]) -> Result<Vec<f32>, stllm_policy::Error> {
+        let rows = Session::decode(self, tokens, Logits::Last).map_err(|e| match e {
+            DecodeError::ContextFull { .. } => stllm_policy::Error::ContextFull(e.to_string()),
+            DecodeError::TokenOutOfRange { .. } | DecodeError::Empty => {
+                stllm_policy::Error::InvalidInput(e.to_string())
+            }
+            _ => stllm_policy::Error::Internal(e.to_string()),
+        })?;
+        rows.into_iter().next_back().ok_or_else(|| stllm_policy::Error::Internal("no logits".into()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::causal_mask;

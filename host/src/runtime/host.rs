@@ -153,11 +153,7 @@ impl engine::HostModel for EngineHost<'_> {
         };
         let eos = match &h.model {
             Some(model) => model.eos_tokens(),
-            None => match gen.as_ref().and_then(|g| g.get("eos_token_id")) {
-                Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
-                _ => vec![],
-            },
+            None => gen.as_ref().map(crate::model::eos_token_ids).unwrap_or_default(),
         };
         let out = engine::SpecialTokens { bos: id("bos_token_id"), eos, pad: id("pad_token_id") };
         self.returned_to_guest();
