@@ -12,6 +12,7 @@ pub mod loader;
 pub mod memory;
 pub mod model;
 pub mod models;
+pub mod runner;
 pub mod runtime;
 pub mod sampling;
 pub mod session;

@@ -333,6 +333,11 @@ impl Tensor {
         self.write_bytes(as_bytes(data), 0)
     }
 
+    pub fn write_i64(&self, data: &[i64]) -> Result<(), GgmlError> {
+        self.expect_dtype(DType::I64)?;
+        self.write_bytes(as_bytes(data), 0)
+    }
+
     pub fn write_f32(&self, data: &[f32]) -> Result<(), GgmlError> {
         self.expect_dtype(DType::F32)?;
         self.write_bytes(as_bytes(data), 0)

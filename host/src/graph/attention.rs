@@ -107,49 +107,40 @@ fn linear(f: &Forward, w: Tensor, b: Option<Tensor>, x: Tensor) -> Tensor {
     }
 }
 
-/// Store this step's k/v in the cache and attend over cells `0..n_kv`.
+/// Store this step's k/v in their cells and attend over cells `0..n_kv` under the mask.
 /// q [hd, n_head, nt], k [hd, n_head_kv, nt], v [hd*n_head_kv, nt] -> [hd*n_head, nt]
 fn attend(f: &mut Forward, il: usize, q: Tensor, k: Tensor, v: Tensor, dims: AttnDims, sliding: bool) -> Tensor {
     let AttnDims { n_head, n_head_kv, head_dim, .. } = dims;
     let ctx = f.ctx;
-    let (nt, n_kv, n_past) = (f.n_tokens as i64, f.n_kv() as i64, f.n_past);
+    let (nt, n_kv) = (f.n_tokens as i64, f.n_kv as i64);
     let n_embd_kv = (head_dim * n_head_kv) as i64;
     let kc = f.kv.k(il);
     let vc = f.kv.v(il);
     // Bytes of one head's slice of a cell (block-quantized caches pack heads in whole blocks).
-    let kv_type = f.kv.dtype();
-    let head_bytes = kv_type.row_size(head_dim as i64);
-    let esize_v = vc.nb()[0];
-    let flash = !f.kv.v_trans();
+    let head_bytes = f.kv.dtype().row_size(head_dim as i64);
 
-    // Write this step's K rows and V rows (or columns, when V is stored transposed); expanding
-    // the copies first orders them before the reads below (ggml runs nodes in insertion order).
-    let k_dst = ctx.view_2d(kc, n_embd_kv, nt, kc.nb()[1], n_past * kc.nb()[1]);
-    let k_cpy = ctx.cpy(ctx.reshape_2d(k, n_embd_kv, nt), k_dst);
-    f.graph.expand(k_cpy);
-    let v_cur = ctx.reshape_2d(v, n_embd_kv, nt);
-    let v_cpy = if flash {
-        ctx.cpy(v_cur, ctx.view_2d(vc, n_embd_kv, nt, vc.nb()[1], n_past * vc.nb()[1]))
-    } else {
-        ctx.cpy(ctx.transpose(v_cur), ctx.view_2d(vc, nt, n_embd_kv, vc.nb()[1], n_past * esize_v))
-    };
-    f.graph.expand(v_cpy);
+    // Write this step's K and V rows into their cells; expanding the writes first orders them
+    // before the reads below (ggml runs nodes in insertion order).
+    let k_set = ctx.set_rows(kc, ctx.reshape_2d(k, n_embd_kv, nt), f.inp.kv_idxs);
+    f.graph.expand(k_set);
+    let v_set = ctx.set_rows(vc, ctx.reshape_2d(v, n_embd_kv, nt), f.inp.kv_idxs);
+    f.graph.expand(v_set);
 
     let keys = ctx.view_3d(kc, head_dim as i64, n_kv, n_head_kv as i64, kc.nb()[1], head_bytes, 0);
+    let vals = ctx.view_3d(vc, head_dim as i64, n_kv, n_head_kv as i64, vc.nb()[1], head_bytes, 0);
     let q = ctx.permute(q, [0, 2, 1, 3]); // [hd, nt, n_head]
     let mask = if sliding { f.inp.mask_swa.unwrap_or(f.inp.mask) } else { f.inp.mask };
     let scale = 1.0 / (head_dim as f32).sqrt();
-    if flash {
-        let vals = ctx.view_3d(vc, head_dim as i64, n_kv, n_head_kv as i64, vc.nb()[1], head_bytes, 0);
+    if f.flash_attn {
         let o = ctx.flash_attn_ext(q, keys, vals, Some(mask), scale); // [hd, n_head, nt]
         ctx.set_prec_f32(o);
         return ctx.reshape_2d(o, (head_dim * n_head) as i64, nt);
     }
-    let vals = ctx.view_3d(vc, n_kv, head_dim as i64, n_head_kv as i64, vc.nb()[1], vc.nb()[1] * head_dim, 0);
     let kq = ctx.mul_mat(keys, q); // [n_kv, nt, n_head]
     ctx.set_prec_f32(kq);
     let kq = ctx.soft_max_ext(kq, Some(mask), scale);
-    let kqv = ctx.mul_mat(vals, kq); // [hd, nt, n_head]
+    let vals_t = ctx.cont(ctx.permute(vals, [1, 0, 2, 3])); // [n_kv, hd, n_head_kv]
+    let kqv = ctx.mul_mat(vals_t, kq); // [hd, nt, n_head]
     let o = ctx.permute(kqv, [0, 2, 1, 3]); // [hd, n_head, nt]
     ctx.reshape_2d(ctx.cont(o), (head_dim * n_head) as i64, nt)
 }

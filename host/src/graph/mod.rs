@@ -19,12 +19,15 @@ pub struct StepInputs {
     pub tokens: Tensor,
     /// I32 [n_tokens]: absolute positions
     pub pos: Tensor,
-    /// F32 [n_kv, n_tokens]: 0 where a token may attend, -inf elsewhere (causal)
+    /// [n_kv, n_tokens] (F16 for flash attention, else F32): 0 where a token may attend (a cell
+    /// of its own sequence at an earlier or equal position), -inf elsewhere
     pub mask: Tensor,
     /// Same for sliding-window layers, when the model has any
     pub mask_swa: Option<Tensor>,
     /// I32 [n_out]: which token rows to compute logits for
     pub out_ids: Tensor,
+    /// I64 [n_tokens]: the KV cell each token's K/V row is written to
+    pub kv_idxs: Tensor,
 }
 
 /// One forward step being built.
@@ -33,21 +36,18 @@ pub struct Forward<'a> {
     pub graph: &'a mut Graph,
     pub inp: StepInputs,
     pub kv: &'a KvCache,
-    /// Cells already in the cache before this step (this step writes cells n_past..n_past+n_tokens)
-    pub n_past: usize,
+    /// Cells attended to in this step (`0..n_kv`, this step's cells included)
+    pub n_kv: usize,
     pub n_tokens: usize,
     /// Per-layer hidden states to read back (debugging / parity), if requested
     pub taps: Option<Vec<Tensor>>,
     /// Return the final normalised hidden states `[n_embd, n_out]` instead of logits
     pub embeddings: bool,
+    /// Fused flash attention (else softmax(KQ)·V with V transposed on the fly)
+    pub flash_attn: bool,
 }
 
 impl Forward<'_> {
-    /// Cells attended to in this step.
-    pub fn n_kv(&self) -> usize {
-        self.n_past + self.n_tokens
-    }
-
     /// Record a hidden state for read-back when taps are on.
     pub fn tap(&mut self, t: Tensor) {
         if let Some(taps) = &mut self.taps {

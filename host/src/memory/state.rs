@@ -4,7 +4,8 @@
 //! cache type, a truncated file or a foreign file is rejected with an error that says which.
 //!
 //! Format: `STLLMKV1`, u64 LE header length, a JSON header, then the cell bytes of
-//! [`KvCache::read_cells`] (per layer: K rows, then V rows).
+//! [`KvCache::read_cells`] of the sequence's cells in position order (per layer: K rows, then V
+//! rows), so a file loads into whichever cells are free.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -38,9 +39,9 @@ pub enum StateError {
     Ggml(#[from] GgmlError),
 }
 
-pub fn save(path: &Path, header: &StateHeader, kv: &KvCache) -> Result<(), StateError> {
+/// Write a file: `header` (its `data_bytes` is filled in) and `data`, the sequence's cells.
+pub fn save(path: &Path, header: &StateHeader, data: &[u8]) -> Result<(), StateError> {
     let io = |source| StateError::Io { path: path.to_path_buf(), source };
-    let data = kv.read_cells(header.tokens.len())?;
     let mut h = header.clone();
     h.data_bytes = data.len() as u64;
     let json = serde_json::to_vec(&h).expect("plain header serializes");
@@ -50,14 +51,19 @@ pub fn save(path: &Path, header: &StateHeader, kv: &KvCache) -> Result<(), State
     f.write_all(MAGIC).map_err(io)?;
     f.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
     f.write_all(&json).map_err(io)?;
-    f.write_all(&data).map_err(io)?;
+    f.write_all(data).map_err(io)?;
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
 
-/// Read a file's header and data, check them against `expect` (model and cache type) and the
-/// cache, and write the cells. Returns the tokens.
-pub fn load(path: &Path, expect: &StateHeader, kv: &KvCache) -> Result<Vec<u32>, StateError> {
+/// Read a file's header and data and check them against `expect` (model and cache type), the
+/// cache's geometry and the `max_cells` it may take. Returns the tokens and the cell bytes.
+pub fn load(
+    path: &Path,
+    expect: &StateHeader,
+    kv: &KvCache,
+    max_cells: usize,
+) -> Result<(Vec<u32>, Vec<u8>), StateError> {
     let io = |source| StateError::Io { path: path.to_path_buf(), source };
     let format = |msg: String| StateError::Format { path: path.to_path_buf(), msg };
     let mut f = std::fs::File::open(path).map_err(io)?;
@@ -90,8 +96,8 @@ pub fn load(path: &Path, expect: &StateHeader, kv: &KvCache) -> Result<Vec<u32>,
         }
     }
     let cells = h.tokens.len();
-    if cells > kv.n_ctx() {
-        return Err(StateError::TooLong { path: path.to_path_buf(), n: cells, n_ctx: kv.n_ctx() });
+    if cells > max_cells {
+        return Err(StateError::TooLong { path: path.to_path_buf(), n: cells, n_ctx: max_cells });
     }
     let want = kv.cells_bytes(cells) as u64;
     if h.data_bytes != want {
@@ -102,6 +108,5 @@ pub fn load(path: &Path, expect: &StateHeader, kv: &KvCache) -> Result<Vec<u32>,
     if data.len() as u64 != want {
         return Err(format(format!("truncated: {} of {want} bytes of cells", data.len())));
     }
-    kv.write_cells(cells, &data)?;
-    Ok(h.tokens)
+    Ok((h.tokens, data))
 }

@@ -86,10 +86,11 @@ pub struct SinkRes {
 
 fn decode_err(e: DecodeError) -> types::Error {
     match e {
-        DecodeError::ContextFull { .. } => types::Error::ContextFull(e.to_string()),
+        DecodeError::ContextFull { .. } | DecodeError::CacheFull { .. } => types::Error::ContextFull(e.to_string()),
         DecodeError::TokenOutOfRange { .. }
         | DecodeError::Empty
         | DecodeError::Truncate { .. }
+        | DecodeError::BatchTooLarge { .. }
         | DecodeError::Options(_) => types::Error::InvalidInput(e.to_string()),
         DecodeError::Ggml(_) => types::Error::Internal(e.to_string()),
     }

@@ -1,0 +1,232 @@
+//! Bookkeeping of a KV cache shared by many sequences (llama.cpp's "unified" cache): the cache
+//! is `n_cells` slots per layer; each cell holds the K/V of one position and belongs to a set of
+//! sequences. A cell shared by several sequences is a common prefix stored once (a fork or a
+//! prefix-cache hit adds a sequence to the cells instead of copying them); a cell with no
+//! sequence is free. Pure data, no ggml: the tensors are in [`super::kv::KvCache`].
+//!
+//! Which cells a token attends to is decided by the mask (see [`KvCells::mask`]), so cells of a
+//! sequence need not be contiguous or ordered.
+
+/// A sequence id, below [`MAX_SEQ`].
+pub type SeqId = u32;
+
+/// Sequences one cache can tell apart (the width of a cell's sequence set).
+pub const MAX_SEQ: usize = 256;
+
+/// A set of sequence ids as a bitmap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct SeqSet([u64; MAX_SEQ / 64]);
+
+impl SeqSet {
+    fn has(&self, s: SeqId) -> bool {
+        self.0[s as usize / 64] >> (s % 64) & 1 == 1
+    }
+    fn add(&mut self, s: SeqId) {
+        self.0[s as usize / 64] |= 1 << (s % 64);
+    }
+    fn remove(&mut self, s: SeqId) {
+        self.0[s as usize / 64] &= !(1 << (s % 64));
+    }
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+    fn only(s: SeqId) -> SeqSet {
+        let mut set = SeqSet::default();
+        set.add(s);
+        set
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Cell {
+    pos: u32,
+    seqs: SeqSet,
+}
+
+/// Which cells hold which positions of which sequences.
+#[derive(Debug, Clone)]
+pub struct KvCells {
+    cells: Vec<Cell>,
+    used: usize,
+}
+
+impl KvCells {
+    pub fn new(n_cells: usize) -> KvCells {
+        KvCells { cells: vec![Cell::default(); n_cells], used: 0 }
+    }
+
+    pub fn n_cells(&self) -> usize {
+        self.cells.len()
+    }
+
+    /// Cells holding at least one sequence.
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
+    pub fn free(&self) -> usize {
+        self.cells.len() - self.used
+    }
+
+    fn is_free(&self, i: usize) -> bool {
+        self.cells[i].seqs.is_empty()
+    }
+
+    /// Up to `n` free cells, lowest first (keeps the attended range short); `None` when fewer
+    /// than `n` are free.
+    pub fn find_slots(&self, n: usize) -> Option<Vec<u32>> {
+        if n > self.free() {
+            return None;
+        }
+        let slots: Vec<u32> = (0..self.cells.len()).filter(|&i| self.is_free(i)).take(n).map(|i| i as u32).collect();
+        (slots.len() == n).then_some(slots)
+    }
+
+    /// Record that cell `slot` now holds position `pos` of `seq`. The cell must be free.
+    pub fn occupy(&mut self, slot: u32, seq: SeqId, pos: u32) {
+        let c = &mut self.cells[slot as usize];
+        debug_assert!(c.seqs.is_empty(), "cell {slot} is in use");
+        *c = Cell { pos, seqs: SeqSet::only(seq) };
+        self.used += 1;
+    }
+
+    /// Free a cell whatever sequences hold it (rolls back a failed step).
+    pub fn release(&mut self, slot: u32) {
+        let c = &mut self.cells[slot as usize];
+        if !c.seqs.is_empty() {
+            c.seqs = SeqSet::default();
+            self.used -= 1;
+        }
+    }
+
+    /// Remove `seq` from the cells holding its positions `p0..p1`; returns cells freed.
+    pub fn seq_rm(&mut self, seq: SeqId, p0: u32, p1: u32) -> usize {
+        let mut freed = 0;
+        for c in &mut self.cells {
+            if c.seqs.has(seq) && c.pos >= p0 && c.pos < p1 {
+                c.seqs.remove(seq);
+                if c.seqs.is_empty() {
+                    freed += 1;
+                }
+            }
+        }
+        self.used -= freed;
+        freed
+    }
+
+    /// Share positions `p0..p1` of `src` with `dst` (no copy: the cells gain a sequence).
+    pub fn seq_cp(&mut self, src: SeqId, dst: SeqId, p0: u32, p1: u32) {
+        for c in &mut self.cells {
+            if c.seqs.has(src) && c.pos >= p0 && c.pos < p1 {
+                c.seqs.add(dst);
+            }
+        }
+    }
+
+    /// Drop every sequence except `seq`.
+    pub fn seq_keep(&mut self, seq: SeqId) {
+        for c in &mut self.cells {
+            if c.seqs.is_empty() {
+                continue;
+            }
+            let had = c.seqs.has(seq);
+            c.seqs = if had { SeqSet::only(seq) } else { SeqSet::default() };
+            if !had {
+                self.used -= 1;
+            }
+        }
+    }
+
+    /// Cells `seq` holds.
+    pub fn seq_len(&self, seq: SeqId) -> usize {
+        self.cells.iter().filter(|c| c.seqs.has(seq)).count()
+    }
+
+    /// `(cell, position)` of every cell of `seq`, in position order.
+    pub fn seq_cells(&self, seq: SeqId) -> Vec<(u32, u32)> {
+        let mut v: Vec<(u32, u32)> = (0..self.cells.len())
+            .filter(|&i| self.cells[i].seqs.has(seq))
+            .map(|i| (i as u32, self.cells[i].pos))
+            .collect();
+        v.sort_by_key(|&(_, p)| p);
+        v
+    }
+
+    /// Cells a step must cover: one past the highest used cell.
+    pub fn n_kv(&self) -> usize {
+        (0..self.cells.len()).rev().find(|&i| !self.is_free(i)).map_or(0, |i| i + 1)
+    }
+
+    /// Row-major `[tokens][n_kv]` attention mask: token `(seq, pos)` sees a cell of its own
+    /// sequence at a position `<= pos` (and, with a window `w`, `> pos - w`); 0 where it may
+    /// attend, -inf elsewhere. Sequences never see each other's cells unless they share them.
+    pub fn mask(&self, tokens: &[(SeqId, u32)], n_kv: usize, window: Option<usize>) -> Vec<f32> {
+        let mut m = vec![f32::NEG_INFINITY; n_kv * tokens.len()];
+        for (i, &(seq, pos)) in tokens.iter().enumerate() {
+            let row = &mut m[i * n_kv..(i + 1) * n_kv];
+            for (j, c) in self.cells[..n_kv].iter().enumerate() {
+                let visible = c.seqs.has(seq)
+                    && c.pos <= pos
+                    && window.is_none_or(|w| (pos - c.pos) < w as u32);
+                if visible {
+                    row[j] = 0.0;
+                }
+            }
+        }
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(c: &mut KvCells, seq: SeqId, positions: std::ops::Range<u32>) -> Vec<u32> {
+        let slots = c.find_slots(positions.len()).unwrap();
+        for (&s, p) in slots.iter().zip(positions) {
+            c.occupy(s, seq, p);
+        }
+        slots
+    }
+
+    #[test]
+    fn sequences_are_masked_apart() {
+        let mut c = KvCells::new(8);
+        fill(&mut c, 0, 0..3);
+        fill(&mut c, 1, 0..2);
+        let inf = f32::NEG_INFINITY;
+        let m = c.mask(&[(0, 2), (1, 1), (1, 0)], 5, None);
+        assert_eq!(&m[0..5], &[0.0, 0.0, 0.0, inf, inf]);
+        assert_eq!(&m[5..10], &[inf, inf, inf, 0.0, 0.0]);
+        assert_eq!(&m[10..15], &[inf, inf, inf, 0.0, inf]);
+        let w = c.mask(&[(0, 2)], 5, Some(2));
+        assert_eq!(w, vec![inf, 0.0, 0.0, inf, inf]);
+    }
+
+    #[test]
+    fn shared_prefix_is_stored_once_and_freed_with_its_last_owner() {
+        let mut c = KvCells::new(8);
+        fill(&mut c, 0, 0..4);
+        c.seq_cp(0, 1, 0, 3);
+        assert_eq!(c.used(), 4);
+        assert_eq!(c.seq_len(1), 3);
+        assert_eq!(c.seq_rm(0, 0, u32::MAX), 1, "only the unshared cell is freed");
+        assert_eq!(c.used(), 3);
+        assert_eq!(c.seq_rm(1, 0, u32::MAX), 3);
+        assert_eq!(c.used(), 0);
+        assert_eq!(c.n_kv(), 0);
+    }
+
+    #[test]
+    fn slots_are_lowest_free_and_full_cache_says_none() {
+        let mut c = KvCells::new(4);
+        fill(&mut c, 0, 0..2);
+        fill(&mut c, 1, 0..2);
+        assert!(c.find_slots(1).is_none());
+        c.seq_rm(0, 1, 2);
+        assert_eq!(c.find_slots(1), Some(vec![1]));
+        c.seq_keep(1);
+        assert_eq!(c.used(), 2);
+        assert_eq!(c.seq_cells(1), vec![(2, 0), (3, 1)]);
+    }
+}

@@ -1,0 +1,284 @@
+//! One model's compute context: a KV cache shared by many sequences, a graph scheduler, and
+//! [`Runner::run`], which computes one ubatch — tokens of any sequences at any positions — in
+//! one graph. [`crate::Session`] (one sequence) and the [`crate::engine`] scheduler (many) both
+//! drive it, so there is one forward path.
+
+use std::sync::Arc;
+
+use crate::ggml::{Context, DType, GgmlError, Sched, Tensor};
+use crate::graph::{Forward, StepInputs};
+use crate::memory::cells::{KvCells, SeqId, MAX_SEQ};
+use crate::memory::kv::KvCache;
+use crate::model::Model;
+
+/// Why a step failed. The cache is unchanged after an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("context full: {need} positions needed, the session holds {n_ctx}")]
+    ContextFull { need: usize, n_ctx: usize },
+    #[error("KV cache full: {need} cells needed, {free} of {n_cells} free")]
+    CacheFull { need: usize, free: usize, n_cells: usize },
+    #[error("token id {token} is out of range (vocabulary of {n_vocab})")]
+    TokenOutOfRange { token: u32, n_vocab: usize },
+    #[error("no tokens to decode")]
+    Empty,
+    #[error("{n} tokens exceed the batch limit of {max}")]
+    BatchTooLarge { n: usize, max: usize },
+    #[error("cannot truncate to {len} positions: the sequence has {n_past}")]
+    Truncate { len: usize, n_past: usize },
+    #[error("invalid options: {0}")]
+    Options(String),
+    #[error(transparent)]
+    Ggml(#[from] GgmlError),
+}
+
+/// Cache and batch geometry of a [`Runner`].
+#[derive(Debug, Clone)]
+pub struct RunnerOptions {
+    /// KV cells (positions, summed over all sequences)
+    pub n_cells: usize,
+    /// Most tokens in one graph
+    pub n_ubatch: usize,
+    /// KV cache element type (default: F32 for F32 models, F16 otherwise)
+    pub kv_type: Option<DType>,
+    /// Fused flash attention (default on)
+    pub flash_attn: Option<bool>,
+}
+
+/// Tokens of one step: token `i` is `tokens[i]` at position `pos[i]` of sequence `seq[i]`;
+/// logits are returned for the tokens with `out[i]`, in order.
+#[derive(Debug, Clone, Default)]
+pub struct UBatch {
+    pub tokens: Vec<u32>,
+    pub pos: Vec<u32>,
+    pub seq: Vec<SeqId>,
+    pub out: Vec<bool>,
+}
+
+impl UBatch {
+    pub fn push(&mut self, token: u32, pos: u32, seq: SeqId, out: bool) {
+        self.tokens.push(token);
+        self.pos.push(pos);
+        self.seq.push(seq);
+        self.out.push(out);
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    pub fn n_out(&self) -> usize {
+        self.out.iter().filter(|&&o| o).count()
+    }
+}
+
+/// What a step returns.
+pub struct StepOut {
+    /// One row per output token: logits (`n_vocab`) or, for embeddings, final hidden states
+    pub rows: Vec<Vec<f32>>,
+    /// With tracing: per layer (0 = embeddings), row-major `[n_tokens][n_embd]`
+    pub hidden: Vec<Vec<Vec<f32>>>,
+}
+
+pub struct Runner {
+    // Declared first: dropped before the model whose backend it uses.
+    sched: Sched,
+    pub(crate) kv: KvCache,
+    pub(crate) cells: KvCells,
+    n_ubatch: usize,
+    flash: bool,
+    model: Arc<Model>,
+}
+
+impl Runner {
+    pub fn new(model: Arc<Model>, opts: &RunnerOptions) -> Result<Runner, DecodeError> {
+        let hp = model.hparams();
+        let kv_type = opts.kv_type.unwrap_or(if model.dtype == DType::F32 { DType::F32 } else { DType::F16 });
+        let flash = opts.flash_attn.unwrap_or(true);
+        if kv_type.is_quantized() {
+            if !flash {
+                return Err(DecodeError::Options(format!(
+                    "a {} KV cache needs flash attention (the unfused path transposes V, which a block-quantized \
+                     type cannot do)",
+                    kv_type.name()
+                )));
+            }
+            if !hp.head_dim.is_multiple_of(kv_type.block_size()) {
+                return Err(DecodeError::Options(format!(
+                    "a {} KV cache needs head_dim divisible by {} (the model has {})",
+                    kv_type.name(),
+                    kv_type.block_size(),
+                    hp.head_dim
+                )));
+            }
+        }
+        let n_cells = opts.n_cells.max(1);
+        let kv = KvCache::new(&model.backend, hp.n_layer, hp.n_embd_kv(), hp.n_embd_kv(), n_cells, kv_type)?;
+        let sched = Sched::new(&[&model.backend], graph_size(hp.n_layer))?;
+        tracing::debug!(n_cells, kv_bytes = kv.bytes(), kv_type = kv_type.name(), "KV cache allocated");
+        Ok(Runner { sched, kv, cells: KvCells::new(n_cells), n_ubatch: opts.n_ubatch.max(1), flash, model })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn cells(&self) -> &KvCells {
+        &self.cells
+    }
+
+    pub fn kv(&self) -> &KvCache {
+        &self.kv
+    }
+
+    pub fn n_ubatch(&self) -> usize {
+        self.n_ubatch
+    }
+
+    pub fn flash_attn(&self) -> bool {
+        self.flash
+    }
+
+    /// Check token ids against the vocabulary.
+    pub fn check_tokens(&self, tokens: &[u32]) -> Result<(), DecodeError> {
+        let n_vocab = self.model.hparams().n_vocab;
+        match tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            Some(&token) => Err(DecodeError::TokenOutOfRange { token, n_vocab }),
+            None => Ok(()),
+        }
+    }
+
+    /// Compute one ubatch: write its K/V into free cells (recording them for their sequences)
+    /// and return the rows asked for. On error nothing is recorded.
+    pub fn run(&mut self, ub: &UBatch, trace: bool, embeddings: bool) -> Result<StepOut, DecodeError> {
+        let n = ub.len();
+        if n == 0 {
+            return Err(DecodeError::Empty);
+        }
+        if n > self.n_ubatch && !embeddings {
+            return Err(DecodeError::BatchTooLarge { n, max: self.n_ubatch });
+        }
+        self.check_tokens(&ub.tokens)?;
+        debug_assert!(ub.seq.iter().all(|&s| (s as usize) < MAX_SEQ));
+        let n_cells = self.cells.n_cells();
+        let slots = self.cells.find_slots(n).ok_or(DecodeError::CacheFull { need: n, free: self.cells.free(), n_cells })?;
+        for (i, &slot) in slots.iter().enumerate() {
+            self.cells.occupy(slot, ub.seq[i], ub.pos[i]);
+        }
+        let r = self.compute(ub, &slots, trace, embeddings);
+        if r.is_err() {
+            for &slot in &slots {
+                self.cells.release(slot);
+            }
+        }
+        r
+    }
+
+    fn compute(&mut self, ub: &UBatch, slots: &[u32], trace: bool, embeddings: bool) -> Result<StepOut, DecodeError> {
+        let hp = self.model.hparams().clone();
+        let n = ub.len();
+        let n_kv = self.cells.n_kv();
+        let out: Vec<i32> = (0..n as i32).filter(|&i| ub.out[i as usize]).collect();
+        let n_out = out.len().max(1);
+        let gsize = graph_size(hp.n_layer);
+        // Flash attention wants an F16 mask.
+        let mask_type = if self.flash { DType::F16 } else { DType::F32 };
+        let ctx = Context::new(2 * gsize, gsize)?;
+        let mut graph = ctx.new_graph(gsize);
+        let inp = StepInputs {
+            tokens: ctx.new_tensor(DType::I32, &[n as i64], "inp_tokens").set_input(),
+            pos: ctx.new_tensor(DType::I32, &[n as i64], "inp_pos").set_input(),
+            mask: ctx.new_tensor(mask_type, &[n_kv as i64, n as i64], "inp_mask").set_input(),
+            mask_swa: hp
+                .sliding_window
+                .map(|_| ctx.new_tensor(mask_type, &[n_kv as i64, n as i64], "inp_mask_swa").set_input()),
+            out_ids: ctx.new_tensor(DType::I32, &[n_out as i64], "inp_out_ids").set_input(),
+            kv_idxs: ctx.new_tensor(DType::I64, &[n as i64], "inp_kv_idxs").set_input(),
+        };
+        let mut f = Forward {
+            ctx: &ctx,
+            graph: &mut graph,
+            inp,
+            kv: &self.kv,
+            n_kv,
+            n_tokens: n,
+            taps: trace.then(Vec::new),
+            embeddings,
+            flash_attn: self.flash,
+        };
+        let result = self.model.arch.build(&mut f).set_output();
+        let taps = f.taps.take().unwrap_or_default();
+        graph.expand(result);
+
+        let _guard = self.model.compute_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.sched.reset();
+        self.sched.alloc(&graph)?;
+        let ids: Vec<i32> = ub.tokens.iter().map(|&t| t as i32).collect();
+        let pos: Vec<i32> = ub.pos.iter().map(|&p| p as i32).collect();
+        let out_ids: Vec<i32> = if out.is_empty() { vec![n as i32 - 1] } else { out.clone() };
+        let idxs: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
+        write_input(inp.tokens, |t| t.write_i32(&ids))?;
+        write_input(inp.pos, |t| t.write_i32(&pos))?;
+        write_input(inp.out_ids, |t| t.write_i32(&out_ids))?;
+        write_input(inp.kv_idxs, |t| t.write_i64(&idxs))?;
+        let who: Vec<(SeqId, u32)> = ub.seq.iter().copied().zip(ub.pos.iter().copied()).collect();
+        write_input(inp.mask, |t| write_mask(t, &self.cells.mask(&who, n_kv, None)))?;
+        if let Some(m) = inp.mask_swa {
+            write_input(m, |t| write_mask(t, &self.cells.mask(&who, n_kv, hp.sliding_window)))?;
+        }
+        self.sched.compute(&graph)?;
+
+        let rows = |t: Tensor, width: usize| -> Result<Vec<Vec<f32>>, GgmlError> {
+            Ok(t.read_f32()?.chunks(width).map(<[f32]>::to_vec).collect())
+        };
+        let width = if embeddings { hp.n_embd } else { hp.n_vocab };
+        let rows_out = if out.is_empty() { vec![] } else { rows(result, width)? };
+        let hidden = taps.into_iter().map(|t| rows(t, hp.n_embd)).collect::<Result<Vec<_>, _>>()?;
+        Ok(StepOut { rows: rows_out, hidden })
+    }
+
+    /// The tokens' cells of `seq`, in position order, as bytes (for a prompt-cache file).
+    pub fn read_seq(&self, seq: SeqId) -> Result<(Vec<u32>, Vec<u8>), GgmlError> {
+        let cells: Vec<u32> = self.cells.seq_cells(seq).into_iter().map(|(c, _)| c).collect();
+        let data = self.kv.read_cells(&cells)?;
+        Ok((cells, data))
+    }
+
+    /// Put `n` positions `0..n` of `seq` (bytes from [`Runner::read_seq`] of a cache with the
+    /// same geometry) into free cells.
+    pub fn write_seq(&mut self, seq: SeqId, n: usize, data: &[u8]) -> Result<(), DecodeError> {
+        let n_cells = self.cells.n_cells();
+        let slots = self.cells.find_slots(n).ok_or(DecodeError::CacheFull { need: n, free: self.cells.free(), n_cells })?;
+        self.kv.write_cells(&slots, data)?;
+        for (p, &slot) in slots.iter().enumerate() {
+            self.cells.occupy(slot, seq, p as u32);
+        }
+        Ok(())
+    }
+}
+
+fn write_input(t: Tensor, f: impl FnOnce(Tensor) -> Result<(), GgmlError>) -> Result<(), GgmlError> {
+    // An input the graph never reads (e.g. the full mask of an all-sliding model) gets no memory.
+    if t.has_memory() {
+        f(t)
+    } else {
+        Ok(())
+    }
+}
+
+fn write_mask(t: Tensor, m: &[f32]) -> Result<(), GgmlError> {
+    if t.dtype() == Some(DType::F16) {
+        t.write_f16(&m.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>())
+    } else {
+        t.write_f32(m)
+    }
+}
+
+/// Graph nodes needed for a model of `n_layer` layers (generous; nodes are cheap).
+fn graph_size(n_layer: usize) -> usize {
+    (n_layer * 64 + 512).max(2048)
+}
