@@ -3,9 +3,13 @@
 //!
 //! Layers (see ARCHITECTURE.md): [`ggml`] (the only `unsafe`), [`loader`], [`graph`] (shared
 //! blocks), [`models`] (one file per architecture), [`memory`] (KV cache), [`model`] and
-//! [`session`] (loaded weights; incremental decoding of one sequence), [`sampling`], [`cli`].
+//! [`runner`] (one model's KV cache and forward step over a batch of sequences), [`session`]
+//! (incremental decoding of one sequence), [`engine`] (continuous batching and prefix caching
+//! for many concurrent requests; `Send + Sync`), [`sampling`], [`runtime`] (wasm components),
+//! [`cli`].
 
 pub mod cli;
+pub mod engine;
 pub mod ggml;
 pub mod graph;
 pub mod loader;
@@ -17,5 +21,6 @@ pub mod runtime;
 pub mod sampling;
 pub mod session;
 
+pub use engine::{Engine, EngineOptions, GenerateRequest};
 pub use model::{Model, ModelOptions};
 pub use session::{Session, SessionOptions};

@@ -131,6 +131,16 @@ impl Runner {
         &self.cells
     }
 
+    /// Share positions `p0..p1` of `src` with `dst` (a fork; no copy).
+    pub fn seq_cp(&mut self, src: SeqId, dst: SeqId, p0: u32, p1: u32) {
+        self.cells.seq_cp(src, dst, p0, p1);
+    }
+
+    /// Drop positions `p0..p1` of `seq`; returns cells freed.
+    pub fn seq_rm(&mut self, seq: SeqId, p0: u32, p1: u32) -> usize {
+        self.cells.seq_rm(seq, p0, p1)
+    }
+
     pub fn kv(&self) -> &KvCache {
         &self.kv
     }
@@ -165,7 +175,8 @@ impl Runner {
         self.check_tokens(&ub.tokens)?;
         debug_assert!(ub.seq.iter().all(|&s| (s as usize) < MAX_SEQ));
         let n_cells = self.cells.n_cells();
-        let slots = self.cells.find_slots(n).ok_or(DecodeError::CacheFull { need: n, free: self.cells.free(), n_cells })?;
+        let slots =
+            self.cells.find_slots(n).ok_or(DecodeError::CacheFull { need: n, free: self.cells.free(), n_cells })?;
         for (i, &slot) in slots.iter().enumerate() {
             self.cells.occupy(slot, ub.seq[i], ub.pos[i]);
         }
@@ -252,7 +263,8 @@ impl Runner {
     /// same geometry) into free cells.
     pub fn write_seq(&mut self, seq: SeqId, n: usize, data: &[u8]) -> Result<(), DecodeError> {
         let n_cells = self.cells.n_cells();
-        let slots = self.cells.find_slots(n).ok_or(DecodeError::CacheFull { need: n, free: self.cells.free(), n_cells })?;
+        let slots =
+            self.cells.find_slots(n).ok_or(DecodeError::CacheFull { need: n, free: self.cells.free(), n_cells })?;
         self.kv.write_cells(&slots, data)?;
         for (p, &slot) in slots.iter().enumerate() {
             self.cells.occupy(slot, seq, p as u32);

@@ -142,6 +142,13 @@ impl KvCells {
         self.cells.iter().filter(|c| c.seqs.has(seq)).count()
     }
 
+    /// Cells held by any of `seqs`.
+    pub fn used_by(&self, seqs: &[SeqId]) -> usize {
+        let mut set = SeqSet::default();
+        seqs.iter().for_each(|&s| set.add(s));
+        self.cells.iter().filter(|c| c.seqs.0.iter().zip(&set.0).any(|(a, b)| a & b != 0)).count()
+    }
+
     /// `(cell, position)` of every cell of `seq`, in position order.
     pub fn seq_cells(&self, seq: SeqId) -> Vec<(u32, u32)> {
         let mut v: Vec<(u32, u32)> = (0..self.cells.len())
@@ -165,9 +172,7 @@ impl KvCells {
         for (i, &(seq, pos)) in tokens.iter().enumerate() {
             let row = &mut m[i * n_kv..(i + 1) * n_kv];
             for (j, c) in self.cells[..n_kv].iter().enumerate() {
-                let visible = c.seqs.has(seq)
-                    && c.pos <= pos
-                    && window.is_none_or(|w| (pos - c.pos) < w as u32);
+                let visible = c.seqs.has(seq) && c.pos <= pos && window.is_none_or(|w| (pos - c.pos) < w as u32);
                 if visible {
                     row[j] = 0.0;
                 }

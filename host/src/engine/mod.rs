@@ -1,0 +1,437 @@
+//! The serving core Rust applications embed: an [`Engine`] owns one model's KV cache and a
+//! compute thread that batches every active request into each step (continuous batching), and
+//! reuses cached prompt prefixes across requests.
+//!
+//! `Engine` is `Send + Sync`; share it with `Arc` and call [`Engine::generate`] from any number
+//! of threads. Each call returns a [`Generation`]: a stream of [`Event`]s (tokens, then one
+//! `Done`), cancellable from any thread. [`Engine::stats`] reports KV use, queue lengths,
+//! prefix-cache counters and throughput.
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use stllm::{Model, ModelOptions};
+//! # use stllm::engine::{Engine, EngineOptions, Event, GenerateRequest};
+//! let model = Arc::new(Model::load("path/to/model".as_ref(), &ModelOptions::default())?);
+//! let engine = Arc::new(Engine::new(model, EngineOptions::default())?);
+//! let g = engine.generate(GenerateRequest::greedy(vec![1, 2, 3], 16))?;
+//! for ev in g {
+//!     if let Event::Token(t) = ev { println!("{t}") }
+//! }
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+
+pub mod prefix;
+mod scheduler;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::ggml::DType;
+use crate::memory::cells::MAX_SEQ;
+use crate::model::Model;
+use crate::runner::{DecodeError, Runner, RunnerOptions};
+use crate::sampling::SamplingParams;
+
+/// How an engine is set up.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// KV cells shared by all sequences (positions in flight plus cached prefixes)
+    pub n_cells: usize,
+    /// Most tokens in one step (decode tokens plus prefill chunks)
+    pub n_batch: usize,
+    /// Most sequences computing at once; more requests wait in the queue
+    pub max_seqs: usize,
+    /// Longest sequence (prompt + output); default: the model's training context, capped by
+    /// `n_cells`
+    pub max_seq_len: Option<usize>,
+    /// KV cache element type (default: F32 for F32 models, F16 otherwise)
+    pub kv_type: Option<DType>,
+    /// Fused flash attention (default on)
+    pub flash_attn: Option<bool>,
+    /// Keep finished sequences' cells to reuse their prefixes
+    pub prefix_cache: bool,
+    /// Most cached prefixes kept (each is a sequence id of the cache)
+    pub prefix_cache_entries: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            n_cells: 8192,
+            n_batch: 512,
+            max_seqs: 64,
+            max_seq_len: None,
+            kv_type: None,
+            flash_attn: None,
+            prefix_cache: true,
+            prefix_cache_entries: 64,
+        }
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Tokens that end the generation (included in the output); `None`: the model's EOS tokens
+    pub stop_tokens: Option<Vec<u32>>,
+}
+
+impl GenerateRequest {
+    /// Greedy decoding of up to `max_tokens` after `prompt`, stopping at the model's EOS.
+    pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+        GenerateRequest { prompt, max_tokens, sampling: SamplingParams::default(), stop_tokens: None }
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token was generated
+    Stop,
+    /// `max_tokens`, or the sequence reached the engine's length limit
+    Length,
+    Cancelled,
+    /// The step computing it failed; the message says why
+    Error(String),
+}
+
+/// The summary sent with [`Event::Done`].
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    /// Prompt tokens taken from the prefix cache instead of computed
+    pub cached_tokens: usize,
+    pub generated: usize,
+    /// From submission to the first generated token
+    pub time_to_first_token: Option<Duration>,
+    pub elapsed: Duration,
+    /// Times the request was pre-empted (its cells freed, recomputed later) for memory
+    pub preemptions: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    Token(u32),
+    Done(Finished),
+}
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("the prompt has {prompt} tokens; this engine's sequences hold at most {max} (prompt + output)")]
+    PromptTooLong { prompt: usize, max: usize },
+    #[error("the engine has stopped: {0}")]
+    Stopped(String),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+/// A snapshot of the engine's state and counters.
+#[derive(Debug, Clone, Default)]
+pub struct EngineStats {
+    pub kv_cells: usize,
+    /// Cells holding any sequence (active or cached)
+    pub kv_cells_used: usize,
+    /// Cells held only by cached prefixes (freed first under memory pressure)
+    pub kv_cells_cached: usize,
+    pub kv_bytes: usize,
+    /// kv_cells_used / kv_cells
+    pub kv_utilisation: f64,
+    pub active: usize,
+    pub waiting: usize,
+    pub prefix_entries: usize,
+    pub prefix_hits: u64,
+    pub prefix_misses: u64,
+    /// Prompt tokens reused from the prefix cache
+    pub prefix_tokens_reused: u64,
+    /// Prompt tokens computed
+    pub prompt_tokens_computed: u64,
+    pub tokens_generated: u64,
+    pub requests_finished: u64,
+    pub steps: u64,
+    pub preemptions: u64,
+    /// Time spent computing steps
+    pub busy: Duration,
+    /// Generated tokens per second of busy time
+    pub decode_tokens_per_s: f64,
+}
+
+/// A request queued for the compute thread.
+struct Submit {
+    id: u64,
+    req: GenerateRequest,
+    stop: Vec<u32>,
+    tx: std::sync::mpsc::Sender<Event>,
+    cancel: Arc<AtomicBool>,
+    submitted: Instant,
+}
+
+#[derive(Default)]
+struct Inbox {
+    new: Vec<Submit>,
+    shutdown: bool,
+    /// Set when the compute thread died; new requests are refused with it.
+    dead: Option<String>,
+}
+
+struct Shared {
+    inbox: Mutex<Inbox>,
+    wake: Condvar,
+    stats: Mutex<EngineStats>,
+    cancels: Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    fn notify(&self) {
+        let _g = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        self.wake.notify_all();
+    }
+}
+
+/// One model served to many concurrent requests.
+pub struct Engine {
+    shared: Arc<Shared>,
+    model: Arc<Model>,
+    max_seq_len: usize,
+    eos: Vec<u32>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Allocate the KV cache and start the compute thread.
+    pub fn new(model: Arc<Model>, opts: EngineOptions) -> Result<Engine, EngineError> {
+        let hp = model.hparams();
+        let max_seqs = opts.max_seqs.max(1);
+        let entries = if opts.prefix_cache { opts.prefix_cache_entries } else { 0 };
+        if max_seqs + entries > MAX_SEQ {
+            return Err(EngineError::InvalidRequest(format!(
+                "max_seqs ({max_seqs}) + prefix_cache_entries ({entries}) exceed the {MAX_SEQ} sequences a cache tracks"
+            )));
+        }
+        let n_cells = opts.n_cells.max(1);
+        let max_seq_len = opts.max_seq_len.unwrap_or(hp.n_ctx_train).min(n_cells);
+        let runner = Runner::new(
+            model.clone(),
+            &RunnerOptions { n_cells, n_ubatch: opts.n_batch, kv_type: opts.kv_type, flash_attn: opts.flash_attn },
+        )?;
+        let shared = Arc::new(Shared {
+            inbox: Mutex::new(Inbox::default()),
+            wake: Condvar::new(),
+            stats: Mutex::new(EngineStats { kv_cells: n_cells, kv_bytes: runner.kv().bytes(), ..Default::default() }),
+            cancels: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        });
+        let cfg = scheduler::Config { max_seqs, max_seq_len, prefix_entries: entries };
+        let sh = shared.clone();
+        let worker = std::thread::Builder::new()
+            .name("stllm-engine".into())
+            .spawn(move || scheduler::run(runner, cfg, sh))
+            .map_err(|e| EngineError::Stopped(format!("cannot start the compute thread: {e}")))?;
+        tracing::info!(n_cells, max_seqs, max_seq_len, prefix_entries = entries, "engine started");
+        let eos = model.eos_tokens();
+        Ok(Engine { shared, model, max_seq_len, eos, worker: Some(worker) })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Longest sequence (prompt + output) a request may reach.
+    pub fn max_seq_len(&self) -> usize {
+        self.max_seq_len
+    }
+
+    /// Queue a request; tokens stream from the returned [`Generation`].
+    pub fn generate(&self, req: GenerateRequest) -> Result<Generation, EngineError> {
+        if req.prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("empty prompt".into()));
+        }
+        let n_vocab = self.model.hparams().n_vocab;
+        if let Some(t) = req.prompt.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(EngineError::InvalidRequest(format!("token id {t} is out of range (vocabulary of {n_vocab})")));
+        }
+        if req.prompt.len() >= self.max_seq_len {
+            return Err(EngineError::PromptTooLong { prompt: req.prompt.len(), max: self.max_seq_len });
+        }
+        req.sampling.validate().map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = req.stop_tokens.clone().unwrap_or_else(|| self.eos.clone());
+        if req.max_tokens == 0 {
+            let _ = tx.send(Event::Done(Finished {
+                reason: FinishReason::Length,
+                prompt_tokens: req.prompt.len(),
+                cached_tokens: 0,
+                generated: 0,
+                time_to_first_token: None,
+                elapsed: Duration::ZERO,
+                preemptions: 0,
+            }));
+            return Ok(Generation { id, rx, cancel, shared: self.shared.clone(), done: false });
+        }
+        {
+            let mut inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(why) = &inbox.dead {
+                return Err(EngineError::Stopped(why.clone()));
+            }
+            self.shared.cancels.lock().unwrap_or_else(|p| p.into_inner()).insert(id, cancel.clone());
+            inbox.new.push(Submit { id, req, stop, tx, cancel: cancel.clone(), submitted: Instant::now() });
+            self.shared.wake.notify_all();
+        }
+        Ok(Generation { id, rx, cancel, shared: self.shared.clone(), done: false })
+    }
+
+    /// Cancel a request by id (no-op if it has finished). Its cells are freed at the next step.
+    pub fn cancel(&self, id: u64) -> bool {
+        let flag = self.shared.cancels.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned();
+        match flag {
+            Some(f) => {
+                f.store(true, Ordering::Relaxed);
+                self.shared.notify();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Block until no request is active or waiting (or `timeout` passes); true if idle.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let t0 = Instant::now();
+        loop {
+            let s = self.stats();
+            let queued = !self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner()).new.is_empty();
+            if s.active == 0 && s.waiting == 0 && !queued {
+                return true;
+            }
+            if t0.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        {
+            let mut inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+            inbox.shutdown = true;
+            self.shared.wake.notify_all();
+        }
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A request in flight: iterate it for [`Event`]s (the last is `Done`).
+pub struct Generation {
+    id: u64,
+    rx: Receiver<Event>,
+    cancel: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation").field("id", &self.id).field("done", &self.done).finish()
+    }
+}
+
+impl Generation {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Ask the engine to stop this request; a `Done` with `Cancelled` follows.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        self.shared.notify();
+    }
+
+    /// Next event, waiting at most `timeout`; `None` on timeout or after `Done`.
+    pub fn next_timeout(&mut self, timeout: Duration) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        match self.rx.recv_timeout(timeout) {
+            Ok(ev) => {
+                self.done = matches!(ev, Event::Done(_));
+                Some(ev)
+            }
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => self.engine_gone(),
+        }
+    }
+
+    fn engine_gone(&mut self) -> Option<Event> {
+        self.done = true;
+        let why = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner()).dead.clone();
+        Some(Event::Done(Finished {
+            reason: FinishReason::Error(why.unwrap_or_else(|| "the engine stopped".into())),
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            generated: 0,
+            time_to_first_token: None,
+            elapsed: Duration::ZERO,
+            preemptions: 0,
+        }))
+    }
+
+    /// Wait for the end; the generated tokens and the summary.
+    pub fn wait(self) -> (Vec<u32>, Finished) {
+        let mut tokens = Vec::new();
+        for ev in self {
+            match ev {
+                Event::Token(t) => tokens.push(t),
+                Event::Done(f) => return (tokens, f),
+            }
+        }
+        unreachable!("a generation always ends with Done")
+    }
+}
+
+impl Iterator for Generation {
+    type Item = Event;
+
+    fn next(&mut self) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        match self.rx.recv() {
+            Ok(ev) => {
+                self.done = matches!(ev, Event::Done(_));
+                Some(ev)
+            }
+            Err(_) => self.engine_gone(),
+        }
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // Nobody listens any more: free the request's cells.
+        if !self.done {
+            self.cancel();
+        }
+        self.shared.cancels.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
+}

@@ -1,0 +1,189 @@
+//! The automatic prefix cache: finished sequences leave their KV cells behind under a cache
+//! entry (a sequence id the cache owns), indexed by chained hashes of their token blocks. A new
+//! request looks up the longest cached prefix of its prompt and shares those cells instead of
+//! recomputing them; entries are evicted least-recently-used when cells or ids run short.
+//!
+//! Block `i` of a token list hashes the hash of block `i-1` with its own tokens, so one hash
+//! names a whole prefix; a hit is verified token by token (a hash collision costs a miss, never
+//! a wrong answer) and extended token by token past the last whole block.
+
+use std::collections::HashMap;
+
+use crate::memory::cells::SeqId;
+
+/// Tokens per hashed block.
+pub const BLOCK: usize = 16;
+
+struct Entry {
+    seq: SeqId,
+    tokens: Vec<u32>,
+    hashes: Vec<u64>,
+    last_used: u64,
+}
+
+/// A cache hit: share positions `0..len` of `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    pub entry: u64,
+    pub seq: SeqId,
+    pub len: usize,
+}
+
+#[derive(Default)]
+pub struct PrefixCache {
+    entries: HashMap<u64, Entry>,
+    /// Block-chain hash -> entries having that prefix
+    index: HashMap<u64, Vec<u64>>,
+    next_id: u64,
+    clock: u64,
+}
+
+fn block_hashes(tokens: &[u32]) -> Vec<u64> {
+    let mut h: u64 = 0xcbf29ce484222325;
+    tokens
+        .chunks_exact(BLOCK)
+        .map(|b| {
+            for &t in b {
+                for byte in t.to_le_bytes() {
+                    h ^= byte as u64;
+                    h = h.wrapping_mul(0x100000001b3);
+                }
+            }
+            h
+        })
+        .collect()
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl PrefixCache {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry sharing the longest prefix with `tokens` (at least one whole block).
+    pub fn lookup(&self, tokens: &[u32]) -> Option<Hit> {
+        let mut best: Option<&Vec<u64>> = None;
+        for h in block_hashes(tokens) {
+            match self.index.get(&h) {
+                Some(ids) => best = Some(ids),
+                None => break,
+            }
+        }
+        best?
+            .iter()
+            .map(|id| (id, &self.entries[id]))
+            .map(|(&id, e)| Hit { entry: id, seq: e.seq, len: common_prefix(&e.tokens, tokens) })
+            .filter(|h| h.len >= BLOCK)
+            .max_by_key(|h| (h.len, self.entries[&h.entry].last_used))
+    }
+
+    /// Mark an entry used now.
+    pub fn touch(&mut self, entry: u64) {
+        self.clock += 1;
+        if let Some(e) = self.entries.get_mut(&entry) {
+            e.last_used = self.clock;
+        }
+    }
+
+    /// Cache `tokens` held by `seq`. Returns the sequences whose cells the caller must free:
+    /// `seq` itself when an entry already covers `tokens` (or they are shorter than a block),
+    /// and entries the new one makes redundant (their tokens are a prefix of `tokens`).
+    pub fn insert(&mut self, seq: SeqId, tokens: Vec<u32>) -> Vec<SeqId> {
+        if tokens.len() < BLOCK || self.lookup(&tokens).is_some_and(|h| h.len == tokens.len()) {
+            return vec![seq];
+        }
+        let covered: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens))
+            .map(|(&id, _)| id)
+            .collect();
+        let mut freed: Vec<SeqId> = covered.into_iter().filter_map(|id| self.remove(id)).collect();
+        let id = self.next_id;
+        self.next_id += 1;
+        self.clock += 1;
+        let hashes = block_hashes(&tokens);
+        for &h in &hashes {
+            self.index.entry(h).or_default().push(id);
+        }
+        self.entries.insert(id, Entry { seq, tokens, hashes, last_used: self.clock });
+        freed.sort_unstable();
+        freed
+    }
+
+    /// Remove an entry; returns the sequence whose cells the caller must free.
+    pub fn remove(&mut self, id: u64) -> Option<SeqId> {
+        let e = self.entries.remove(&id)?;
+        for h in &e.hashes {
+            if let Some(ids) = self.index.get_mut(h) {
+                ids.retain(|&x| x != id);
+                if ids.is_empty() {
+                    self.index.remove(h);
+                }
+            }
+        }
+        Some(e.seq)
+    }
+
+    /// Evict the least recently used entry other than `keep`; returns its sequence.
+    pub fn evict_lru(&mut self, keep: Option<u64>) -> Option<SeqId> {
+        let id = self
+            .entries
+            .iter()
+            .filter(|(&id, _)| Some(id) != keep)
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(&id, _)| id)?;
+        self.remove(id)
+    }
+
+    /// Sequence ids of all entries.
+    pub fn seqs(&self) -> Vec<SeqId> {
+        self.entries.values().map(|e| e.seq).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toks(n: usize, salt: u32) -> Vec<u32> {
+        (0..n as u32).map(|i| i * 7 + salt).collect()
+    }
+
+    #[test]
+    fn longest_prefix_wins_and_extends_past_the_last_block() {
+        let mut c = PrefixCache::default();
+        let a = toks(40, 0);
+        assert!(c.insert(1, a.clone()).is_empty());
+        let mut q = a[..37].to_vec();
+        q.extend([9999, 9998]);
+        assert_eq!(c.lookup(&q), Some(Hit { entry: 0, seq: 1, len: 37 }));
+        assert_eq!(c.lookup(&toks(40, 1)), None, "different tokens miss");
+        assert_eq!(c.lookup(&a[..10]), None, "less than a block is not worth sharing");
+    }
+
+    #[test]
+    fn redundant_entries_are_dropped_and_lru_evicts_oldest() {
+        let mut c = PrefixCache::default();
+        let a = toks(20, 0);
+        c.insert(1, a.clone());
+        assert_eq!(c.insert(2, a[..18].to_vec()), vec![2], "already covered");
+        let mut longer = a.clone();
+        longer.extend(toks(20, 3));
+        assert_eq!(c.insert(3, longer), vec![1], "the shorter entry is covered by the longer");
+        c.insert(4, toks(32, 5));
+        assert_eq!(c.len(), 2);
+        c.touch(c.lookup(&a).unwrap().entry);
+        assert_eq!(c.evict_lru(None), Some(4));
+        assert_eq!(c.evict_lru(None), Some(3));
+        assert_eq!(c.evict_lru(None), None);
+        assert!(c.index.is_empty());
+    }
+}

@@ -1,0 +1,404 @@
+//! The compute loop of an [`super::Engine`]: one thread owns the [`Runner`]; each step it
+//!
+//! 1. takes new requests and drops cancelled ones (freeing their cells);
+//! 2. admits waiting requests while sequences and cells allow, sharing the longest cached
+//!    prefix of each prompt (see [`super::prefix`]);
+//! 3. packs one token of every decoding sequence, then chunks of pending prompts, into one
+//!    ubatch of at most `n_batch` tokens — evicting cached prefixes, then pre-empting the
+//!    youngest sequence (to be recomputed later), when cells run short;
+//! 4. runs the graph and hands each sequence its token.
+//!
+//! Sequences only see their own cells (the mask), so a sequence's logits do not depend on what
+//! it was batched with.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::prefix::PrefixCache;
+use super::{Event, FinishReason, Finished, Shared, Submit};
+use crate::memory::cells::{SeqId, MAX_SEQ};
+use crate::runner::{Runner, UBatch};
+use crate::sampling::{sample_logits, Sampler};
+
+pub(super) struct Config {
+    pub max_seqs: usize,
+    pub max_seq_len: usize,
+    pub prefix_entries: usize,
+}
+
+/// A request, waiting (no `seq`) or active.
+struct Req {
+    sub: Submit,
+    sampler: Sampler,
+    /// The sequence's cache id while active
+    seq: Option<SeqId>,
+    /// Tokens whose K/V are in the cache (positions `0..cached.len()`)
+    cached: Vec<u32>,
+    /// Tokens to compute next: the rest of the prompt, or the last sampled token
+    pending: Vec<u32>,
+    /// Prompt and output so far (penalties)
+    history: Vec<u32>,
+    generated: usize,
+    prompt_len: usize,
+    cached_tokens: usize,
+    first_token: Option<Duration>,
+    preemptions: usize,
+    /// Admission order (the youngest is pre-empted first)
+    admitted: u64,
+}
+
+impl Req {
+    fn decoding(&self) -> bool {
+        self.generated > 0 && self.pending.len() == 1
+    }
+
+    fn finish(&self, reason: FinishReason) {
+        let _ = self.sub.tx.send(Event::Done(Finished {
+            reason,
+            prompt_tokens: self.prompt_len,
+            cached_tokens: self.cached_tokens,
+            generated: self.generated,
+            time_to_first_token: self.first_token,
+            elapsed: self.sub.submitted.elapsed(),
+            preemptions: self.preemptions,
+        }));
+    }
+}
+
+struct Sched {
+    runner: Runner,
+    cfg: Config,
+    shared: Arc<Shared>,
+    waiting: VecDeque<Req>,
+    active: Vec<Req>,
+    prefix: PrefixCache,
+    free_ids: Vec<SeqId>,
+    admitted: u64,
+}
+
+pub(super) fn run(runner: Runner, cfg: Config, shared: Arc<Shared>) {
+    let mut s = Sched {
+        runner,
+        cfg,
+        shared: shared.clone(),
+        waiting: VecDeque::new(),
+        active: Vec::new(),
+        prefix: PrefixCache::default(),
+        free_ids: (0..MAX_SEQ as SeqId).rev().collect(),
+        admitted: 0,
+    };
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.main_loop()));
+    if let Err(p) = r {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into());
+        let why = format!("the engine's compute thread failed: {msg}");
+        tracing::error!("{why}");
+        let mut inbox = shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        inbox.dead = Some(why);
+        // Dropping the queued senders ends their generations with the error.
+        inbox.new.clear();
+    }
+}
+
+impl Sched {
+    fn main_loop(&mut self) {
+        loop {
+            // 1. new requests, or sleep until there are some.
+            {
+                let mut inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+                while !inbox.shutdown && inbox.new.is_empty() && self.active.is_empty() && self.waiting.is_empty() {
+                    inbox = self.shared.wake.wait(inbox).unwrap_or_else(|p| p.into_inner());
+                }
+                if inbox.shutdown {
+                    drop(inbox);
+                    for r in self.active.drain(..).chain(self.waiting.drain(..)) {
+                        r.finish(FinishReason::Cancelled);
+                    }
+                    return;
+                }
+                for sub in inbox.new.drain(..) {
+                    self.waiting.push_back(new_req(sub));
+                }
+            }
+            self.reap_cancelled();
+            self.admit();
+            self.step();
+            self.publish_stats();
+        }
+    }
+
+    fn reap_cancelled(&mut self) {
+        let cancelled = |r: &Req| r.sub.cancel.load(Ordering::Relaxed);
+        let mut i = 0;
+        while i < self.active.len() {
+            if cancelled(&self.active[i]) {
+                let r = self.active.swap_remove(i);
+                self.retire(r, FinishReason::Cancelled);
+            } else {
+                i += 1;
+            }
+        }
+        self.waiting.retain(|r| {
+            if cancelled(r) {
+                r.finish(FinishReason::Cancelled);
+                self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).requests_finished += 1;
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Free a sequence id and every cell only it holds.
+    fn free_seq(&mut self, seq: SeqId) {
+        self.runner.cells.seq_rm(seq, 0, u32::MAX);
+        self.free_ids.push(seq);
+    }
+
+    /// End an active request: report, then keep its cells as a cached prefix or free them.
+    fn retire(&mut self, mut r: Req, reason: FinishReason) {
+        r.finish(reason);
+        self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).requests_finished += 1;
+        let Some(seq) = r.seq.take() else { return };
+        if self.cfg.prefix_entries == 0 {
+            self.free_seq(seq);
+            return;
+        }
+        while self.prefix.len() >= self.cfg.prefix_entries {
+            match self.prefix.evict_lru(None) {
+                Some(old) => self.free_seq(old),
+                None => break,
+            }
+        }
+        for s in self.prefix.insert(seq, std::mem::take(&mut r.cached)) {
+            self.free_seq(s);
+        }
+    }
+
+    /// Evict the least recently used cached prefix; false if there is none.
+    fn evict_one(&mut self, keep: Option<u64>) -> bool {
+        match self.prefix.evict_lru(keep) {
+            Some(seq) => {
+                self.free_seq(seq);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn admit(&mut self) {
+        while self.active.len() < self.cfg.max_seqs && !self.free_ids.is_empty() {
+            let Some(front) = self.waiting.front() else { break };
+            let hit = self.prefix.lookup(&front.pending);
+            // Reuse at most all but the last prompt token: its logits must be computed.
+            let reuse = hit.map_or(0, |h| h.len.min(front.pending.len() - 1));
+            let need = front.pending.len() - reuse;
+            // Keep a cell of headroom per active sequence so admitted work can decode.
+            let headroom = self.active.len() + 1;
+            while self.runner.cells.free() < need + headroom && self.evict_one(hit.map(|h| h.entry)) {}
+            if self.runner.cells.free() < need + headroom && !self.active.is_empty() {
+                break; // wait for memory
+            }
+            let mut r = self.waiting.pop_front().expect("front exists");
+            let seq = self.free_ids.pop().expect("checked");
+            r.seq = Some(seq);
+            self.admitted += 1;
+            r.admitted = self.admitted;
+            let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+            match hit {
+                Some(h) if reuse > 0 => {
+                    self.runner.cells.seq_cp(h.seq, seq, 0, reuse as u32);
+                    self.prefix.touch(h.entry);
+                    r.cached = r.pending.drain(..reuse).collect();
+                    if r.generated == 0 {
+                        r.cached_tokens = reuse;
+                    }
+                    st.prefix_hits += 1;
+                    st.prefix_tokens_reused += reuse as u64;
+                }
+                _ => st.prefix_misses += 1,
+            }
+            drop(st);
+            self.active.push(r);
+        }
+    }
+
+    /// Pre-empt the youngest active request: free its cells and queue it first to be
+    /// recomputed (its prompt becomes everything it has so far).
+    fn preempt_youngest(&mut self) {
+        let Some(i) = (0..self.active.len()).max_by_key(|&i| self.active[i].admitted) else { return };
+        let mut r = self.active.swap_remove(i);
+        if let Some(seq) = r.seq.take() {
+            self.free_seq(seq);
+        }
+        let mut all = std::mem::take(&mut r.cached);
+        all.append(&mut r.pending);
+        r.pending = all;
+        r.preemptions += 1;
+        self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).preemptions += 1;
+        tracing::debug!(request = r.sub.id, tokens = r.pending.len(), "pre-empted for memory");
+        self.waiting.push_front(r);
+    }
+
+    fn step(&mut self) {
+        // Sequences at the length limit end here.
+        let mut i = 0;
+        while i < self.active.len() {
+            let r = &self.active[i];
+            if r.cached.len() + r.pending.len() > self.cfg.max_seq_len {
+                let r = self.active.swap_remove(i);
+                self.retire(r, FinishReason::Length);
+            } else {
+                i += 1;
+            }
+        }
+        if self.active.is_empty() {
+            return;
+        }
+        // Room for one token per decoding sequence: evict cached prefixes, then pre-empt.
+        loop {
+            let decoding = self.active.iter().filter(|r| r.decoding()).count();
+            if self.runner.cells.free() >= decoding.max(1) {
+                break;
+            }
+            if self.evict_one(None) {
+                continue;
+            }
+            if self.active.len() == 1 {
+                // Alone and still out of cells: the cache cannot hold this sequence.
+                let r = self.active.pop().expect("one");
+                self.retire(r, FinishReason::Error("the KV cache is too small for this sequence".into()));
+                return;
+            }
+            self.preempt_youngest();
+        }
+        // Prefill wants more cells: evict cached prefixes (never pre-empt for prefill).
+        let want: usize = self.active.iter().map(|r| r.pending.len()).sum::<usize>().min(self.runner.n_ubatch());
+        while self.runner.cells.free() < want && self.evict_one(None) {}
+
+        let budget = self.runner.n_ubatch().min(self.runner.cells.free());
+        // Decode tokens first (latency), then prompt chunks in admission order.
+        let mut order: Vec<usize> = (0..self.active.len()).collect();
+        order.sort_by_key(|&i| (!self.active[i].decoding(), self.active[i].admitted));
+        let mut ub = UBatch::default();
+        // (request index, tokens taken, whether its last token is an output)
+        let mut parts: Vec<(usize, usize, bool)> = Vec::new();
+        for i in order {
+            let room = budget - ub.len();
+            if room == 0 {
+                break;
+            }
+            let r = &self.active[i];
+            let take = r.pending.len().min(room);
+            let completes = take == r.pending.len();
+            let seq = r.seq.expect("active");
+            let p0 = r.cached.len() as u32;
+            for (j, &t) in r.pending[..take].iter().enumerate() {
+                ub.push(t, p0 + j as u32, seq, completes && j + 1 == take);
+            }
+            parts.push((i, take, completes));
+        }
+        if ub.is_empty() {
+            return;
+        }
+        let t0 = Instant::now();
+        let out = self.runner.run(&ub, false, false);
+        let dt = t0.elapsed();
+        let rows = match out {
+            Ok(o) => o.rows,
+            Err(e) => {
+                // The step failed as a whole: fail the requests in it, keep serving the rest.
+                tracing::error!(error = %e, "step failed");
+                let mut idx: Vec<usize> = parts.iter().map(|p| p.0).collect();
+                idx.sort_unstable_by(|a, b| b.cmp(a));
+                for i in idx {
+                    let r = self.active.swap_remove(i);
+                    self.retire(r, FinishReason::Error(e.to_string()));
+                }
+                return;
+            }
+        };
+        let mut rows = rows.into_iter();
+        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
+        let (mut n_prompt, mut n_gen) = (0u64, 0u64);
+        for (i, take, completes) in parts {
+            let r = &mut self.active[i];
+            let computed: Vec<u32> = r.pending.drain(..take).collect();
+            if r.generated == 0 {
+                n_prompt += take as u64;
+            }
+            r.cached.extend(computed);
+            if !completes {
+                continue;
+            }
+            let logits = rows.next().expect("one row per completing sequence");
+            let t = sample_logits(&mut r.sampler, &logits, &r.history);
+            r.history.push(t);
+            r.generated += 1;
+            n_gen += 1;
+            if r.first_token.is_none() {
+                r.first_token = Some(r.sub.submitted.elapsed());
+            }
+            r.pending.push(t);
+            let listening = r.sub.tx.send(Event::Token(t)).is_ok();
+            if !listening {
+                finished.push((i, FinishReason::Cancelled));
+            } else if r.sub.stop.contains(&t) {
+                finished.push((i, FinishReason::Stop));
+            } else if r.generated >= r.sub.req.max_tokens {
+                finished.push((i, FinishReason::Length));
+            }
+        }
+        {
+            let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+            st.steps += 1;
+            st.busy += dt;
+            st.prompt_tokens_computed += n_prompt;
+            st.tokens_generated += n_gen;
+        }
+        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for (i, reason) in finished {
+            let r = self.active.swap_remove(i);
+            self.retire(r, reason);
+        }
+    }
+
+    fn publish_stats(&self) {
+        let cells = &self.runner.cells;
+        let active_seqs: Vec<SeqId> = self.active.iter().filter_map(|r| r.seq).collect();
+        let active_cells = cells.used_by(&active_seqs);
+        let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+        st.kv_cells_used = cells.used();
+        st.kv_cells_cached = cells.used() - active_cells;
+        st.kv_utilisation = cells.used() as f64 / cells.n_cells() as f64;
+        st.active = self.active.len();
+        st.waiting = self.waiting.len();
+        st.prefix_entries = self.prefix.len();
+        let busy = st.busy.as_secs_f64();
+        st.decode_tokens_per_s = if busy > 0.0 { st.tokens_generated as f64 / busy } else { 0.0 };
+    }
+}
+
+fn new_req(sub: Submit) -> Req {
+    let sampler = Sampler::new(sub.req.sampling.clone());
+    let prompt = sub.req.prompt.clone();
+    Req {
+        sampler,
+        seq: None,
+        cached: Vec::new(),
+        pending: prompt.clone(),
+        history: prompt.clone(),
+        generated: 0,
+        prompt_len: prompt.len(),
+        cached_tokens: 0,
+        first_token: None,
+        preemptions: 0,
+        admitted: 0,
+        sub,
+    }
+}
