@@ -315,7 +315,7 @@ impl Sched {
                 // The step failed as a whole: fail the requests in it, keep serving the rest.
                 tracing::error!(error = %e, "step failed");
                 let mut idx: Vec<usize> = parts.iter().map(|p| p.0).collect();
-                idx.sort_unstable_by(|a, b| b.cmp(a));
+                idx.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
                 for i in idx {
                     let r = self.active.swap_remove(i);
                     self.retire(r, FinishReason::Error(e.to_string()));
@@ -361,7 +361,7 @@ impl Sched {
             st.prompt_tokens_computed += n_prompt;
             st.tokens_generated += n_gen;
         }
-        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
             let r = self.active.swap_remove(i);
             self.retire(r, reason);
