@@ -479,8 +479,8 @@ fn runtime_with_model(m: &ModelArgs, p: &PolicyArgs) -> Result<(Runtime, bool)> 
     if handle.tokenizer_json.is_none() {
         bail!("{}: no tokenizer.json (needed for text; `stllm generate` takes token ids)", m.model.display());
     }
-    handle.session.kv_type = m.kv_type.as_deref().map(parse_kv_type).transpose()?;
-    handle.session.n_batch = m.batch;
+    handle.engine_options.kv_type = m.kv_type.as_deref().map(parse_kv_type).transpose()?;
+    handle.engine_options.n_batch = m.batch;
     let chat = handle
         .tokenizer_config_json
         .as_deref()

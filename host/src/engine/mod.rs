@@ -148,8 +148,11 @@ pub struct EngineStats {
     pub kv_bytes: usize,
     /// kv_cells_used / kv_cells
     pub kv_utilisation: f64,
+    /// Requests being computed
     pub active: usize,
     pub waiting: usize,
+    /// Open externally driven sequences ([`Sequence`], e.g. guests' `sequence`s)
+    pub sequences: usize,
     pub prefix_entries: usize,
     pub prefix_hits: u64,
     pub prefix_misses: u64,
@@ -177,9 +180,21 @@ struct Submit {
     submitted: Instant,
 }
 
+type Reply<T> = std::sync::mpsc::Sender<Result<T, DecodeError>>;
+
+/// Operations on externally driven sequences ([`Sequence`]).
+enum ExtOp {
+    Open { id: u64, reply: Reply<()> },
+    Fork { src: u64, id: u64, reply: Reply<()> },
+    Truncate { id: u64, len: usize, reply: Reply<()> },
+    Decode { id: u64, tokens: Vec<u32>, all: bool, reply: Reply<Vec<Vec<f32>>> },
+    Close { id: u64 },
+}
+
 #[derive(Default)]
 struct Inbox {
     new: Vec<Submit>,
+    ops: Vec<ExtOp>,
     shutdown: bool,
     /// Set when the compute thread died; new requests are refused with it.
     dead: Option<String>,
@@ -325,6 +340,113 @@ impl Engine {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+}
+
+impl Engine {
+    fn send_op(&self, op: ExtOp) -> Result<(), DecodeError> {
+        let mut inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = &inbox.dead {
+            return Err(DecodeError::Options(why.clone()));
+        }
+        inbox.ops.push(op);
+        self.shared.wake.notify_all();
+        Ok(())
+    }
+
+    fn call<T>(&self, op: impl FnOnce(Reply<T>) -> ExtOp) -> Result<T, DecodeError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send_op(op(tx))?;
+        rx.recv().unwrap_or_else(|_| Err(DecodeError::Options("the engine stopped".into())))
+    }
+
+    /// Open a sequence driven by the caller (decode / fork / truncate), as guests' `sequence`
+    /// resources are: its steps are batched with every other request's. `max_len` caps its
+    /// positions (0: the engine's limit).
+    pub fn open_sequence(self: &Arc<Self>, max_len: usize) -> Result<Sequence, DecodeError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        self.call(|reply| ExtOp::Open { id, reply })?;
+        let max_len = if max_len == 0 { self.max_seq_len } else { max_len.min(self.max_seq_len) };
+        Ok(Sequence { id, engine: self.clone(), len: 0, max_len })
+    }
+}
+
+/// A sequence the caller drives one call at a time (see [`Engine::open_sequence`]). Its cells
+/// stay in the engine's cache between calls; dropping it frees them (or leaves them to the
+/// prefix cache).
+pub struct Sequence {
+    id: u64,
+    engine: Arc<Engine>,
+    len: usize,
+    max_len: usize,
+}
+
+impl std::fmt::Debug for Sequence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequence").field("id", &self.id).field("len", &self.len).finish()
+    }
+}
+
+impl Sequence {
+    /// Append `tokens`; the logits of the last one, or of each with `Logits::All`. Blocks until
+    /// the engine's step that completes them.
+    pub fn decode(&mut self, tokens: &[u32], which: crate::session::Logits) -> Result<Vec<Vec<f32>>, DecodeError> {
+        if tokens.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        let n_vocab = self.engine.model.hparams().n_vocab;
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(DecodeError::TokenOutOfRange { token, n_vocab });
+        }
+        let need = self.len + tokens.len();
+        if need > self.max_len {
+            return Err(DecodeError::ContextFull { need, n_ctx: self.max_len });
+        }
+        let all = which == crate::session::Logits::All;
+        let id = self.id;
+        let tokens = tokens.to_vec();
+        let rows = self.engine.call(|reply| ExtOp::Decode { id, tokens, all, reply })?;
+        self.len = need;
+        Ok(rows)
+    }
+
+    /// A new sequence sharing this one's cells (no copy).
+    pub fn fork(&self) -> Result<Sequence, DecodeError> {
+        let id = self.engine.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let src = self.id;
+        self.engine.call(|reply| ExtOp::Fork { src, id, reply })?;
+        Ok(Sequence { id, engine: self.engine.clone(), len: self.len, max_len: self.max_len })
+    }
+
+    /// Keep the first `len` positions.
+    pub fn truncate(&mut self, len: usize) -> Result<(), DecodeError> {
+        let id = self.id;
+        self.engine.call(|reply| ExtOp::Truncate { id, len, reply })?;
+        self.len = len;
+        Ok(())
+    }
+
+    /// Positions so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+}
+
+impl Drop for Sequence {
+    fn drop(&mut self) {
+        let _ = self.engine.send_op(ExtOp::Close { id: self.id });
     }
 }
 

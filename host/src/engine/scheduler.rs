@@ -16,10 +16,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
 use super::prefix::PrefixCache;
-use super::{Event, FinishReason, Finished, Shared, Submit};
+use super::{Event, ExtOp, FinishReason, Finished, Shared, Submit};
 use crate::memory::cells::{SeqId, MAX_SEQ};
-use crate::runner::{Runner, UBatch};
+use crate::runner::{DecodeError, Runner, UBatch};
 use crate::sampling::{sample_logits, Sampler};
 
 pub(super) struct Config {
@@ -67,6 +69,26 @@ impl Req {
     }
 }
 
+/// A sequence driven from outside (a guest's `sequence`, or [`super::Sequence`]): it computes
+/// what it is given, joins steps like any request, and keeps its cells between calls.
+struct Ext {
+    seq: SeqId,
+    cached: Vec<u32>,
+    pending: Vec<u32>,
+    /// Return a row per pending token (else only the last)
+    all: bool,
+    rows: Vec<Vec<f32>>,
+    reply: Option<std::sync::mpsc::Sender<Result<Vec<Vec<f32>>, DecodeError>>>,
+    admitted: u64,
+}
+
+/// Who a part of a ubatch belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Who {
+    Gen(usize),
+    Ext(u64),
+}
+
 struct Sched {
     runner: Runner,
     cfg: Config,
@@ -76,6 +98,7 @@ struct Sched {
     prefix: PrefixCache,
     free_ids: Vec<SeqId>,
     admitted: u64,
+    ext: HashMap<u64, Ext>,
 }
 
 pub(super) fn run(runner: Runner, cfg: Config, shared: Arc<Shared>) {
@@ -88,6 +111,7 @@ pub(super) fn run(runner: Runner, cfg: Config, shared: Arc<Shared>) {
         prefix: PrefixCache::default(),
         free_ids: (0..MAX_SEQ as SeqId).rev().collect(),
         admitted: 0,
+        ext: HashMap::new(),
     };
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.main_loop()));
     if let Err(p) = r {
@@ -111,7 +135,13 @@ impl Sched {
             // 1. new requests, or sleep until there are some.
             {
                 let mut inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
-                while !inbox.shutdown && inbox.new.is_empty() && self.active.is_empty() && self.waiting.is_empty() {
+                while !inbox.shutdown
+                    && inbox.new.is_empty()
+                    && inbox.ops.is_empty()
+                    && self.active.is_empty()
+                    && self.waiting.is_empty()
+                    && !self.ext.values().any(|e| !e.pending.is_empty())
+                {
                     inbox = self.shared.wake.wait(inbox).unwrap_or_else(|p| p.into_inner());
                 }
                 if inbox.shutdown {
@@ -119,10 +149,20 @@ impl Sched {
                     for r in self.active.drain(..).chain(self.waiting.drain(..)) {
                         r.finish(FinishReason::Cancelled);
                     }
+                    for e in self.ext.values_mut() {
+                        if let Some(tx) = e.reply.take() {
+                            let _ = tx.send(Err(DecodeError::Options("the engine is shutting down".into())));
+                        }
+                    }
                     return;
                 }
                 for sub in inbox.new.drain(..) {
                     self.waiting.push_back(new_req(sub));
+                }
+                let ops: Vec<ExtOp> = inbox.ops.drain(..).collect();
+                drop(inbox);
+                for op in ops {
+                    self.ext_op(op);
                 }
             }
             self.reap_cancelled();
@@ -165,19 +205,7 @@ impl Sched {
         r.finish(reason);
         self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).requests_finished += 1;
         let Some(seq) = r.seq.take() else { return };
-        if self.cfg.prefix_entries == 0 {
-            self.free_seq(seq);
-            return;
-        }
-        while self.prefix.len() >= self.cfg.prefix_entries {
-            match self.prefix.evict_lru(None) {
-                Some(old) => self.free_seq(old),
-                None => break,
-            }
-        }
-        for s in self.prefix.insert(seq, std::mem::take(&mut r.cached)) {
-            self.free_seq(s);
-        }
+        self.cache_or_free(seq, std::mem::take(&mut r.cached));
     }
 
     /// Evict the least recently used cached prefix; false if there is none.
@@ -245,6 +273,150 @@ impl Sched {
         self.waiting.push_front(r);
     }
 
+    /// A sequence id, evicting a cached prefix if none is free.
+    fn take_id(&mut self) -> Option<SeqId> {
+        if self.free_ids.is_empty() {
+            self.evict_one(None);
+        }
+        self.free_ids.pop()
+    }
+
+    fn ext_op(&mut self, op: ExtOp) {
+        match op {
+            ExtOp::Open { id, reply } => {
+                let r = match self.take_id() {
+                    Some(seq) => {
+                        self.admitted += 1;
+                        let e = Ext {
+                            seq,
+                            cached: vec![],
+                            pending: vec![],
+                            all: false,
+                            rows: vec![],
+                            reply: None,
+                            admitted: self.admitted,
+                        };
+                        self.ext.insert(id, e);
+                        Ok(())
+                    }
+                    None => Err(DecodeError::Options(format!("all {MAX_SEQ} sequences are in use"))),
+                };
+                let _ = reply.send(r);
+            }
+            ExtOp::Fork { src, id, reply } => {
+                let Some((src_seq, cached)) = self.ext.get(&src).map(|e| (e.seq, e.cached.clone())) else {
+                    let _ = reply.send(Err(DecodeError::Options("fork of a closed sequence".into())));
+                    return;
+                };
+                let r = match self.take_id() {
+                    Some(seq) => {
+                        self.runner.seq_cp(src_seq, seq, 0, u32::MAX);
+                        self.admitted += 1;
+                        let e = Ext {
+                            seq,
+                            cached,
+                            pending: vec![],
+                            all: false,
+                            rows: vec![],
+                            reply: None,
+                            admitted: self.admitted,
+                        };
+                        self.ext.insert(id, e);
+                        Ok(())
+                    }
+                    None => Err(DecodeError::Options(format!("all {MAX_SEQ} sequences are in use"))),
+                };
+                let _ = reply.send(r);
+            }
+            ExtOp::Truncate { id, len, reply } => {
+                let r = match self.ext.get_mut(&id) {
+                    Some(e) if len <= e.cached.len() => {
+                        e.cached.truncate(len);
+                        self.runner.seq_rm(e.seq, len as u32, u32::MAX);
+                        Ok(())
+                    }
+                    Some(e) => Err(DecodeError::Truncate { len, n_past: e.cached.len() }),
+                    None => Err(DecodeError::Options("truncate of a closed sequence".into())),
+                };
+                let _ = reply.send(r);
+            }
+            ExtOp::Decode { id, tokens, all, reply } => {
+                let Some(e) = self.ext.get_mut(&id) else {
+                    let _ = reply.send(Err(DecodeError::Options("decode on a closed sequence".into())));
+                    return;
+                };
+                if e.cached.is_empty() && !all {
+                    // A fresh sequence may start from a cached prefix.
+                    if let Some(h) = self.prefix.lookup(&tokens) {
+                        let reuse = h.len.min(tokens.len() - 1);
+                        self.runner.seq_cp(h.seq, e.seq, 0, reuse as u32);
+                        self.prefix.touch(h.entry);
+                        e.cached = tokens[..reuse].to_vec();
+                        e.pending = tokens[reuse..].to_vec();
+                        let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+                        st.prefix_hits += 1;
+                        st.prefix_tokens_reused += reuse as u64;
+                    } else {
+                        e.pending = tokens;
+                        self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).prefix_misses += 1;
+                    }
+                } else {
+                    e.pending = tokens;
+                }
+                e.all = all;
+                e.rows.clear();
+                e.reply = Some(reply);
+            }
+            ExtOp::Close { id } => {
+                if let Some(e) = self.ext.remove(&id) {
+                    if let Some(tx) = e.reply {
+                        let _ = tx.send(Err(DecodeError::Options("sequence closed".into())));
+                    }
+                    self.cache_or_free(e.seq, e.cached);
+                }
+            }
+        }
+    }
+
+    /// Keep a finished sequence's cells as a cached prefix (when the cache is on) or free them.
+    fn cache_or_free(&mut self, seq: SeqId, tokens: Vec<u32>) {
+        if self.cfg.prefix_entries == 0 {
+            self.free_seq(seq);
+            return;
+        }
+        while self.prefix.len() >= self.cfg.prefix_entries {
+            match self.prefix.evict_lru(None) {
+                Some(old) => self.free_seq(old),
+                None => break,
+            }
+        }
+        for s in self.prefix.insert(seq, tokens) {
+            self.free_seq(s);
+        }
+    }
+
+    /// Fail an external sequence's pending call.
+    fn fail_ext(&mut self, id: u64, e: DecodeError) {
+        if let Some(x) = self.ext.get_mut(&id) {
+            x.pending.clear();
+            x.rows.clear();
+            if let Some(tx) = x.reply.take() {
+                let _ = tx.send(Err(e));
+            }
+        }
+    }
+
+    /// (who, pending tokens, decoding, admission order) of everything that wants compute.
+    fn participants(&self) -> Vec<(Who, usize, bool, u64)> {
+        let gens = self.active.iter().enumerate().map(|(i, r)| (Who::Gen(i), r.pending.len(), r.decoding(), r.admitted));
+        let exts = self
+            .ext
+            .iter()
+            .filter(|(_, e)| !e.pending.is_empty())
+            .map(|(&id, e)| (Who::Ext(id), e.pending.len(), e.pending.len() == 1, e.admitted));
+        gens.chain(exts).collect()
+    }
+
     fn step(&mut self) {
         // Sequences at the length limit end here.
         let mut i = 0;
@@ -257,51 +429,68 @@ impl Sched {
                 i += 1;
             }
         }
-        if self.active.is_empty() {
+        if self.participants().is_empty() {
             return;
         }
         // Room for one token per decoding sequence: evict cached prefixes, then pre-empt.
         loop {
-            let decoding = self.active.iter().filter(|r| r.decoding()).count();
-            if self.runner.cells.free() >= decoding.max(1) {
+            let parts = self.participants();
+            let decoding = parts.iter().filter(|p| p.2).count();
+            if parts.is_empty() || self.runner.cells.free() >= decoding.max(1) {
                 break;
             }
             if self.evict_one(None) {
                 continue;
             }
-            if self.active.len() == 1 {
-                // Alone and still out of cells: the cache cannot hold this sequence.
-                let r = self.active.pop().expect("one");
-                self.retire(r, FinishReason::Error("the KV cache is too small for this sequence".into()));
-                return;
+            if self.active.len() > 1 || (self.active.len() == 1 && parts.len() > 1) {
+                self.preempt_youngest();
+                continue;
             }
-            self.preempt_youngest();
+            // Nothing left to give way: the cache cannot hold what is asked.
+            let need = decoding.max(1);
+            let err = DecodeError::CacheFull { need, free: self.runner.cells.free(), n_cells: self.runner.cells.n_cells() };
+            if let Some(r) = self.active.pop() {
+                self.retire(r, FinishReason::Error("the KV cache is too small for this sequence".into()));
+            }
+            let ids: Vec<u64> = self.ext.iter().filter(|(_, e)| !e.pending.is_empty()).map(|(&id, _)| id).collect();
+            for id in ids {
+                self.fail_ext(id, DecodeError::CacheFull { need, free: self.runner.cells.free(), n_cells: self.runner.cells.n_cells() });
+            }
+            tracing::warn!(error = %err, "KV cache exhausted");
+            return;
         }
         // Prefill wants more cells: evict cached prefixes (never pre-empt for prefill).
-        let want: usize = self.active.iter().map(|r| r.pending.len()).sum::<usize>().min(self.runner.n_ubatch());
+        let want: usize = self.participants().iter().map(|p| p.1).sum::<usize>().min(self.runner.n_ubatch());
         while self.runner.cells.free() < want && self.evict_one(None) {}
 
         let budget = self.runner.n_ubatch().min(self.runner.cells.free());
         // Decode tokens first (latency), then prompt chunks in admission order.
-        let mut order: Vec<usize> = (0..self.active.len()).collect();
-        order.sort_by_key(|&i| (!self.active[i].decoding(), self.active[i].admitted));
+        let mut order = self.participants();
+        order.sort_by_key(|p| (!p.2, p.3));
         let mut ub = UBatch::default();
-        // (request index, tokens taken, whether its last token is an output)
-        let mut parts: Vec<(usize, usize, bool)> = Vec::new();
-        for i in order {
+        // (who, tokens taken, whether its pending tokens are all taken)
+        let mut parts: Vec<(Who, usize, bool)> = Vec::new();
+        for (who, _, _, _) in order {
             let room = budget - ub.len();
             if room == 0 {
                 break;
             }
-            let r = &self.active[i];
-            let take = r.pending.len().min(room);
-            let completes = take == r.pending.len();
-            let seq = r.seq.expect("active");
-            let p0 = r.cached.len() as u32;
-            for (j, &t) in r.pending[..take].iter().enumerate() {
-                ub.push(t, p0 + j as u32, seq, completes && j + 1 == take);
+            let (seq, cached, pending, all) = match who {
+                Who::Gen(i) => {
+                    let r = &self.active[i];
+                    (r.seq.expect("active"), r.cached.len(), &r.pending, false)
+                }
+                Who::Ext(id) => {
+                    let e = &self.ext[&id];
+                    (e.seq, e.cached.len(), &e.pending, e.all)
+                }
+            };
+            let take = pending.len().min(room);
+            let completes = take == pending.len();
+            for (j, &t) in pending[..take].iter().enumerate() {
+                ub.push(t, (cached + j) as u32, seq, all || (completes && j + 1 == take));
             }
-            parts.push((i, take, completes));
+            parts.push((who, take, completes));
         }
         if ub.is_empty() {
             return;
@@ -314,9 +503,15 @@ impl Sched {
             Err(e) => {
                 // The step failed as a whole: fail the requests in it, keep serving the rest.
                 tracing::error!(error = %e, "step failed");
-                let mut idx: Vec<usize> = parts.iter().map(|p| p.0).collect();
-                idx.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
-                for i in idx {
+                let mut gens: Vec<usize> = Vec::new();
+                for (who, _, _) in &parts {
+                    match *who {
+                        Who::Gen(i) => gens.push(i),
+                        Who::Ext(id) => self.fail_ext(id, DecodeError::Options(format!("step failed: {e}"))),
+                    }
+                }
+                gens.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
+                for i in gens {
                     let r = self.active.swap_remove(i);
                     self.retire(r, FinishReason::Error(e.to_string()));
                 }
@@ -326,7 +521,26 @@ impl Sched {
         let mut rows = rows.into_iter();
         let mut finished: Vec<(usize, FinishReason)> = Vec::new();
         let (mut n_prompt, mut n_gen) = (0u64, 0u64);
-        for (i, take, completes) in parts {
+        for (who, take, completes) in parts {
+            let i = match who {
+                Who::Gen(i) => i,
+                Who::Ext(id) => {
+                    let e = self.ext.get_mut(&id).expect("ext in step");
+                    let computed: Vec<u32> = e.pending.drain(..take).collect();
+                    e.cached.extend(computed);
+                    if e.all {
+                        e.rows.extend(rows.by_ref().take(take));
+                    } else if completes {
+                        e.rows.push(rows.next().expect("row for a completing sequence"));
+                    }
+                    if completes {
+                        if let Some(tx) = e.reply.take() {
+                            let _ = tx.send(Ok(std::mem::take(&mut e.rows)));
+                        }
+                    }
+                    continue;
+                }
+            };
             let r = &mut self.active[i];
             let computed: Vec<u32> = r.pending.drain(..take).collect();
             if r.generated == 0 {
@@ -370,13 +584,15 @@ impl Sched {
 
     fn publish_stats(&self) {
         let cells = &self.runner.cells;
-        let active_seqs: Vec<SeqId> = self.active.iter().filter_map(|r| r.seq).collect();
+        let active_seqs: Vec<SeqId> =
+            self.active.iter().filter_map(|r| r.seq).chain(self.ext.values().map(|e| e.seq)).collect();
         let active_cells = cells.used_by(&active_seqs);
         let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
         st.kv_cells_used = cells.used();
         st.kv_cells_cached = cells.used() - active_cells;
         st.kv_utilisation = cells.used() as f64 / cells.n_cells() as f64;
         st.active = self.active.len();
+        st.sequences = self.ext.len();
         st.waiting = self.waiting.len();
         st.prefix_entries = self.prefix.len();
         let busy = st.busy.as_secs_f64();

@@ -1,17 +1,19 @@
-//! The host side of the WIT contract: `engine` (models and sequences over [`crate::Session`]),
+//! The host side of the WIT contract: `engine` (models, and sequences of the model's
+//! [`crate::Engine`], so every guest's steps are batched together by its scheduler),
 //! `streaming` (the sink a policy writes to) and `plugin-sampler` (forwarding to a sampler
 //! plug-in), implemented for any store data that is an [`EngineView`].
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use wasmtime::component::Resource;
 
 use super::bindings::policy::stllm::inference::{engine, plugin_sampler, streaming, types};
 use super::EngineHost;
-use crate::session::{DecodeError, Logits, Session, SessionOptions};
+use crate::engine::{Engine, EngineOptions, Sequence};
+use crate::session::{DecodeError, Logits, SessionOptions};
 use crate::Model;
 
 /// A model as guests see it: its tokenizer files, and its weights when loaded (tokenizer-only
@@ -21,8 +23,9 @@ pub struct ModelHandle {
     pub tokenizer_json: Option<String>,
     pub tokenizer_config_json: Option<String>,
     pub generation_config_json: Option<String>,
-    /// Session options for new sequences (context size is set per sequence).
-    pub session: SessionOptions,
+    /// Options of the engine guests' sequences run on (created on the first sequence).
+    pub engine_options: EngineOptions,
+    engine: OnceLock<Arc<Engine>>,
 }
 
 fn read_opt(path: &Path) -> std::io::Result<Option<String>> {
@@ -56,8 +59,28 @@ impl ModelHandle {
             tokenizer_json,
             tokenizer_config_json,
             generation_config_json,
-            session: SessionOptions::default(),
+            engine_options: EngineOptions { n_cells: 4096, max_seqs: 32, ..Default::default() },
+            engine: OnceLock::new(),
         })
+    }
+
+    /// Serve guests from an existing engine (shared with the application's own requests).
+    pub fn with_engine(mut self, engine: Arc<Engine>) -> ModelHandle {
+        self.model = Some(engine.model().clone());
+        self.engine = OnceLock::from(engine);
+        self
+    }
+
+    /// The engine guests' sequences run on, started on first use.
+    pub fn engine(&self) -> Result<&Arc<Engine>, types::Error> {
+        let model = self.model()?;
+        if let Some(e) = self.engine.get() {
+            return Ok(e);
+        }
+        let e = Engine::new(model.clone(), self.engine_options.clone())
+            .map_err(|e| types::Error::Internal(format!("starting the engine: {e}")))?;
+        // Another thread may have won the race; its engine is used and ours dropped.
+        Ok(self.engine.get_or_init(|| Arc::new(e)))
     }
 
     fn model(&self) -> Result<&Arc<Model>, types::Error> {
@@ -70,9 +93,9 @@ impl ModelHandle {
 /// The `model` resource.
 pub struct ModelRes(pub Arc<ModelHandle>);
 
-/// The `sequence` resource: one session (KV cache) of the engine.
+/// The `sequence` resource: one sequence of the engine (its cells live in the shared cache).
 pub struct SequenceRes {
-    session: Arc<Mutex<Session>>,
+    session: Arc<Mutex<Sequence>>,
 }
 
 /// Receives each piece of generated text (and its tokens); returns false to cancel.
@@ -90,9 +113,8 @@ fn decode_err(e: DecodeError) -> types::Error {
         DecodeError::TokenOutOfRange { .. }
         | DecodeError::Empty
         | DecodeError::Truncate { .. }
-        | DecodeError::BatchTooLarge { .. }
-        | DecodeError::Options(_) => types::Error::InvalidInput(e.to_string()),
-        DecodeError::Ggml(_) => types::Error::Internal(e.to_string()),
+        | DecodeError::BatchTooLarge { .. } => types::Error::InvalidInput(e.to_string()),
+        DecodeError::Options(_) | DecodeError::Ggml(_) => types::Error::Internal(e.to_string()),
     }
 }
 
@@ -185,23 +207,15 @@ impl engine::HostModel for EngineHost<'_> {
         max_len: u32,
     ) -> wasmtime::Result<Result<Resource<SequenceRes>, types::Error>> {
         let h = self.table.get(&m)?.0.clone();
-        let model = match h.model() {
-            Ok(m) => m.clone(),
-            Err(e) => return Ok(Err(e)),
-        };
-        let mut opts = h.session.clone();
-        let n_ctx_train = model.hparams().n_ctx_train;
-        let want = if max_len == 0 { n_ctx_train.min(4096) } else { max_len as usize };
-        if want > n_ctx_train.max(1) * 8 {
-            return Ok(Err(types::Error::ContextFull(format!(
-                "a sequence of {want} positions is more than this host allows for a model trained on {n_ctx_train}"
-            ))));
-        }
-        opts.n_ctx = Some(want);
-        let r = blocking(move || Session::new(model, &opts)).await?;
+        // The first sequence starts the engine (allocates the KV cache): off the executor.
+        let r = blocking(move || {
+            let engine = h.engine()?;
+            engine.open_sequence(max_len as usize).map_err(decode_err)
+        })
+        .await?;
         let out = match r {
             Ok(s) => Ok(self.table.push(SequenceRes { session: Arc::new(Mutex::new(s)) })?),
-            Err(e) => Err(types::Error::Internal(format!("creating a sequence: {e}"))),
+            Err(e) => Err(e),
         };
         self.returned_to_guest();
         Ok(out)
@@ -217,7 +231,12 @@ impl engine::HostModel for EngineHost<'_> {
             Ok(m) => m.clone(),
             Err(e) => return Ok(Err(e)),
         };
-        let opts = h.session.clone();
+        let opts = SessionOptions {
+            kv_type: h.engine_options.kv_type,
+            flash_attn: h.engine_options.flash_attn,
+            n_batch: h.engine_options.n_batch,
+            ..Default::default()
+        };
         let r = blocking(move || crate::session::embed(&model, &opts, &tokens)).await?;
         self.returned_to_guest();
         Ok(r.map_err(decode_err))
@@ -294,7 +313,7 @@ impl engine::HostSequence for EngineHost<'_> {
         let r = blocking(move || sess.lock().unwrap_or_else(|p| p.into_inner()).fork()).await?;
         let out = match r {
             Ok(f) => Ok(self.table.push(SequenceRes { session: Arc::new(Mutex::new(f)) })?),
-            Err(e) => Err(types::Error::Internal(format!("fork: {e}"))),
+            Err(e) => Err(decode_err(e)),
         };
         self.returned_to_guest();
         Ok(out)
@@ -302,16 +321,16 @@ impl engine::HostSequence for EngineHost<'_> {
 
     async fn truncate(&mut self, s: Resource<SequenceRes>, len: u32) -> wasmtime::Result<Result<(), types::Error>> {
         let sess = self.table.get(&s)?.session.clone();
-        let mut g = sess.lock().unwrap_or_else(|p| p.into_inner());
-        let r = g.truncate(len as usize).map_err(|e| types::Error::InvalidInput(e.to_string()));
-        drop(g);
+        let r = blocking(move || sess.lock().unwrap_or_else(|p| p.into_inner()).truncate(len as usize))
+            .await?
+            .map_err(decode_err);
         self.returned_to_guest();
         Ok(r)
     }
 
     async fn len(&mut self, s: Resource<SequenceRes>) -> wasmtime::Result<u32> {
         let sess = self.table.get(&s)?.session.clone();
-        let n = sess.lock().unwrap_or_else(|p| p.into_inner()).n_past() as u32;
+        let n = sess.lock().unwrap_or_else(|p| p.into_inner()).len() as u32;
         self.returned_to_guest();
         Ok(n)
     }
