@@ -67,7 +67,35 @@ fn runner_alone(m: &Arc<Model>, tokens: &[u32], split: usize) -> Vec<Vec<f32>> {
 }
 
 fn opts_runner() -> RunnerOptions {
-    RunnerOptions { n_cells: 256, n_ubatch: 64, kv_type: None, flash_attn: None }
+    RunnerOptions { n_cells: 512, n_ubatch: 256, kv_type: None, flash_attn: None }
+}
+
+#[test]
+fn seventy_sequences_in_one_step_stay_apart() {
+    // 70 sequences prefill 3 tokens each in one ubatch, then decode one token each in one
+    // ubatch: more rows than ggml's attention tile, so attention is split into segments.
+    let m = model("llama-f32");
+    let vocab = m.hparams().n_vocab as u32;
+    let seqs: Vec<Vec<u32>> = (0..70).map(|s| prompt(300 + s, 4, vocab)).collect();
+    let mut r = Runner::new(m.clone(), &opts_runner()).unwrap();
+    let mut ub = UBatch::default();
+    for (s, toks) in seqs.iter().enumerate() {
+        for (i, &t) in toks[..3].iter().enumerate() {
+            ub.push(t, i as u32, s as u32, i == 2);
+        }
+    }
+    let first = r.run(&ub, false, false).unwrap().rows;
+    let mut ub = UBatch::default();
+    for (s, toks) in seqs.iter().enumerate() {
+        ub.push(toks[3], 3, s as u32, true);
+    }
+    let second = r.run(&ub, false, false).unwrap().rows;
+    for (s, toks) in seqs.iter().enumerate() {
+        let want = runner_alone(&m, toks, 3);
+        let got = vec![first[s].clone(), second[s].clone()];
+        let e = rel(&got, &want[2..]);
+        assert!(e <= 1e-4, "sequence {s}: rel err {e}");
+    }
 }
 
 #[test]
@@ -83,23 +111,24 @@ fn a_sequence_batched_with_others_gets_the_logits_it_gets_alone() {
         // Three sequences in every step: ours (seq 7), a stranger with other tokens (seq 2),
         // and one sharing our first 3 positions' cells (seq 4, forked) that then diverges.
         let vocab = m.hparams().n_vocab as u32;
-        let other = prompt(99, tokens.len() + 3, vocab);
+        // The stranger's 60-token prompt makes the first step's attention run in two segments.
+        let other = prompt(99, 60 + tokens.len() + 10, vocab);
         let mut r = Runner::new(m.clone(), &opts_runner()).unwrap();
         let mut ub = UBatch::default();
-        for (i, &t) in other[..4].iter().enumerate() {
+        for (i, &t) in other[..60].iter().enumerate() {
             ub.push(t, i as u32, 2, false);
         }
         for (i, &t) in tokens[..split].iter().enumerate() {
             ub.push(t, i as u32, 7, true);
         }
-        for (i, &t) in other[4..9].iter().enumerate() {
-            ub.push(t, 4 + i as u32, 2, true);
+        for (i, &t) in other[60..65].iter().enumerate() {
+            ub.push(t, 60 + i as u32, 2, true);
         }
         let mut got: Vec<Vec<f32>> = r.run(&ub, false, false).unwrap().rows[..split].to_vec();
         r.seq_cp(7, 4, 0, 3);
         for (i, &t) in tokens.iter().enumerate().skip(split) {
             let mut ub = UBatch::default();
-            ub.push(other[i + 3], i as u32 + 4, 2, true);
+            ub.push(other[i + 60], i as u32 + 60, 2, true);
             ub.push(t, i as u32, 7, true);
             ub.push(other[i], i as u32 - split as u32 + 3, 4, true);
             got.push(r.run(&ub, false, false).unwrap().rows[1].clone());
@@ -121,6 +150,8 @@ fn engine_outputs_equal_sessions_and_prefix_hits_skip_compute() {
     assert_eq!(fa.reason, FinishReason::Length);
     assert_eq!(ta, alone(&m, &a, 8));
     assert_eq!(fa.cached_tokens, 0);
+    // Stats are published after each step: wait for the step that finished the request.
+    assert!(engine.wait_idle(Duration::from_secs(10)));
     let s0 = engine.stats();
     assert_eq!((s0.prefix_hits, s0.prefix_misses), (0, 1));
     assert_eq!(s0.prompt_tokens_computed, a.len() as u64);
@@ -131,6 +162,7 @@ fn engine_outputs_equal_sessions_and_prefix_hits_skip_compute() {
     let (tb, fb) = engine.generate(no_stop(b.clone(), 8)).unwrap().wait();
     assert_eq!(tb, alone(&m, &b, 8), "a prefix hit changes nothing in the output");
     assert_eq!(fb.cached_tokens, 40);
+    assert!(engine.wait_idle(Duration::from_secs(10)));
     let s1 = engine.stats();
     assert_eq!(s1.prefix_hits, 1);
     assert_eq!(s1.prefix_tokens_reused, 40);
@@ -265,4 +297,51 @@ fn logits_of_a_session_match_after_the_cell_rework() {
     s.truncate(4).unwrap();
     let rows = s.decode(&tokens[4..], Logits::All).unwrap();
     assert!(rel_err(&rows, &exp.rows("logits")[4..]) < 2e-3);
+}
+
+#[test]
+fn caller_driven_sequences_batch_with_each_other_and_fork_without_copying() {
+    let m = model("qwen3-f32-sharded");
+    let exp = Expected::load(&fixture("qwen3-f32-sharded"));
+    let tokens = exp.ids("tokens");
+    let want = runner_alone(&m, &tokens, 5);
+    let engine = Arc::new(
+        Engine::new(m.clone(), EngineOptions { n_cells: 256, prefix_cache: false, ..Default::default() }).unwrap(),
+    );
+    // Four threads drive their own sequence over the same tokens, step by step, concurrently.
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (engine, tokens) = (engine.clone(), tokens.clone());
+            std::thread::spawn(move || {
+                let mut s = engine.open_sequence(0).unwrap();
+                let mut rows = s.decode(&tokens[..5], Logits::All).unwrap();
+                for &t in &tokens[5..] {
+                    rows.extend(s.decode(&[t], Logits::Last).unwrap());
+                }
+                assert_eq!(s.len(), tokens.len());
+                rows
+            })
+        })
+        .collect();
+    for t in threads {
+        let got = t.join().unwrap();
+        let e = rel(&got, &want);
+        assert!(e <= 1e-4, "rel err {e}");
+    }
+    assert!(engine.wait_idle(Duration::from_secs(10)));
+    assert_eq!(engine.stats().kv_cells_used, 0, "closed sequences free their cells");
+
+    let mut a = engine.open_sequence(0).unwrap();
+    a.decode(&tokens[..6], Logits::Last).unwrap();
+    let mut b = a.fork().unwrap();
+    assert_eq!(engine.stats().kv_cells_used, 6, "a fork shares its parent's cells");
+    let ra = a.decode(&tokens[6..], Logits::All).unwrap();
+    let rb = b.decode(&tokens[6..], Logits::All).unwrap();
+    assert!(rel(&ra, &want[6..]) <= 1e-4 && rel(&rb, &want[6..]) <= 1e-4);
+    b.truncate(2).unwrap();
+    assert!(b.truncate(50).is_err());
+    let e = a.decode(&[1; 300], Logits::Last).unwrap_err();
+    assert!(e.to_string().contains("context full"), "{e}");
+    drop((a, b));
+    assert!(engine.wait_idle(Duration::from_secs(10)));
 }

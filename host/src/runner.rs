@@ -118,9 +118,10 @@ impl Runner {
         }
         let n_cells = opts.n_cells.max(1);
         let kv = KvCache::new(&model.backend, hp.n_layer, hp.n_embd_kv(), hp.n_embd_kv(), n_cells, kv_type)?;
-        let sched = Sched::new(&[&model.backend], graph_size(hp.n_layer))?;
+        let n_ubatch = opts.n_ubatch.max(1);
+        let sched = Sched::new(&[&model.backend], graph_size(hp.n_layer, n_ubatch))?;
         tracing::debug!(n_cells, kv_bytes = kv.bytes(), kv_type = kv_type.name(), "KV cache allocated");
-        Ok(Runner { sched, kv, cells: KvCells::new(n_cells), n_ubatch: opts.n_ubatch.max(1), flash, model })
+        Ok(Runner { sched, kv, cells: KvCells::new(n_cells), n_ubatch, flash, model })
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -195,7 +196,7 @@ impl Runner {
         let n_kv = self.cells.n_kv();
         let out: Vec<i32> = (0..n as i32).filter(|&i| ub.out[i as usize]).collect();
         let n_out = out.len().max(1);
-        let gsize = graph_size(hp.n_layer);
+        let gsize = graph_size(hp.n_layer, self.n_ubatch.max(n));
         // Flash attention wants an F16 mask.
         let mask_type = if self.flash { DType::F16 } else { DType::F32 };
         let ctx = Context::new(2 * gsize, gsize)?;
@@ -220,6 +221,7 @@ impl Runner {
             taps: trace.then(Vec::new),
             embeddings,
             flash_attn: self.flash,
+            attn_segments: crate::graph::attn_segments(&ub.seq),
         };
         let result = self.model.arch.build(&mut f).set_output();
         let taps = f.taps.take().unwrap_or_default();
@@ -290,7 +292,10 @@ fn write_mask(t: Tensor, m: &[f32]) -> Result<(), GgmlError> {
     }
 }
 
-/// Graph nodes needed for a model of `n_layer` layers (generous; nodes are cheap).
-fn graph_size(n_layer: usize) -> usize {
-    (n_layer * 64 + 512).max(2048)
+/// Graph nodes needed for a model of `n_layer` layers and ubatches of `n_ubatch` tokens
+/// (generous; nodes are cheap). Attention split into segments (`graph::attn_segments`: at most
+/// about one per 32 rows) adds a few nodes per segment and layer.
+fn graph_size(n_layer: usize, n_ubatch: usize) -> usize {
+    let segments = n_ubatch / 32 + 2;
+    (n_layer * (64 + 6 * segments) + 512).max(2048)
 }

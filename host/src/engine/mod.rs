@@ -198,6 +198,9 @@ struct Inbox {
     shutdown: bool,
     /// Set when the compute thread died; new requests are refused with it.
     dead: Option<String>,
+    /// The compute thread has work in hand (false only while it sleeps with nothing to do,
+    /// after publishing its stats)
+    busy: bool,
 }
 
 struct Shared {
@@ -326,14 +329,16 @@ impl Engine {
         self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Block until no request is active or waiting (or `timeout` passes); true if idle.
+    /// Block until the compute thread has nothing to do and has published its stats (or
+    /// `timeout` passes); true if idle.
     pub fn wait_idle(&self, timeout: Duration) -> bool {
         let t0 = Instant::now();
         loop {
-            let s = self.stats();
-            let queued = !self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner()).new.is_empty();
-            if s.active == 0 && s.waiting == 0 && !queued {
-                return true;
+            {
+                let inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+                if inbox.dead.is_some() || (!inbox.busy && inbox.new.is_empty() && inbox.ops.is_empty()) {
+                    return true;
+                }
             }
             if t0.elapsed() > timeout {
                 return false;

@@ -142,8 +142,10 @@ impl Sched {
                     && self.waiting.is_empty()
                     && !self.ext.values().any(|e| !e.pending.is_empty())
                 {
+                    inbox.busy = false;
                     inbox = self.shared.wake.wait(inbox).unwrap_or_else(|p| p.into_inner());
                 }
+                inbox.busy = true;
                 if inbox.shutdown {
                     drop(inbox);
                     for r in self.active.drain(..).chain(self.waiting.drain(..)) {
@@ -408,7 +410,8 @@ impl Sched {
 
     /// (who, pending tokens, decoding, admission order) of everything that wants compute.
     fn participants(&self) -> Vec<(Who, usize, bool, u64)> {
-        let gens = self.active.iter().enumerate().map(|(i, r)| (Who::Gen(i), r.pending.len(), r.decoding(), r.admitted));
+        let gens =
+            self.active.iter().enumerate().map(|(i, r)| (Who::Gen(i), r.pending.len(), r.decoding(), r.admitted));
         let exts = self
             .ext
             .iter()
@@ -448,13 +451,21 @@ impl Sched {
             }
             // Nothing left to give way: the cache cannot hold what is asked.
             let need = decoding.max(1);
-            let err = DecodeError::CacheFull { need, free: self.runner.cells.free(), n_cells: self.runner.cells.n_cells() };
+            let err =
+                DecodeError::CacheFull { need, free: self.runner.cells.free(), n_cells: self.runner.cells.n_cells() };
             if let Some(r) = self.active.pop() {
                 self.retire(r, FinishReason::Error("the KV cache is too small for this sequence".into()));
             }
             let ids: Vec<u64> = self.ext.iter().filter(|(_, e)| !e.pending.is_empty()).map(|(&id, _)| id).collect();
             for id in ids {
-                self.fail_ext(id, DecodeError::CacheFull { need, free: self.runner.cells.free(), n_cells: self.runner.cells.n_cells() });
+                self.fail_ext(
+                    id,
+                    DecodeError::CacheFull {
+                        need,
+                        free: self.runner.cells.free(),
+                        n_cells: self.runner.cells.n_cells(),
+                    },
+                );
             }
             tracing::warn!(error = %err, "KV cache exhausted");
             return;

@@ -112,6 +112,11 @@ impl Context {
         Tensor::from_raw(unsafe { sys::ggml_set_rows(self.c(), a.raw(), b.raw(), ids.raw()) })
     }
 
+    /// `a` and `b` joined along dimension `dim`.
+    pub fn concat(&self, a: Tensor, b: Tensor, dim: i32) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_concat(self.c(), a.raw(), b.raw(), dim) })
+    }
+
     /// softmax(a * scale + mask) over dim 0.
     pub fn soft_max_ext(&self, a: Tensor, mask: Option<Tensor>, scale: f32) -> Tensor {
         let m = mask.map_or(std::ptr::null_mut(), |m| m.raw());

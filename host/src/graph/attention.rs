@@ -128,9 +128,30 @@ fn attend(f: &mut Forward, il: usize, q: Tensor, k: Tensor, v: Tensor, dims: Att
 
     let keys = ctx.view_3d(kc, head_dim as i64, n_kv, n_head_kv as i64, kc.nb()[1], head_bytes, 0);
     let vals = ctx.view_3d(vc, head_dim as i64, n_kv, n_head_kv as i64, vc.nb()[1], head_bytes, 0);
-    let q = ctx.permute(q, [0, 2, 1, 3]); // [hd, nt, n_head]
     let mask = if sliding { f.inp.mask_swa.unwrap_or(f.inp.mask) } else { f.inp.mask };
     let scale = 1.0 / (head_dim as f32).sqrt();
+    if f.flash_attn && !f.attn_segments.is_empty() {
+        // Rows of many sequences: one call per segment (see `attn_segments`), joined back.
+        let mut outs: Vec<Tensor> = f
+            .attn_segments
+            .iter()
+            .map(|&(r0, len)| {
+                let qs =
+                    ctx.view_3d(q, head_dim as i64, n_head as i64, len as i64, q.nb()[1], q.nb()[2], r0 * q.nb()[2]);
+                let qs = ctx.permute(qs, [0, 2, 1, 3]); // [hd, len, n_head]
+                let ms = ctx.view_2d(mask, n_kv, len as i64, mask.nb()[1], r0 * mask.nb()[1]);
+                let o = ctx.flash_attn_ext(qs, keys, vals, Some(ms), scale); // [hd, n_head, len]
+                ctx.set_prec_f32(o);
+                o
+            })
+            .collect();
+        // Join pairwise so each row is copied log2(segments) times at most.
+        while outs.len() > 1 {
+            outs = outs.chunks(2).map(|p| if p.len() == 2 { ctx.concat(p[0], p[1], 2) } else { p[0] }).collect();
+        }
+        return ctx.reshape_2d(outs[0], (head_dim * n_head) as i64, nt);
+    }
+    let q = ctx.permute(q, [0, 2, 1, 3]); // [hd, nt, n_head]
     if f.flash_attn {
         let o = ctx.flash_attn_ext(q, keys, vals, Some(mask), scale); // [hd, n_head, nt]
         ctx.set_prec_f32(o);

@@ -45,6 +45,53 @@ pub struct Forward<'a> {
     pub embeddings: bool,
     /// Fused flash attention (else softmax(KQ)·V with V transposed on the fly)
     pub flash_attn: bool,
+    /// Row ranges `(first, len)` of the tokens attended to in separate flash-attention calls
+    /// (see [`attn_segments`]); empty: one call for all rows.
+    pub attn_segments: Vec<(usize, usize)>,
+}
+
+/// How to split a batch's rows for flash attention. ggml's CPU kernel tiles 64 query rows at a
+/// time and skips a KV tile only when it is masked for all of them; rows of many different
+/// sequences (a decode step of a big batch) never share a tile's cells, so every tile is
+/// computed. Below 64 rows it walks cells per row and skips masked ones. So: a run of 64 or
+/// more rows of one sequence (a prompt chunk) is one call; other rows go in groups of at most
+/// 63. `seqs[i]` is row `i`'s sequence.
+pub fn attn_segments(seqs: &[u32]) -> Vec<(usize, usize)> {
+    const TILE: usize = 64;
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, s) in seqs.iter().enumerate() {
+        match runs.last_mut() {
+            Some((r0, len)) if seqs[*r0] == *s => *len += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    if runs.len() <= 1 {
+        return vec![];
+    }
+    let mut segs: Vec<(usize, usize)> = Vec::new();
+    let mut group: Option<(usize, usize)> = None;
+    for (r0, len) in runs {
+        if len >= TILE {
+            if let Some(g) = group.take() {
+                segs.push(g);
+            }
+            segs.push((r0, len));
+            continue;
+        }
+        group = match group {
+            Some((g0, glen)) if glen + len < TILE => Some((g0, glen + len)),
+            Some(g) => {
+                segs.push(g);
+                Some((r0, len))
+            }
+            None => Some((r0, len)),
+        };
+    }
+    segs.extend(group);
+    if segs.len() <= 1 {
+        return vec![];
+    }
+    segs
 }
 
 impl Forward<'_> {
@@ -53,5 +100,22 @@ impl Forward<'_> {
         if let Some(taps) = &mut self.taps {
             taps.push(t.set_output());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::attn_segments;
+
+    #[test]
+    fn long_runs_alone_short_ones_grouped_below_a_tile() {
+        assert!(attn_segments(&[3; 100]).is_empty(), "one sequence: one call");
+        let decode: Vec<u32> = (0..64).collect();
+        assert_eq!(attn_segments(&decode), vec![(0, 63), (63, 1)]);
+        let mut mixed: Vec<u32> = (0..10).collect();
+        mixed.extend([99; 70]);
+        mixed.push(5);
+        assert_eq!(attn_segments(&mixed), vec![(0, 10), (10, 70), (80, 1)]);
+        assert!(attn_segments(&[1, 2, 3]).is_empty(), "a few rows: one call");
     }
 }
