@@ -345,3 +345,40 @@ fn caller_driven_sequences_batch_with_each_other_and_fork_without_copying() {
     drop((a, b));
     assert!(engine.wait_idle(Duration::from_secs(10)));
 }
+
+#[test]
+fn prompt_cache_files_round_trip_through_the_prefix_cache() {
+    let m = model("qwen3-f32-sharded");
+    let vocab = m.hparams().n_vocab as u32;
+    let system = prompt(7, 40, vocab);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("system.kv");
+    {
+        let engine = Arc::new(Engine::new(m.clone(), EngineOptions { n_cells: 256, ..Default::default() }).unwrap());
+        engine.save_prompt(&system, &file).unwrap();
+    }
+    // A fresh engine (another process, say) loads it: the system prompt is not recomputed.
+    let engine = Engine::new(m.clone(), EngineOptions { n_cells: 256, ..Default::default() }).unwrap();
+    assert_eq!(engine.load_prompt(&file).unwrap(), system);
+    let mut p = system.clone();
+    p.extend(prompt(8, 5, vocab));
+    let (got, f) = engine.generate(no_stop(p.clone(), 6)).unwrap().wait();
+    assert_eq!(f.cached_tokens, 40);
+    assert_eq!(got, alone(&m, &p, 6));
+    assert!(engine.wait_idle(Duration::from_secs(10)));
+    assert_eq!(engine.stats().prompt_tokens_computed, 5);
+
+    // Another model or cache type: refused, naming what differs.
+    let other = Engine::new(model("llama-f32"), EngineOptions { n_cells: 256, ..Default::default() }).unwrap();
+    let e = other.load_prompt(&file).unwrap_err().to_string();
+    assert!(e.contains("architecture"), "{e}");
+    let f16 = Engine::new(
+        m.clone(),
+        EngineOptions { n_cells: 256, kv_type: Some(stllm::ggml::DType::F16), ..Default::default() },
+    )
+    .unwrap();
+    let e = f16.load_prompt(&file).unwrap_err().to_string();
+    assert!(e.contains("KV cache type"), "{e}");
+    let off = Engine::new(m, EngineOptions { n_cells: 256, prefix_cache: false, ..Default::default() }).unwrap();
+    assert!(off.load_prompt(&file).unwrap_err().to_string().contains("prefix cache is off"));
+}

@@ -94,7 +94,8 @@ impl Session {
     /// error the session is left empty.
     pub fn load_state(&mut self, path: &std::path::Path) -> Result<Vec<u32>, crate::memory::state::StateError> {
         self.reset();
-        let (tokens, data) = crate::memory::state::load(path, &self.state_header(), self.runner.kv(), self.n_ctx())?;
+        let (tokens, data) =
+            crate::memory::state::load(path, &self.state_header(), self.runner.kv().cell_bytes(), self.n_ctx())?;
         self.runner
             .write_seq(SEQ, tokens.len(), &data)
             .map_err(|e| crate::memory::state::StateError::Format { path: path.to_path_buf(), msg: e.to_string() })?;

@@ -473,14 +473,22 @@ fn runtime_tokenizer_only(dir: &std::path::Path, p: &PolicyArgs) -> Result<Runti
 fn runtime_with_model(m: &ModelArgs, p: &PolicyArgs) -> Result<(Runtime, bool)> {
     let s = open(m, 1)?;
     let model = s.model().clone();
+    let n_cells = s.n_ctx();
     drop(s);
     let mut handle =
         ModelHandle::from_dir(&m.model, Some(model)).with_context(|| format!("reading {}", m.model.display()))?;
     if handle.tokenizer_json.is_none() {
         bail!("{}: no tokenizer.json (needed for text; `stllm generate` takes token ids)", m.model.display());
     }
+    // The guests' sequences share one engine; its cache holds --ctx-size cells.
+    handle.engine_options.n_cells = n_cells;
     handle.engine_options.kv_type = m.kv_type.as_deref().map(parse_kv_type).transpose()?;
     handle.engine_options.n_batch = m.batch;
+    handle.engine_options.flash_attn = match m.flash_attn.as_str() {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    };
     let chat = handle
         .tokenizer_config_json
         .as_deref()

@@ -135,6 +135,8 @@ pub enum EngineError {
     Stopped(String),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    #[error(transparent)]
+    State(#[from] crate::memory::state::StateError),
 }
 
 /// A snapshot of the engine's state and counters.
@@ -184,11 +186,40 @@ type Reply<T> = std::sync::mpsc::Sender<Result<T, DecodeError>>;
 
 /// Operations on externally driven sequences ([`Sequence`]).
 enum ExtOp {
-    Open { id: u64, reply: Reply<()> },
-    Fork { src: u64, id: u64, reply: Reply<()> },
-    Truncate { id: u64, len: usize, reply: Reply<()> },
-    Decode { id: u64, tokens: Vec<u32>, all: bool, reply: Reply<Vec<Vec<f32>>> },
-    Close { id: u64 },
+    Open {
+        id: u64,
+        reply: Reply<()>,
+    },
+    Fork {
+        src: u64,
+        id: u64,
+        reply: Reply<()>,
+    },
+    Truncate {
+        id: u64,
+        len: usize,
+        reply: Reply<()>,
+    },
+    Decode {
+        id: u64,
+        tokens: Vec<u32>,
+        all: bool,
+        reply: Reply<Vec<Vec<f32>>>,
+    },
+    Close {
+        id: u64,
+    },
+    /// The cells of a sequence, in position order (for a prompt-cache file)
+    Read {
+        id: u64,
+        reply: Reply<Vec<u8>>,
+    },
+    /// Put saved cells into the prefix cache
+    LoadPrefix {
+        tokens: Vec<u32>,
+        data: Vec<u8>,
+        reply: Reply<()>,
+    },
 }
 
 #[derive(Default)]
@@ -223,6 +254,10 @@ pub struct Engine {
     shared: Arc<Shared>,
     model: Arc<Model>,
     max_seq_len: usize,
+    /// KV cache type name and bytes per cell (prompt-cache files)
+    kv_type: &'static str,
+    cell_bytes: usize,
+    prefix_cache: bool,
     eos: Vec<u32>,
     worker: Option<JoinHandle<()>>,
 }
@@ -252,6 +287,7 @@ impl Engine {
             next_id: AtomicU64::new(1),
         });
         let cfg = scheduler::Config { max_seqs, max_seq_len, prefix_entries: entries };
+        let (kv_type, cell_bytes) = (runner.kv().dtype().name(), runner.kv().cell_bytes());
         let sh = shared.clone();
         let worker = std::thread::Builder::new()
             .name("stllm-engine".into())
@@ -259,7 +295,16 @@ impl Engine {
             .map_err(|e| EngineError::Stopped(format!("cannot start the compute thread: {e}")))?;
         tracing::info!(n_cells, max_seqs, max_seq_len, prefix_entries = entries, "engine started");
         let eos = model.eos_tokens();
-        Ok(Engine { shared, model, max_seq_len, eos, worker: Some(worker) })
+        Ok(Engine {
+            shared,
+            model,
+            max_seq_len,
+            kv_type,
+            cell_bytes,
+            prefix_cache: entries > 0,
+            eos,
+            worker: Some(worker),
+        })
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -373,6 +418,45 @@ impl Engine {
         self.call(|reply| ExtOp::Open { id, reply })?;
         let max_len = if max_len == 0 { self.max_seq_len } else { max_len.min(self.max_seq_len) };
         Ok(Sequence { id, engine: self.clone(), len: 0, max_len })
+    }
+}
+
+impl Engine {
+    fn state_header(&self, tokens: Vec<u32>) -> crate::memory::state::StateHeader {
+        crate::memory::state::StateHeader {
+            model: self.model.fingerprint(),
+            architecture: self.model.hparams().arch.clone(),
+            kv_type: self.kv_type.to_string(),
+            tokens,
+            data_bytes: 0,
+        }
+    }
+
+    /// Compute `tokens` (or take them from the prefix cache) and save their KV cells to a
+    /// prompt-cache file (the seed's `prompt_cache_save`); they stay in the prefix cache too.
+    pub fn save_prompt(self: &Arc<Self>, tokens: &[u32], path: &std::path::Path) -> Result<(), EngineError> {
+        let mut seq = self.open_sequence(0)?;
+        seq.decode(tokens, crate::session::Logits::Last)?;
+        let id = seq.id;
+        let data = self.call(|reply| ExtOp::Read { id, reply })?;
+        crate::memory::state::save(path, &self.state_header(tokens.to_vec()), &data)?;
+        Ok(())
+    }
+
+    /// Load a prompt-cache file into the prefix cache (the seed's `prompt_cache_load`): later
+    /// requests starting with its tokens skip computing them. A file made for another model or
+    /// cache type is refused. Returns its tokens.
+    pub fn load_prompt(&self, path: &std::path::Path) -> Result<Vec<u32>, EngineError> {
+        if !self.prefix_cache {
+            return Err(EngineError::InvalidRequest(
+                "the prefix cache is off: a loaded prompt would be dropped".into(),
+            ));
+        }
+        let expect = self.state_header(vec![]);
+        let (tokens, data) = crate::memory::state::load(path, &expect, self.cell_bytes, self.max_seq_len)?;
+        let t = tokens.clone();
+        self.call(|reply| ExtOp::LoadPrefix { tokens: t, data, reply })?;
+        Ok(tokens)
     }
 }
 

@@ -369,6 +369,31 @@ impl Sched {
                 e.rows.clear();
                 e.reply = Some(reply);
             }
+            ExtOp::Read { id, reply } => {
+                let r = match self.ext.get(&id) {
+                    Some(e) => self.runner.read_seq(e.seq).map(|(_, data)| data).map_err(DecodeError::from),
+                    None => Err(DecodeError::Options("read of a closed sequence".into())),
+                };
+                let _ = reply.send(r);
+            }
+            ExtOp::LoadPrefix { tokens, data, reply } => {
+                let n = tokens.len();
+                while self.runner.cells.free() < n && self.evict_one(None) {}
+                let r = match self.take_id() {
+                    Some(seq) => match self.runner.write_seq(seq, n, &data) {
+                        Ok(()) => {
+                            self.cache_or_free(seq, tokens);
+                            Ok(())
+                        }
+                        Err(e) => {
+                            self.free_ids.push(seq);
+                            Err(e)
+                        }
+                    },
+                    None => Err(DecodeError::Options(format!("all {MAX_SEQ} sequences are in use"))),
+                };
+                let _ = reply.send(r);
+            }
             ExtOp::Close { id } => {
                 if let Some(e) = self.ext.remove(&id) {
                     if let Some(tx) = e.reply {

@@ -4,13 +4,12 @@
 //! cache type, a truncated file or a foreign file is rejected with an error that says which.
 //!
 //! Format: `STLLMKV1`, u64 LE header length, a JSON header, then the cell bytes of
-//! [`KvCache::read_cells`] of the sequence's cells in position order (per layer: K rows, then V
+//! [`super::kv::KvCache::read_cells`] of the sequence's cells in position order (per layer: K rows, then V
 //! rows), so a file loads into whichever cells are free.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::kv::KvCache;
 use crate::ggml::GgmlError;
 
 const MAGIC: &[u8; 8] = b"STLLMKV1";
@@ -57,11 +56,12 @@ pub fn save(path: &Path, header: &StateHeader, data: &[u8]) -> Result<(), StateE
 }
 
 /// Read a file's header and data and check them against `expect` (model and cache type), the
-/// cache's geometry and the `max_cells` it may take. Returns the tokens and the cell bytes.
+/// cache's geometry (`cell_bytes` per cell, see [`super::kv::KvCache::cell_bytes`]) and the `max_cells` it
+/// may take. Returns the tokens and the cell bytes.
 pub fn load(
     path: &Path,
     expect: &StateHeader,
-    kv: &KvCache,
+    cell_bytes: usize,
     max_cells: usize,
 ) -> Result<(Vec<u32>, Vec<u8>), StateError> {
     let io = |source| StateError::Io { path: path.to_path_buf(), source };
@@ -99,7 +99,7 @@ pub fn load(
     if cells > max_cells {
         return Err(StateError::TooLong { path: path.to_path_buf(), n: cells, n_ctx: max_cells });
     }
-    let want = kv.cells_bytes(cells) as u64;
+    let want = (cells * cell_bytes) as u64;
     if h.data_bytes != want {
         return Err(format(format!("{} bytes of cells for {cells} positions, expected {want}", h.data_bytes)));
     }
