@@ -37,7 +37,7 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let model = Arc::new(Model::load(&dir, &ModelOptions { threads }).expect("load model"));
+    let model = Arc::new(Model::load(&dir, &ModelOptions { threads, ..Default::default() }).expect("load model"));
     let vocab = model.hparams().n_vocab as u32;
     let arch = model.hparams().arch.clone();
 

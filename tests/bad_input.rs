@@ -11,7 +11,7 @@ use stllm::loader::LoadError;
 use stllm::{Model, ModelOptions};
 
 fn load(dir: &Path) -> LoadError {
-    match Model::load(dir, &ModelOptions { threads: 1 }) {
+    match Model::load(dir, &ModelOptions { threads: 1, ..Default::default() }) {
         Ok(_) => panic!("{} loaded but should not", dir.display()),
         Err(e) => e,
     }

@@ -271,3 +271,31 @@ fn generate_with_a_prompt_cache() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("made for architecture qwen3"));
 }
+
+/// Run the binary expecting failure; its stderr.
+fn stllm_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_stllm")).args(args).output().unwrap();
+    assert!(!out.status.success(), "stllm {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn devices_and_device_selection() {
+    let v = stllm(&["devices"]);
+    let devs = v["devices"].as_array().unwrap();
+    assert!(devs.iter().any(|d| d["kind"] == "cpu"), "{v}");
+    assert!(v["ggml"].as_str().unwrap().starts_with("0."));
+    let dir = fixture("llama-f32");
+    let m = dir.to_str().unwrap();
+    let v = stllm(&["info", "--model", m, "--device", "cpu"]);
+    assert_eq!(v["device"], "CPU");
+    // No GPU module loaded (or none in the folder): a clear error naming the devices there are.
+    let empty = tempfile::tempdir().unwrap();
+    let e = stllm_fails(&["info", "--model", m, "--device", "cuda:0", "--backend-dir", empty.path().to_str().unwrap()]);
+    assert!(e.contains("no ggml backend device \"cuda:0\"") && e.contains("CPU"), "{e}");
+    // A file that is not a ggml backend module.
+    let bogus = empty.path().join("libggml-bogus.so");
+    std::fs::write(&bogus, b"not a shared library").unwrap();
+    let e = stllm_fails(&["devices", "--backend-dir", empty.path().to_str().unwrap()]);
+    assert!(e.contains("libggml-bogus.so"), "{e}");
+}

@@ -14,7 +14,7 @@ use stllm::session::Logits;
 use stllm::{Model, ModelOptions, Session, SessionOptions};
 
 fn model(name: &str) -> Arc<Model> {
-    Arc::new(Model::load(&fixture(name), &ModelOptions { threads: 2 }).unwrap())
+    Arc::new(Model::load(&fixture(name), &ModelOptions { threads: 2, ..Default::default() }).unwrap())
 }
 
 /// max |a - b| / max |b| over all rows.

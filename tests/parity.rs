@@ -19,7 +19,10 @@ fn tolerance(dtype: &str) -> f64 {
 }
 
 fn load(name: &str) -> Arc<Model> {
-    Arc::new(Model::load(&fixture(name), &ModelOptions { threads: 2 }).unwrap_or_else(|e| panic!("{name}: {e}")))
+    Arc::new(
+        Model::load(&fixture(name), &ModelOptions { threads: 2, ..Default::default() })
+            .unwrap_or_else(|e| panic!("{name}: {e}")),
+    )
 }
 
 fn session(model: &Arc<Model>, n_batch: usize, kv: Option<DType>) -> Session {
@@ -123,7 +126,7 @@ fn transformers4_config_spelling_gives_the_same_logits() {
             c["rope_scaling"] = p;
         });
         let exp = Expected::load(tmp.path());
-        let model = Arc::new(Model::load(tmp.path(), &ModelOptions { threads: 2 }).unwrap());
+        let model = Arc::new(Model::load(tmp.path(), &ModelOptions { threads: 2, ..Default::default() }).unwrap());
         let mut s = session(&model, 512, None);
         let rows = s.decode(&exp.ids("tokens"), Logits::All).unwrap();
         let err = rel_err(&rows, &exp.rows("logits"));

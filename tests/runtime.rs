@@ -18,7 +18,7 @@ use stllm::runtime::{
 use stllm::{Model, ModelOptions, Session, SessionOptions};
 
 fn model(name: &str) -> Arc<Model> {
-    Arc::new(Model::load(&fixture(name), &ModelOptions { threads: 2 }).unwrap())
+    Arc::new(Model::load(&fixture(name), &ModelOptions { threads: 2, ..Default::default() }).unwrap())
 }
 
 fn runtime(name: &str, cfg: RuntimeConfig) -> Runtime {

@@ -9,7 +9,10 @@ use stllm::session::Logits;
 use stllm::{Model, ModelOptions, Session, SessionOptions};
 
 fn setup(name: &str) -> (Arc<Model>, Expected) {
-    (Arc::new(Model::load(&fixture(name), &ModelOptions { threads: 2 }).unwrap()), Expected::load(&fixture(name)))
+    (
+        Arc::new(Model::load(&fixture(name), &ModelOptions { threads: 2, ..Default::default() }).unwrap()),
+        Expected::load(&fixture(name)),
+    )
 }
 
 fn opts() -> SessionOptions {

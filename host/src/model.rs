@@ -13,11 +13,14 @@ use crate::models::{self, Architecture, HParams};
 pub struct ModelOptions {
     /// CPU threads (default: all cores)
     pub threads: usize,
+    /// Where weights, KV cache and compute go: `cpu` (default), `cuda[:N]`, `gpu[:N]` or a ggml
+    /// device name; GPU devices need their backend module loaded first ([`ggml::load_backend`])
+    pub device: Option<String>,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        ModelOptions { threads: ggml::default_threads() }
+        ModelOptions { threads: ggml::default_threads(), device: None }
     }
 }
 
@@ -33,6 +36,8 @@ pub struct Model {
     pub(crate) compute_lock: Mutex<()>,
     // Declared last: freed after the weights that live on it.
     pub(crate) backend: Backend,
+    /// The CPU backend, when `backend` is a device (the scheduler's fallback)
+    pub(crate) cpu: Option<Backend>,
 }
 
 impl Model {
@@ -42,7 +47,12 @@ impl Model {
         let (name, loader) = models::resolve(&md)?;
         let mut wb = WeightBuilder::new(&md, name)?;
         let arch = loader(&md, &mut wb)?;
-        let backend = Backend::cpu(opts.threads)?;
+        // The CPU backend always exists: the scheduler runs what a device cannot on it.
+        let cpu = Backend::cpu(opts.threads)?;
+        let (backend, cpu) = match opts.device.as_deref() {
+            None | Some("cpu") | Some("CPU") => (cpu, None),
+            Some(spec) => (Backend::device(spec)?, Some(cpu)),
+        };
         let weights = wb.finish(&backend)?;
         let dtype = match md.main_dtype() {
             crate::loader::safetensors::StDtype::F16 => DType::F16,
@@ -59,6 +69,7 @@ impl Model {
             generation_config: md.generation_config,
             compute_lock: Mutex::new(()),
             backend,
+            cpu,
         })
     }
 
@@ -77,7 +88,17 @@ impl Model {
     }
 
     pub fn threads(&self) -> usize {
-        self.backend.n_threads()
+        self.cpu.as_ref().unwrap_or(&self.backend).n_threads()
+    }
+
+    /// The backend holding the weights ("CPU", "CUDA0", ...).
+    pub fn device_name(&self) -> String {
+        self.backend.name()
+    }
+
+    /// Backends for a scheduler: the model's device first, the CPU last.
+    pub(crate) fn sched_backends(&self) -> Vec<&Backend> {
+        std::iter::once(&self.backend).chain(self.cpu.as_ref()).collect()
     }
 
     /// A fingerprint of the model: its config, weight dtype and parameter count (FNV-1a), so a

@@ -119,7 +119,7 @@ impl Runner {
         let n_cells = opts.n_cells.max(1);
         let kv = KvCache::new(&model.backend, hp.n_layer, hp.n_embd_kv(), hp.n_embd_kv(), n_cells, kv_type)?;
         let n_ubatch = opts.n_ubatch.max(1);
-        let sched = Sched::new(&[&model.backend], graph_size(hp.n_layer, n_ubatch))?;
+        let sched = Sched::new(&model.sched_backends(), graph_size(hp.n_layer, n_ubatch))?;
         tracing::debug!(n_cells, kv_bytes = kv.bytes(), kv_type = kv_type.name(), "KV cache allocated");
         Ok(Runner { sched, kv, cells: KvCells::new(n_cells), n_ubatch, flash, model })
     }

@@ -1,7 +1,7 @@
 //! The `stllm` command line: `info`, `logits`, `generate`, `bench`.
 //! Machine-readable output (JSON) goes to stdout; logs and errors go to stderr.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -41,6 +41,38 @@ pub struct ModelArgs {
     /// Fused flash attention: on, off, auto (= on)
     #[arg(long, default_value = "auto")]
     pub flash_attn: String,
+    #[command(flatten)]
+    pub dev: DeviceArgs,
+}
+
+/// Where to compute.
+#[derive(Args, Debug, Clone, Default)]
+pub struct DeviceArgs {
+    /// Device for weights, KV cache and compute: cpu (default), cuda[:N], gpu[:N] or a ggml device
+    /// name (see `stllm devices`)
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Folder of ggml backend modules (libggml-cuda.so, ...) to load; default: the binary's
+    /// folder when a non-CPU device is asked for
+    #[arg(long)]
+    pub backend_dir: Option<PathBuf>,
+}
+
+impl DeviceArgs {
+    /// Load backend modules as asked; returns the device to use.
+    pub fn prepare(&self) -> Result<Option<String>> {
+        let wants_device = self.device.as_deref().is_some_and(|d| !d.eq_ignore_ascii_case("cpu"));
+        let dir = match (&self.backend_dir, wants_device) {
+            (Some(d), _) => Some(d.clone()),
+            (None, true) => std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)),
+            (None, false) => None,
+        };
+        if let Some(dir) = dir {
+            let loaded = crate::ggml::load_backends_from(&dir)?;
+            tracing::info!(dir = %dir.display(), ?loaded, "backend modules loaded");
+        }
+        Ok(self.device.clone())
+    }
 }
 
 /// Sampling and stopping for text generation (defaults: the model's generation_config.json,
@@ -181,6 +213,11 @@ pub enum Command {
         #[command(flatten)]
         m: ModelArgs,
     },
+    /// List compute devices (the CPU, plus those of loaded backend modules) as JSON
+    Devices {
+        #[command(flatten)]
+        dev: DeviceArgs,
+    },
     /// Print logits of every input position as JSON: {"logits": [[...], ...]}
     Logits {
         #[command(flatten)]
@@ -251,7 +288,7 @@ fn parse_kv_type(s: &str) -> Result<DType> {
 }
 
 fn open(m: &ModelArgs, min_ctx: usize) -> Result<Session> {
-    let mut opts = ModelOptions::default();
+    let mut opts = ModelOptions { device: m.dev.prepare()?, ..Default::default() };
     if let Some(t) = m.threads {
         if t == 0 {
             bail!("--threads must be at least 1");
@@ -277,9 +314,18 @@ fn open(m: &ModelArgs, min_ctx: usize) -> Result<Session> {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Devices { dev } => {
+            dev.prepare()?;
+            let out = serde_json::json!({ "ggml": crate::ggml::version(), "devices": crate::ggml::devices() });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
         Command::Info { m } => {
-            let model = Model::load(&m.model, &ModelOptions { threads: m.threads.unwrap_or(1).max(1) })
-                .with_context(|| format!("loading {}", m.model.display()))?;
+            let device = m.dev.prepare()?;
+            let model = Model::load(
+                &m.model,
+                &ModelOptions { threads: m.threads.unwrap_or(1).max(1), device, ..Default::default() },
+            )
+            .with_context(|| format!("loading {}", m.model.display()))?;
             let hp = model.hparams();
             let out = serde_json::json!({
                 "architecture": hp.arch,
@@ -297,6 +343,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 "sliding_window": hp.sliding_window,
                 "tied_embeddings": hp.tied_embeddings,
                 "eos_token_ids": model.eos_tokens(),
+                "device": model.device_name(),
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }

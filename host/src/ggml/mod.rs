@@ -31,10 +31,12 @@ pub enum GgmlError {
     Alloc { what: String, bytes: usize },
     #[error("ggml graph computation failed with status {0}")]
     Compute(i32),
-    #[error("no ggml backend device named {0:?} (available: {1})")]
+    #[error("no ggml backend device {0:?} (available: {1}; GPU devices come from backend modules: --backend-dir)")]
     NoDevice(String, String),
     #[error("tensor {name}: {msg}")]
     Tensor { name: String, msg: String },
+    #[error("backend {path}: {msg}")]
+    Backend { path: String, msg: String },
 }
 
 /// Element types we use.
@@ -110,6 +112,95 @@ impl DType {
 pub fn version() -> String {
     // SAFETY: returns a static NUL-terminated string.
     unsafe { CStr::from_ptr(sys::ggml_version()) }.to_string_lossy().into_owned()
+}
+
+/// A compute device ggml knows: the CPU, or one a loaded backend module provides.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DeviceInfo {
+    /// ggml's device name ("CPU", "CUDA0", ...)
+    pub name: String,
+    pub description: String,
+    /// "cpu", "gpu", "igpu", "accel" or "meta"
+    pub kind: &'static str,
+    /// Free and total memory in bytes (what the driver reports)
+    pub free: usize,
+    pub total: usize,
+}
+
+/// Every device of the registered backends (the CPU, plus what loaded modules add).
+pub fn devices() -> Vec<DeviceInfo> {
+    init();
+    // SAFETY: registry queries; indices are below the count; strings are static to the device.
+    unsafe {
+        (0..sys::ggml_backend_dev_count())
+            .map(|i| {
+                let d = sys::ggml_backend_dev_get(i);
+                let (mut free, mut total) = (0usize, 0usize);
+                sys::ggml_backend_dev_memory(d, &mut free, &mut total);
+                DeviceInfo {
+                    name: CStr::from_ptr(sys::ggml_backend_dev_name(d)).to_string_lossy().into_owned(),
+                    description: CStr::from_ptr(sys::ggml_backend_dev_description(d)).to_string_lossy().into_owned(),
+                    kind: match sys::ggml_backend_dev_type(d) {
+                        sys::GGML_BACKEND_DEVICE_TYPE_CPU => "cpu",
+                        sys::GGML_BACKEND_DEVICE_TYPE_GPU => "gpu",
+                        sys::GGML_BACKEND_DEVICE_TYPE_IGPU => "igpu",
+                        sys::GGML_BACKEND_DEVICE_TYPE_ACCEL => "accel",
+                        _ => "meta",
+                    },
+                    free,
+                    total,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Load a backend module (e.g. `libggml-cuda.so`) and register its devices. Returns the
+/// backend's name. The module must be built from the same ggml sources as this binary, and the
+/// binary must link ggml as shared libraries (the `dyn-backends` feature) so both use one
+/// `libggml-base`.
+pub fn load_backend(path: &std::path::Path) -> Result<String, GgmlError> {
+    init();
+    let bad = |msg: String| GgmlError::Backend { path: path.display().to_string(), msg };
+    if !path.is_file() {
+        return Err(bad("no such file".into()));
+    }
+    if !cfg!(feature = "dyn-backends") {
+        return Err(bad(
+            "this binary links ggml statically; backend modules need a build with `--features dyn-backends`".into(),
+        ));
+    }
+    let c = std::ffi::CString::new(path.as_os_str().to_string_lossy().as_bytes()).map_err(|e| bad(e.to_string()))?;
+    // SAFETY: a NUL-terminated path; ggml dlopens it and checks the module's API version,
+    // returning null (and logging why) when it does not fit.
+    let reg = unsafe { sys::ggml_backend_load(c.as_ptr()) };
+    if reg.is_null() {
+        return Err(bad(format!(
+            "ggml refused the module (not a ggml backend, or built for another ggml version than {}; see the log)",
+            version()
+        )));
+    }
+    // SAFETY: a registered backend; its name is static.
+    Ok(unsafe { CStr::from_ptr(sys::ggml_backend_reg_name(reg)) }.to_string_lossy().into_owned())
+}
+
+/// Load every `libggml-*.so` backend module in `dir` (except the CPU, which is built in).
+pub fn load_backends_from(dir: &std::path::Path) -> Result<Vec<String>, GgmlError> {
+    let rd = std::fs::read_dir(dir)
+        .map_err(|e| GgmlError::Backend { path: dir.display().to_string(), msg: e.to_string() })?;
+    let mut names = Vec::new();
+    let mut paths: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    for p in paths {
+        let file = p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let is_module = file.starts_with("libggml-")
+            && file.ends_with(".so")
+            && !["libggml-base.so", "libggml-cpu.so"].contains(&file.as_str());
+        if is_module {
+            names.push(load_backend(&p)?);
+        }
+    }
+    Ok(names)
 }
 
 static LOG_INIT: Once = Once::new();
@@ -484,6 +575,40 @@ impl Backend {
             }
         }
         Ok(Backend { ptr, threadpool, n_threads })
+    }
+
+    /// A backend on a registered device by ggml name ("CUDA0") or as `cuda[:N]` / `gpu[:N]`
+    /// (the N-th device of that kind).
+    pub fn device(spec: &str) -> Result<Backend, GgmlError> {
+        init();
+        let all = devices();
+        let (kind, idx) = match spec.split_once(':') {
+            Some((k, n)) => (k.to_ascii_lowercase(), n.parse::<usize>().ok()),
+            None => (spec.to_ascii_lowercase(), None),
+        };
+        let by_prefix = |d: &&DeviceInfo| match kind.as_str() {
+            "gpu" => d.kind == "gpu",
+            k => d.name.to_ascii_lowercase().starts_with(k),
+        };
+        let found = all
+            .iter()
+            .find(|d| d.name.eq_ignore_ascii_case(spec))
+            .or_else(|| all.iter().filter(by_prefix).nth(idx.unwrap_or(0)));
+        let Some(dev) = found else {
+            let names: Vec<&str> = all.iter().map(|d| d.name.as_str()).collect();
+            return Err(GgmlError::NoDevice(spec.to_string(), names.join(", ")));
+        };
+        let c = std::ffi::CString::new(dev.name.clone()).expect("device names have no NUL");
+        // SAFETY: the device exists (found above); init returns null on failure.
+        let be = unsafe { sys::ggml_backend_dev_init(sys::ggml_backend_dev_by_name(c.as_ptr()), std::ptr::null()) };
+        let ptr = NonNull::new(be)
+            .ok_or_else(|| GgmlError::Backend { path: dev.name.clone(), msg: "the device failed to start".into() })?;
+        Ok(Backend { ptr, threadpool: None, n_threads: 0 })
+    }
+
+    /// Whether this is the CPU backend.
+    pub fn is_cpu(&self) -> bool {
+        self.threadpool.is_some() || self.name().eq_ignore_ascii_case("cpu")
     }
 
     pub fn n_threads(&self) -> usize {
