@@ -321,11 +321,8 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Info { m } => {
             let device = m.dev.prepare()?;
-            let model = Model::load(
-                &m.model,
-                &ModelOptions { threads: m.threads.unwrap_or(1).max(1), device, ..Default::default() },
-            )
-            .with_context(|| format!("loading {}", m.model.display()))?;
+            let model = Model::load(&m.model, &ModelOptions { threads: m.threads.unwrap_or(1).max(1), device })
+                .with_context(|| format!("loading {}", m.model.display()))?;
             let hp = model.hparams();
             let out = serde_json::json!({
                 "architecture": hp.arch,
