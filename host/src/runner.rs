@@ -193,7 +193,9 @@ impl Runner {
     fn compute(&mut self, ub: &UBatch, slots: &[u32], trace: bool, embeddings: bool) -> Result<StepOut, DecodeError> {
         let hp = self.model.hparams().clone();
         let n = ub.len();
-        let n_kv = self.cells.n_kv();
+        // Attend over a multiple of 256 cells (masked beyond the used ones): the graph keeps its
+        // shapes from step to step, so a GPU backend can replay its captured graph (CUDA graphs).
+        let n_kv = self.cells.n_kv().next_multiple_of(KV_PAD).min(self.cells.n_cells());
         let out: Vec<i32> = (0..n as i32).filter(|&i| ub.out[i as usize]).collect();
         let n_out = out.len().max(1);
         let gsize = graph_size(hp.n_layer, self.n_ubatch.max(n));
@@ -291,6 +293,9 @@ fn write_mask(t: Tensor, m: &[f32]) -> Result<(), GgmlError> {
         t.write_f32(m)
     }
 }
+
+/// Cells attended to are padded to a multiple of this.
+const KV_PAD: usize = 256;
 
 /// Graph nodes needed for a model of `n_layer` layers and ubatches of `n_ubatch` tokens
 /// (generous; nodes are cheap). Attention split into segments (`graph::attn_segments`: at most

@@ -4,7 +4,7 @@ and on the device and compare both with HF's float64 reference (expected.safeten
 Error = max |dlogit| / std(reference), as in tests/parity.rs. Prints one row per fixture and exits
 non-zero when a device result is outside the tolerance (F32 2e-3, BF16 3e-2).
 
-Usage: check_parity.py --stllm BIN [--device cuda] [--backend-dir DIR]
+Usage: check_parity.py --stllm BIN [--device cuda] [--backend-dir DIR] [--extra "--flash-attn off"]
 """
 import argparse
 import glob
@@ -30,8 +30,10 @@ def main():
     ap.add_argument("--stllm", required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--backend-dir")
+    ap.add_argument("--extra", default="", help="more stllm arguments for both runs, e.g. '--flash-attn off'")
     a = ap.parse_args()
-    dev = ["--device", a.device] + (["--backend-dir", a.backend_dir] if a.backend_dir else [])
+    extra = a.extra.split()
+    dev = ["--device", a.device] + (["--backend-dir", a.backend_dir] if a.backend_dir else []) + extra
     root = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures")
     failed = 0
     print(f"{'fixture':<20} {'dtype':<5} {'cpu vs HF':>10} {a.device + ' vs HF':>12} {a.device + ' vs cpu':>13} {'tol':>7}")
@@ -46,7 +48,7 @@ def main():
         tol = 3e-2 if bf16 else 2e-3
         std = ref.std()
         try:
-            cpu = logits(a.stllm, d, tokens, [])
+            cpu = logits(a.stllm, d, tokens, extra)
             gpu = logits(a.stllm, d, tokens, dev)
         except RuntimeError as e:
             print(f"{os.path.basename(d):<20} error: {e}")

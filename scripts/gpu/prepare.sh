@@ -16,8 +16,11 @@ objcopy --strip-debug target/release/stllm "$out/bin/stllm"
 # The shared ggml libraries of the newest dynamic-link build of the -sys crate.
 libdir=$(dirname "$(ls -t target/release/build/llama-cpp-sys-2-*/out/lib*/libggml-base.so | head -1)")
 cp -a "$libdir"/lib*.so* "$out/bin/"
-cp -a "$src/CMakeLists.txt" "$src/cmake" "$src/include" "$out/ggml/"
+find "$src" -maxdepth 1 -type f -exec cp -a {} "$out/ggml/" \;
+cp -a "$src/cmake" "$src/include" "$out/ggml/"
 find "$src/src" -maxdepth 1 -type f -exec cp -a {} "$out/ggml/src/" \;
 cp -a "$src/src/ggml-cpu" "$src/src/ggml-cuda" "$out/ggml/src/"
+# The crate drops ggml's pkg-config template, which a standalone configure wants; an empty one does.
+[ -f "$out/ggml/ggml.pc.in" ] || : > "$out/ggml/ggml.pc.in"
 echo "ggml $ver sources from $src"
 du -sh "$out/bin" "$out/ggml"

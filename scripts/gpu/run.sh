@@ -12,7 +12,8 @@ if [ ! -f "$work/backends/libggml-cuda.so" ]; then
   t0=$(date +%s)
   cmake -S "$g/ggml" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
     -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" -DGGML_BACKEND_DL=ON -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF \
-    -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON >"$out/cmake.log" 2>&1
+    -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BUILD_TESTS=OFF -DGGML_BUILD_EXAMPLES=OFF \
+    >"$out/cmake.log" 2>&1
   cmake --build "$work/build" --target ggml-cuda -j"$(nproc)" >"$out/build.log" 2>&1
   mkdir -p "$work/backends"
   cp "$(find "$work/build" -name 'libggml-cuda.so' | head -1)" "$work/backends/"
