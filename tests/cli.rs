@@ -287,8 +287,11 @@ fn devices_and_device_selection() {
     assert!(v["ggml"].as_str().unwrap().starts_with("0."));
     let dir = fixture("llama-f32");
     let m = dir.to_str().unwrap();
-    let v = stllm(&["info", "--model", m, "--device", "cpu"]);
+    let v = stllm(&["info", "--model", m, "--device", "cpu", "--ctx-size", "100"]);
     assert_eq!(v["device"], "CPU");
+    let mem = &v["memory"];
+    assert_eq!(mem["kv"].as_u64().unwrap(), 100 * mem["kv_per_token"].as_u64().unwrap());
+    assert!(mem["total"].as_u64().unwrap() > mem["weights"].as_u64().unwrap());
     // No GPU module loaded (or none in the folder): a clear error naming the devices there are.
     let empty = tempfile::tempdir().unwrap();
     let e = stllm_fails(&["info", "--model", m, "--device", "cuda:0", "--backend-dir", empty.path().to_str().unwrap()]);

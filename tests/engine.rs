@@ -382,3 +382,20 @@ fn prompt_cache_files_round_trip_through_the_prefix_cache() {
     let off = Engine::new(m, EngineOptions { n_cells: 256, prefix_cache: false, ..Default::default() }).unwrap();
     assert!(off.load_prompt(&file).unwrap_err().to_string().contains("prefix cache is off"));
 }
+
+#[test]
+fn memory_is_reported_and_a_cache_that_cannot_fit_is_refused_up_front() {
+    let m = model("llama-f32");
+    let engine = Engine::new(m.clone(), EngineOptions { n_cells: 256, ..Default::default() }).unwrap();
+    let (got, _) = engine.generate(no_stop(vec![1, 2, 3], 4)).unwrap().wait();
+    assert_eq!(got.len(), 4);
+    assert!(engine.wait_idle(Duration::from_secs(10)));
+    let mem = engine.stats().memory;
+    assert_eq!(mem.device, "CPU");
+    assert_eq!(mem.weights, m.weight_bytes());
+    assert_eq!(mem.kv, engine.stats().kv_bytes);
+    assert!(mem.compute > 0 && mem.device_total > 0, "{mem:?}");
+    // 2^40 cells: terabytes of KV cache. Refused before allocating, naming what and how much.
+    let e = Engine::new(m, EngineOptions { n_cells: 1 << 40, ..Default::default() }).unwrap_err().to_string();
+    assert!(e.contains("the KV cache") && e.contains("does not fit") && e.contains("MiB free"), "{e}");
+}

@@ -91,6 +91,11 @@ impl Model {
         self.cpu.as_ref().unwrap_or(&self.backend).n_threads()
     }
 
+    /// Free and total bytes of the device holding the weights.
+    pub fn device_memory(&self) -> (usize, usize) {
+        self.backend.memory()
+    }
+
     /// The backend holding the weights ("CPU", "CUDA0", ...).
     pub fn device_name(&self) -> String {
         self.backend.name()

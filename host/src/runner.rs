@@ -117,8 +117,15 @@ impl Runner {
             }
         }
         let n_cells = opts.n_cells.max(1);
-        let kv = KvCache::new(&model.backend, hp.n_layer, hp.n_embd_kv(), hp.n_embd_kv(), n_cells, kv_type)?;
         let n_ubatch = opts.n_ubatch.max(1);
+        // Refuse up front what cannot fit: the cache plus a compute buffer for a full ubatch.
+        let kv_need = 2 * hp.n_layer * n_cells * kv_type.row_size(hp.n_embd_kv() as i64);
+        let compute_need = compute_estimate(hp, n_cells, n_ubatch);
+        model.backend.check_fits(
+            &format!("the KV cache ({n_cells} cells, {}) and compute buffers", kv_type.name()),
+            kv_need + compute_need,
+        )?;
+        let kv = KvCache::new(&model.backend, hp.n_layer, hp.n_embd_kv(), hp.n_embd_kv(), n_cells, kv_type)?;
         let sched = Sched::new(&model.sched_backends(), graph_size(hp.n_layer, n_ubatch))?;
         tracing::debug!(n_cells, kv_bytes = kv.bytes(), kv_type = kv_type.name(), "KV cache allocated");
         Ok(Runner { sched, kv, cells: KvCells::new(n_cells), n_ubatch, flash, model })
@@ -126,6 +133,19 @@ impl Runner {
 
     pub fn model(&self) -> &Arc<Model> {
         &self.model
+    }
+
+    /// Memory held now on the model's device.
+    pub fn memory(&self) -> MemoryUsage {
+        let (device_free, device_total) = self.model.backend.memory();
+        MemoryUsage {
+            device: self.model.device_name(),
+            weights: self.model.weight_bytes(),
+            kv: self.kv.bytes(),
+            compute: self.sched.buffer_size(&self.model.backend),
+            device_free,
+            device_total,
+        }
     }
 
     pub fn cells(&self) -> &KvCells {
@@ -292,6 +312,26 @@ fn write_mask(t: Tensor, m: &[f32]) -> Result<(), GgmlError> {
     } else {
         t.write_f32(m)
     }
+}
+
+/// Bytes on the model's device: what it holds, and what the device reports.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct MemoryUsage {
+    pub device: String,
+    pub weights: usize,
+    pub kv: usize,
+    /// The scheduler's compute buffer (grows to the largest step so far, then stays)
+    pub compute: usize,
+    pub device_free: usize,
+    pub device_total: usize,
+}
+
+/// A generous estimate of the compute buffer for ubatches of `n_ubatch` tokens over `n_cells`
+/// cells: the activations of one layer (kept alive at once), the masks, and a logits row per token.
+pub fn compute_estimate(hp: &crate::models::HParams, n_cells: usize, n_ubatch: usize) -> usize {
+    let f = 4; // F32 activations
+    let per_token = hp.n_embd * 8 + hp.n_ff * 3 + (hp.n_head + 2 * hp.n_head_kv) * hp.head_dim * 2;
+    n_ubatch * per_token * f + 2 * n_cells * n_ubatch * 2 + n_ubatch * hp.n_vocab * f
 }
 
 /// Cells attended to are padded to a multiple of this.

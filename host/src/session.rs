@@ -131,6 +131,11 @@ impl Session {
         self.runner.kv().n_cells()
     }
 
+    /// Weights, KV cache and compute buffer on the model's device.
+    pub fn memory(&self) -> crate::runner::MemoryUsage {
+        self.runner.memory()
+    }
+
     pub fn kv_bytes(&self) -> usize {
         self.runner.kv().bytes()
     }

@@ -287,6 +287,28 @@ fn parse_kv_type(s: &str) -> Result<DType> {
     })
 }
 
+/// Bytes the model needs on its device at the chosen context (--ctx-size, default the training
+/// context capped at 4096), before any cache is allocated: weights (loaded), KV cache, compute.
+fn memory_estimate(model: &Model, m: &ModelArgs) -> Result<serde_json::Value> {
+    let hp = model.hparams();
+    let n_ctx = m.ctx_size.unwrap_or_else(|| hp.n_ctx_train.min(4096));
+    let kv_type = match m.kv_type.as_deref() {
+        Some(t) => parse_kv_type(t)?,
+        None if model.dtype == DType::F32 => DType::F32,
+        None => DType::F16,
+    };
+    let kv_per_token = 2 * hp.n_layer * kv_type.row_size(hp.n_embd_kv() as i64);
+    let kv = kv_per_token * n_ctx;
+    let compute = crate::runner::compute_estimate(hp, n_ctx, m.batch.max(1));
+    let weights = model.weight_bytes();
+    let (free, total) = model.device_memory();
+    Ok(serde_json::json!({
+        "ctx_size": n_ctx, "kv_type": kv_type.name(), "weights": weights, "kv_per_token": kv_per_token,
+        "kv": kv, "compute_estimate": compute, "total": weights + kv + compute,
+        "device_free": free, "device_total": total,
+    }))
+}
+
 fn open(m: &ModelArgs, min_ctx: usize) -> Result<Session> {
     let mut opts = ModelOptions { device: m.dev.prepare()?, ..Default::default() };
     if let Some(t) = m.threads {
@@ -341,6 +363,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 "tied_embeddings": hp.tied_embeddings,
                 "eos_token_ids": model.eos_tokens(),
                 "device": model.device_name(),
+                "memory": memory_estimate(&model, &m)?,
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }

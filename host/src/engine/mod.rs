@@ -170,6 +170,8 @@ pub struct EngineStats {
     pub busy: Duration,
     /// Generated tokens per second of busy time
     pub decode_tokens_per_s: f64,
+    /// Weights, KV cache and compute buffer on the model's device, and the device's free memory
+    pub memory: crate::runner::MemoryUsage,
 }
 
 /// A request queued for the compute thread.
@@ -282,7 +284,12 @@ impl Engine {
         let shared = Arc::new(Shared {
             inbox: Mutex::new(Inbox::default()),
             wake: Condvar::new(),
-            stats: Mutex::new(EngineStats { kv_cells: n_cells, kv_bytes: runner.kv().bytes(), ..Default::default() }),
+            stats: Mutex::new(EngineStats {
+                kv_cells: n_cells,
+                kv_bytes: runner.kv().bytes(),
+                memory: runner.memory(),
+                ..Default::default()
+            }),
             cancels: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         });
@@ -418,6 +425,15 @@ impl Engine {
         self.call(|reply| ExtOp::Open { id, reply })?;
         let max_len = if max_len == 0 { self.max_seq_len } else { max_len.min(self.max_seq_len) };
         Ok(Sequence { id, engine: self.clone(), len: 0, max_len })
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.model.hparams().arch)
+            .field("max_seq_len", &self.max_seq_len)
+            .finish()
     }
 }
 

@@ -633,6 +633,7 @@ impl Sched {
         st.prefix_entries = self.prefix.len();
         let busy = st.busy.as_secs_f64();
         st.decode_tokens_per_s = if busy > 0.0 { st.tokens_generated as f64 / busy } else { 0.0 };
+        st.memory = self.runner.memory();
     }
 }
 

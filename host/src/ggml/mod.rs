@@ -37,6 +37,8 @@ pub enum GgmlError {
     Tensor { name: String, msg: String },
     #[error("backend {path}: {msg}")]
     Backend { path: String, msg: String },
+    #[error("{what} does not fit: needs {} MiB, {device} has {} MiB free", need >> 20, free >> 20)]
+    OutOfMemory { what: String, need: usize, free: usize, device: String },
 }
 
 /// Element types we use.
@@ -280,6 +282,22 @@ impl Context {
         // SAFETY: context and backend are valid; returns null on failure.
         let buft = unsafe { sys::ggml_backend_get_default_buffer_type(backend.raw()) };
         self.alloc_tensors_in(buft)
+    }
+
+    /// Bytes `alloc_tensors` would allocate on `backend`.
+    pub fn alloc_size(&self, backend: &Backend) -> usize {
+        // SAFETY: context and backend are valid; a pure size computation.
+        unsafe {
+            let buft = sys::ggml_backend_get_default_buffer_type(backend.raw());
+            sys::ggml_backend_alloc_ctx_tensors_from_buft_size(self.raw(), buft)
+        }
+    }
+
+    /// Like [`Context::alloc_tensors`], but first checks that the device has room, failing
+    /// with [`GgmlError::OutOfMemory`] naming `what` instead of a failed allocation.
+    pub fn alloc_tensors_checked(&self, backend: &Backend, what: &str) -> Result<Buffer, GgmlError> {
+        backend.check_fits(what, self.alloc_size(backend))?;
+        self.alloc_tensors(backend)
     }
 
     fn alloc_tensors_in(&self, buft: sys::ggml_backend_buffer_type_t) -> Result<Buffer, GgmlError> {
@@ -604,6 +622,28 @@ impl Backend {
         let ptr = NonNull::new(be)
             .ok_or_else(|| GgmlError::Backend { path: dev.name.clone(), msg: "the device failed to start".into() })?;
         Ok(Backend { ptr, threadpool: None, n_threads: 0 })
+    }
+
+    /// Free and total bytes of the backend's device (the CPU reports system memory).
+    pub fn memory(&self) -> (usize, usize) {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: a live backend; its device outlives it.
+        unsafe {
+            let dev = sys::ggml_backend_get_device(self.raw());
+            if !dev.is_null() {
+                sys::ggml_backend_dev_memory(dev, &mut free, &mut total);
+            }
+        }
+        (free, total)
+    }
+
+    /// Fail with [`GgmlError::OutOfMemory`] when `need` bytes exceed the device's free memory.
+    pub fn check_fits(&self, what: &str, need: usize) -> Result<(), GgmlError> {
+        let (free, total) = self.memory();
+        if total > 0 && need > free {
+            return Err(GgmlError::OutOfMemory { what: what.to_string(), need, free, device: self.name() });
+        }
+        Ok(())
     }
 
     /// Whether this is the CPU backend.

@@ -289,7 +289,7 @@ impl<'a> WeightBuilder<'a> {
                 });
             }
         }
-        let buffer = self.ctx.alloc_tensors(backend)?;
+        let buffer = self.ctx.alloc_tensors_checked(backend, "the model weights")?;
         buffer.mark_weights();
         let total: u64 = self.from_file.iter().map(|(t, _)| t.nbytes() as u64).sum();
         let bar = if std::io::stderr().is_terminal() && total > 64 << 20 {

@@ -31,7 +31,8 @@ impl KvCache {
             k.push(ctx.new_tensor(dtype, &[n_embd_k as i64, n_cells as i64], &format!("cache_k_l{il}")));
             v.push(ctx.new_tensor(dtype, &[n_embd_v as i64, n_cells as i64], &format!("cache_v_l{il}")));
         }
-        let buffer = ctx.alloc_tensors(backend)?;
+        let buffer =
+            ctx.alloc_tensors_checked(backend, &format!("the KV cache ({n_cells} cells, {})", dtype.name()))?;
         // Zero it: masked cells must never hold NaN/Inf bit patterns (0 * NaN is NaN).
         buffer.clear();
         Ok(KvCache { k, v, n_cells, dtype, buffer, _ctx: ctx })
