@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::ggml::{Context, DType, GgmlError, Sched, Tensor};
+use crate::ggml::{Arena, Context, DType, GgmlError, Sched, Tensor};
 use crate::graph::{Forward, StepInputs};
 use crate::memory::cells::{KvCells, SeqId, MAX_SEQ};
 use crate::memory::kv::KvCache;
@@ -91,6 +91,8 @@ pub struct Runner {
     pub(crate) cells: KvCells,
     n_ubatch: usize,
     flash: bool,
+    /// Tensor headers and graph of each step, at the same addresses every step
+    arena: Arena,
     model: Arc<Model>,
 }
 
@@ -128,7 +130,9 @@ impl Runner {
         let kv = KvCache::new(&model.backend, hp.n_layer, hp.n_embd_kv(), hp.n_embd_kv(), n_cells, kv_type)?;
         let sched = Sched::new(&model.sched_backends(), graph_size(hp.n_layer, n_ubatch))?;
         tracing::debug!(n_cells, kv_bytes = kv.bytes(), kv_type = kv_type.name(), "KV cache allocated");
-        Ok(Runner { sched, kv, cells: KvCells::new(n_cells), n_ubatch, flash, model })
+        let gsize = graph_size(hp.n_layer, n_ubatch);
+        let arena = Arena::new(2 * gsize, gsize);
+        Ok(Runner { sched, kv, cells: KvCells::new(n_cells), n_ubatch, flash, arena, model })
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -221,7 +225,18 @@ impl Runner {
         let gsize = graph_size(hp.n_layer, self.n_ubatch.max(n));
         // Flash attention wants an F16 mask.
         let mask_type = if self.flash { DType::F16 } else { DType::F32 };
-        let ctx = Context::new(2 * gsize, gsize)?;
+        let t_build = std::time::Instant::now();
+        // Steps within the usual batch size reuse the arena (stable addresses for graph replay);
+        // a larger one (embeddings of a long input) gets a context of its own.
+        let own;
+        let scoped;
+        let ctx: &Context = if gsize <= graph_size(hp.n_layer, self.n_ubatch) {
+            scoped = Context::new_in(&mut self.arena, 2 * gsize, gsize)?;
+            &scoped
+        } else {
+            own = Context::new(2 * gsize, gsize)?;
+            &own
+        };
         let mut graph = ctx.new_graph(gsize);
         let inp = StepInputs {
             tokens: ctx.new_tensor(DType::I32, &[n as i64], "inp_tokens").set_input(),
@@ -250,8 +265,10 @@ impl Runner {
         graph.expand(result);
 
         let _guard = self.model.compute_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let t_alloc = std::time::Instant::now();
         self.sched.reset();
         self.sched.alloc(&graph)?;
+        let t_inputs = std::time::Instant::now();
         let ids: Vec<i32> = ub.tokens.iter().map(|&t| t as i32).collect();
         let pos: Vec<i32> = ub.pos.iter().map(|&p| p as i32).collect();
         let out_ids: Vec<i32> = if out.is_empty() { vec![n as i32 - 1] } else { out.clone() };
@@ -265,7 +282,9 @@ impl Runner {
         if let Some(m) = inp.mask_swa {
             write_input(m, |t| write_mask(t, &self.cells.mask(&who, n_kv, hp.sliding_window)))?;
         }
+        let t_compute = std::time::Instant::now();
         self.sched.compute(&graph)?;
+        let t_read = std::time::Instant::now();
 
         let rows = |t: Tensor, width: usize| -> Result<Vec<Vec<f32>>, GgmlError> {
             Ok(t.read_f32()?.chunks(width).map(<[f32]>::to_vec).collect())
@@ -273,6 +292,17 @@ impl Runner {
         let width = if embeddings { hp.n_embd } else { hp.n_vocab };
         let rows_out = if out.is_empty() { vec![] } else { rows(result, width)? };
         let hidden = taps.into_iter().map(|t| rows(t, hp.n_embd)).collect::<Result<Vec<_>, _>>()?;
+        // Where a step's time goes (STLLM_LOG=stllm::step=trace).
+        tracing::trace!(
+            target: "stllm::step",
+            n_tokens = n,
+            n_kv,
+            build_us = (t_alloc - t_build).as_micros() as u64,
+            alloc_us = (t_inputs - t_alloc).as_micros() as u64,
+            inputs_us = (t_compute - t_inputs).as_micros() as u64,
+            compute_us = (t_read - t_compute).as_micros() as u64,
+            read_us = t_read.elapsed().as_micros() as u64,
+        );
         Ok(StepOut { rows: rows_out, hidden })
     }
 

@@ -246,17 +246,72 @@ pub struct Context {
 unsafe impl Send for Context {}
 unsafe impl Sync for Context {}
 
+/// Memory for the tensor headers and graph of one step, reused step after step: the same graph
+/// built again lands at the same addresses, which is how ggml-cuda recognises a graph it has
+/// captured (its CUDA-graph key is the first node's address) and replays it.
+pub struct Arena {
+    buf: Vec<u64>,
+}
+
+impl Arena {
+    /// Room for `n_tensors` tensor headers and a graph of `graph_size` nodes.
+    pub fn new(n_tensors: usize, graph_size: usize) -> Arena {
+        Arena { buf: vec![0u64; Context::size_for(n_tensors, graph_size).div_ceil(8)] }
+    }
+
+    fn bytes(&self) -> usize {
+        self.buf.len() * 8
+    }
+}
+
+/// A [`Context`] living in an [`Arena`] it borrows.
+pub struct ArenaContext<'a> {
+    ctx: Context,
+    _arena: std::marker::PhantomData<&'a mut Arena>,
+}
+
+impl std::ops::Deref for ArenaContext<'_> {
+    type Target = Context;
+    fn deref(&self) -> &Context {
+        &self.ctx
+    }
+}
+
 impl Context {
-    /// A context with room for `n_tensors` tensor headers and one graph of `graph_size` nodes
-    /// (0 for none).
-    pub fn new(n_tensors: usize, graph_size: usize) -> Result<Self, GgmlError> {
+    fn size_for(n_tensors: usize, graph_size: usize) -> usize {
         // SAFETY: pure size computations.
         let mut bytes = n_tensors * unsafe { sys::ggml_tensor_overhead() };
         if graph_size > 0 {
             bytes += unsafe { sys::ggml_graph_overhead_custom(graph_size, false) };
         }
-        let params =
-            sys::ggml_init_params { mem_size: bytes.max(1024), mem_buffer: std::ptr::null_mut(), no_alloc: true };
+        bytes.max(1024)
+    }
+
+    /// A context in `arena`'s memory (which it borrows for its lifetime); fails if the arena is
+    /// smaller than `n_tensors` headers and a `graph_size` graph need.
+    pub fn new_in(arena: &mut Arena, n_tensors: usize, graph_size: usize) -> Result<ArenaContext<'_>, GgmlError> {
+        let bytes = Context::size_for(n_tensors, graph_size);
+        if bytes > arena.bytes() {
+            return Err(GgmlError::Alloc { what: "context arena".into(), bytes });
+        }
+        let params = sys::ggml_init_params {
+            mem_size: arena.bytes(),
+            mem_buffer: arena.buf.as_mut_ptr().cast(),
+            no_alloc: true,
+        };
+        // SAFETY: the buffer is ours for the returned context's lifetime (the borrow), 8-byte
+        // aligned, and ggml does not free a caller's buffer.
+        let ptr = unsafe { sys::ggml_init(params) };
+        let ctx =
+            NonNull::new(ptr).map(|ptr| Context { ptr }).ok_or(GgmlError::Alloc { what: "context".into(), bytes })?;
+        Ok(ArenaContext { ctx, _arena: std::marker::PhantomData })
+    }
+
+    /// A context with room for `n_tensors` tensor headers and one graph of `graph_size` nodes
+    /// (0 for none).
+    pub fn new(n_tensors: usize, graph_size: usize) -> Result<Self, GgmlError> {
+        let bytes = Context::size_for(n_tensors, graph_size);
+        let params = sys::ggml_init_params { mem_size: bytes, mem_buffer: std::ptr::null_mut(), no_alloc: true };
         // SAFETY: ggml_init allocates its own memory buffer; null on failure.
         let ptr = unsafe { sys::ggml_init(params) };
         NonNull::new(ptr).map(|ptr| Context { ptr }).ok_or(GgmlError::Alloc { what: "context".into(), bytes })
