@@ -249,7 +249,7 @@ impl Runner {
             kv_idxs: ctx.new_tensor(DType::I64, &[n as i64], "inp_kv_idxs").set_input(),
         };
         let mut f = Forward {
-            ctx: &ctx,
+            ctx,
             graph: &mut graph,
             inp,
             kv: &self.kv,
