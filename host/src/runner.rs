@@ -297,6 +297,7 @@ impl Runner {
             target: "stllm::step",
             n_tokens = n,
             n_kv,
+            splits = self.sched.n_splits(),
             build_us = (t_alloc - t_build).as_micros() as u64,
             alloc_us = (t_inputs - t_alloc).as_micros() as u64,
             inputs_us = (t_compute - t_inputs).as_micros() as u64,

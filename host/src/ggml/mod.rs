@@ -790,6 +790,12 @@ impl Sched {
         unsafe { sys::ggml_backend_sched_reset(self.ptr.as_ptr()) }
     }
 
+    /// Pieces the last graph was split into across backends (1: it ran on one backend).
+    pub fn n_splits(&self) -> usize {
+        // SAFETY: the scheduler is alive.
+        unsafe { sys::ggml_backend_sched_get_n_splits(self.ptr.as_ptr()) as usize }
+    }
+
     /// Bytes of compute buffer currently reserved on a backend.
     pub fn buffer_size(&self, backend: &Backend) -> usize {
         // SAFETY: both alive.
