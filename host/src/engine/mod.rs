@@ -118,6 +118,21 @@ pub struct Finished {
     pub preemptions: usize,
 }
 
+impl Finished {
+    /// A request that ended before computing anything.
+    fn without_work(reason: FinishReason, prompt_tokens: usize) -> Finished {
+        Finished {
+            reason,
+            prompt_tokens,
+            cached_tokens: 0,
+            generated: 0,
+            time_to_first_token: None,
+            elapsed: Duration::ZERO,
+            preemptions: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Event {
     Token(u32),
@@ -341,15 +356,7 @@ impl Engine {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = req.stop_tokens.clone().unwrap_or_else(|| self.eos.clone());
         if req.max_tokens == 0 {
-            let _ = tx.send(Event::Done(Finished {
-                reason: FinishReason::Length,
-                prompt_tokens: req.prompt.len(),
-                cached_tokens: 0,
-                generated: 0,
-                time_to_first_token: None,
-                elapsed: Duration::ZERO,
-                preemptions: 0,
-            }));
+            let _ = tx.send(Event::Done(Finished::without_work(FinishReason::Length, req.prompt.len())));
             return Ok(Generation { id, rx, cancel, shared: self.shared.clone(), done: false });
         }
         {
@@ -612,15 +619,8 @@ impl Generation {
     fn engine_gone(&mut self) -> Option<Event> {
         self.done = true;
         let why = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner()).dead.clone();
-        Some(Event::Done(Finished {
-            reason: FinishReason::Error(why.unwrap_or_else(|| "the engine stopped".into())),
-            prompt_tokens: 0,
-            cached_tokens: 0,
-            generated: 0,
-            time_to_first_token: None,
-            elapsed: Duration::ZERO,
-            preemptions: 0,
-        }))
+        let reason = FinishReason::Error(why.unwrap_or_else(|| "the engine stopped".into()));
+        Some(Event::Done(Finished::without_work(reason, 0)))
     }
 
     /// Wait for the end; the generated tokens and the summary.

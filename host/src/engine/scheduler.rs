@@ -283,50 +283,27 @@ impl Sched {
         self.free_ids.pop()
     }
 
+    /// Register caller-driven sequence `id`, sharing every cell of `from` (a fork) when given.
+    fn open_ext(&mut self, id: u64, from: Option<SeqId>, cached: Vec<u32>) -> Result<(), DecodeError> {
+        let seq = self.take_id().ok_or_else(|| DecodeError::Options(format!("all {MAX_SEQ} sequences are in use")))?;
+        if let Some(src) = from {
+            self.runner.seq_cp(src, seq, 0, u32::MAX);
+        }
+        self.admitted += 1;
+        let e = Ext { seq, cached, pending: vec![], all: false, rows: vec![], reply: None, admitted: self.admitted };
+        self.ext.insert(id, e);
+        Ok(())
+    }
+
     fn ext_op(&mut self, op: ExtOp) {
         match op {
             ExtOp::Open { id, reply } => {
-                let r = match self.take_id() {
-                    Some(seq) => {
-                        self.admitted += 1;
-                        let e = Ext {
-                            seq,
-                            cached: vec![],
-                            pending: vec![],
-                            all: false,
-                            rows: vec![],
-                            reply: None,
-                            admitted: self.admitted,
-                        };
-                        self.ext.insert(id, e);
-                        Ok(())
-                    }
-                    None => Err(DecodeError::Options(format!("all {MAX_SEQ} sequences are in use"))),
-                };
-                let _ = reply.send(r);
+                let _ = reply.send(self.open_ext(id, None, vec![]));
             }
             ExtOp::Fork { src, id, reply } => {
-                let Some((src_seq, cached)) = self.ext.get(&src).map(|e| (e.seq, e.cached.clone())) else {
-                    let _ = reply.send(Err(DecodeError::Options("fork of a closed sequence".into())));
-                    return;
-                };
-                let r = match self.take_id() {
-                    Some(seq) => {
-                        self.runner.seq_cp(src_seq, seq, 0, u32::MAX);
-                        self.admitted += 1;
-                        let e = Ext {
-                            seq,
-                            cached,
-                            pending: vec![],
-                            all: false,
-                            rows: vec![],
-                            reply: None,
-                            admitted: self.admitted,
-                        };
-                        self.ext.insert(id, e);
-                        Ok(())
-                    }
-                    None => Err(DecodeError::Options(format!("all {MAX_SEQ} sequences are in use"))),
+                let r = match self.ext.get(&src).map(|e| (e.seq, e.cached.clone())) {
+                    Some((src_seq, cached)) => self.open_ext(id, Some(src_seq), cached),
+                    None => Err(DecodeError::Options("fork of a closed sequence".into())),
                 };
                 let _ = reply.send(r);
             }
