@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::ggml::{Arena, Context, DType, GgmlError, Sched, Tensor};
+use crate::ggml::{Context, DType, GgmlError, Graph, Sched, Tensor};
 use crate::graph::{Forward, StepInputs};
 use crate::memory::cells::{KvCells, SeqId, MAX_SEQ};
 use crate::memory::kv::KvCache;
@@ -91,9 +91,31 @@ pub struct Runner {
     pub(crate) cells: KvCells,
     n_ubatch: usize,
     flash: bool,
-    /// Tensor headers and graph of each step, at the same addresses every step
-    arena: Arena,
+    /// The last step's graph, allocated on the scheduler, reused while steps keep its shape
+    step: Option<StepGraph>,
     model: Arc<Model>,
+}
+
+/// A built and allocated step graph. The next step of the same shape only rewrites its inputs and
+/// computes it again: no rebuild, no scheduler split or allocation, and the backends see the very
+/// same graph (ggml-cuda then replays its captured CUDA graph instead of launching every kernel).
+struct StepGraph {
+    shape: StepShape,
+    graph: Graph,
+    inp: StepInputs,
+    result: Tensor,
+    // Owns the tensor headers and the graph above; declared last.
+    _ctx: Context,
+}
+
+/// What fixes a step graph: tokens, cells attended, logits rows, attention segments and mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StepShape {
+    n_tokens: usize,
+    n_kv: usize,
+    n_out: usize,
+    segments: Vec<(usize, usize)>,
+    embeddings: bool,
 }
 
 impl Runner {
@@ -130,9 +152,7 @@ impl Runner {
         let kv = KvCache::new(&model.backend, hp.n_layer, hp.n_embd_kv(), hp.n_embd_kv(), n_cells, kv_type)?;
         let sched = Sched::new(&model.sched_backends(), graph_size(hp.n_layer, n_ubatch))?;
         tracing::debug!(n_cells, kv_bytes = kv.bytes(), kv_type = kv_type.name(), "KV cache allocated");
-        let gsize = graph_size(hp.n_layer, n_ubatch);
-        let arena = Arena::new(2 * gsize, gsize);
-        Ok(Runner { sched, kv, cells: KvCells::new(n_cells), n_ubatch, flash, arena, model })
+        Ok(Runner { sched, kv, cells: KvCells::new(n_cells), n_ubatch, flash, step: None, model })
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -222,52 +242,56 @@ impl Runner {
         let n_kv = self.cells.n_kv().next_multiple_of(KV_PAD).min(self.cells.n_cells());
         let out: Vec<i32> = (0..n as i32).filter(|&i| ub.out[i as usize]).collect();
         let n_out = out.len().max(1);
-        let gsize = graph_size(hp.n_layer, self.n_ubatch.max(n));
+        let shape =
+            StepShape { n_tokens: n, n_kv, n_out, segments: crate::graph::attn_segments(&ub.seq), embeddings };
         // Flash attention wants an F16 mask.
         let mask_type = if self.flash { DType::F16 } else { DType::F32 };
         let t_build = std::time::Instant::now();
-        // Steps within the usual batch size reuse the arena (stable addresses for graph replay);
-        // a larger one (embeddings of a long input) gets a context of its own.
-        let own;
-        let scoped;
-        let ctx: &Context = if gsize <= graph_size(hp.n_layer, self.n_ubatch) {
-            scoped = Context::new_in(&mut self.arena, 2 * gsize, gsize)?;
-            &scoped
-        } else {
-            own = Context::new(2 * gsize, gsize)?;
-            &own
-        };
-        let mut graph = ctx.new_graph(gsize);
-        let inp = StepInputs {
-            tokens: ctx.new_tensor(DType::I32, &[n as i64], "inp_tokens").set_input(),
-            pos: ctx.new_tensor(DType::I32, &[n as i64], "inp_pos").set_input(),
-            mask: ctx.new_tensor(mask_type, &[n_kv as i64, n as i64], "inp_mask").set_input(),
-            mask_swa: hp
-                .sliding_window
-                .map(|_| ctx.new_tensor(mask_type, &[n_kv as i64, n as i64], "inp_mask_swa").set_input()),
-            out_ids: ctx.new_tensor(DType::I32, &[n_out as i64], "inp_out_ids").set_input(),
-            kv_idxs: ctx.new_tensor(DType::I64, &[n as i64], "inp_kv_idxs").set_input(),
-        };
-        let mut f = Forward {
-            ctx,
-            graph: &mut graph,
-            inp,
-            kv: &self.kv,
-            n_kv,
-            n_tokens: n,
-            taps: trace.then(Vec::new),
-            embeddings,
-            flash_attn: self.flash,
-            attn_segments: crate::graph::attn_segments(&ub.seq),
-        };
-        let result = self.model.arch.build(&mut f).set_output();
-        let taps = f.taps.take().unwrap_or_default();
-        graph.expand(result);
-
         let _guard = self.model.compute_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let t_alloc = std::time::Instant::now();
-        self.sched.reset();
-        self.sched.alloc(&graph)?;
+        // A traced step (hidden-state taps) is built for itself and not kept.
+        let reuse = !trace && self.step.as_ref().is_some_and(|g| g.shape == shape);
+        let mut taps = Vec::new();
+        let t_alloc;
+        if !reuse {
+            // The scheduler's allocation is about to change: the kept graph is no longer valid.
+            self.step = None;
+            let gsize = graph_size(hp.n_layer, self.n_ubatch.max(n));
+            let ctx = Context::new(2 * gsize, gsize)?;
+            let mut graph = ctx.new_graph(gsize);
+            let inp = StepInputs {
+                tokens: ctx.new_tensor(DType::I32, &[n as i64], "inp_tokens").set_input(),
+                pos: ctx.new_tensor(DType::I32, &[n as i64], "inp_pos").set_input(),
+                mask: ctx.new_tensor(mask_type, &[n_kv as i64, n as i64], "inp_mask").set_input(),
+                mask_swa: hp
+                    .sliding_window
+                    .map(|_| ctx.new_tensor(mask_type, &[n_kv as i64, n as i64], "inp_mask_swa").set_input()),
+                out_ids: ctx.new_tensor(DType::I32, &[n_out as i64], "inp_out_ids").set_input(),
+                kv_idxs: ctx.new_tensor(DType::I64, &[n as i64], "inp_kv_idxs").set_input(),
+            };
+            let mut f = Forward {
+                ctx: &ctx,
+                graph: &mut graph,
+                inp,
+                kv: &self.kv,
+                n_kv,
+                n_tokens: n,
+                taps: trace.then(Vec::new),
+                embeddings,
+                flash_attn: self.flash,
+                attn_segments: shape.segments.clone(),
+            };
+            let result = self.model.arch.build(&mut f).set_output();
+            taps = f.taps.take().unwrap_or_default();
+            graph.expand(result);
+            t_alloc = std::time::Instant::now();
+            self.sched.reset();
+            self.sched.alloc(&graph)?;
+            self.step = Some(StepGraph { shape, graph, inp, result, _ctx: ctx });
+        } else {
+            t_alloc = std::time::Instant::now();
+        }
+        let step = self.step.as_ref().expect("built above");
+        let (inp, result) = (step.inp, step.result);
         let t_inputs = std::time::Instant::now();
         let ids: Vec<i32> = ub.tokens.iter().map(|&t| t as i32).collect();
         let pos: Vec<i32> = ub.pos.iter().map(|&p| p as i32).collect();
@@ -283,7 +307,7 @@ impl Runner {
             write_input(m, |t| write_mask(t, &self.cells.mask(&who, n_kv, hp.sliding_window)))?;
         }
         let t_compute = std::time::Instant::now();
-        self.sched.compute(&graph)?;
+        self.sched.compute(&step.graph)?;
         let t_read = std::time::Instant::now();
 
         let rows = |t: Tensor, width: usize| -> Result<Vec<Vec<f32>>, GgmlError> {
@@ -292,6 +316,10 @@ impl Runner {
         let width = if embeddings { hp.n_embd } else { hp.n_vocab };
         let rows_out = if out.is_empty() { vec![] } else { rows(result, width)? };
         let hidden = taps.into_iter().map(|t| rows(t, hp.n_embd)).collect::<Result<Vec<_>, _>>()?;
+        if trace {
+            // Taps are outputs of this graph alone: the next step builds a plain one.
+            self.step = None;
+        }
         // Where a step's time goes (STLLM_LOG=stllm::step=trace).
         tracing::trace!(
             target: "stllm::step",

@@ -246,37 +246,6 @@ pub struct Context {
 unsafe impl Send for Context {}
 unsafe impl Sync for Context {}
 
-/// Memory for the tensor headers and graph of one step, reused step after step: the same graph
-/// built again lands at the same addresses, which is how ggml-cuda recognises a graph it has
-/// captured (its CUDA-graph key is the first node's address) and replays it.
-pub struct Arena {
-    buf: Vec<u64>,
-}
-
-impl Arena {
-    /// Room for `n_tensors` tensor headers and a graph of `graph_size` nodes.
-    pub fn new(n_tensors: usize, graph_size: usize) -> Arena {
-        Arena { buf: vec![0u64; Context::size_for(n_tensors, graph_size).div_ceil(8)] }
-    }
-
-    fn bytes(&self) -> usize {
-        self.buf.len() * 8
-    }
-}
-
-/// A [`Context`] living in an [`Arena`] it borrows.
-pub struct ArenaContext<'a> {
-    ctx: Context,
-    _arena: std::marker::PhantomData<&'a mut Arena>,
-}
-
-impl std::ops::Deref for ArenaContext<'_> {
-    type Target = Context;
-    fn deref(&self) -> &Context {
-        &self.ctx
-    }
-}
-
 impl Context {
     fn size_for(n_tensors: usize, graph_size: usize) -> usize {
         // SAFETY: pure size computations.
@@ -285,26 +254,6 @@ impl Context {
             bytes += unsafe { sys::ggml_graph_overhead_custom(graph_size, false) };
         }
         bytes.max(1024)
-    }
-
-    /// A context in `arena`'s memory (which it borrows for its lifetime); fails if the arena is
-    /// smaller than `n_tensors` headers and a `graph_size` graph need.
-    pub fn new_in(arena: &mut Arena, n_tensors: usize, graph_size: usize) -> Result<ArenaContext<'_>, GgmlError> {
-        let bytes = Context::size_for(n_tensors, graph_size);
-        if bytes > arena.bytes() {
-            return Err(GgmlError::Alloc { what: "context arena".into(), bytes });
-        }
-        let params = sys::ggml_init_params {
-            mem_size: arena.bytes(),
-            mem_buffer: arena.buf.as_mut_ptr().cast(),
-            no_alloc: true,
-        };
-        // SAFETY: the buffer is ours for the returned context's lifetime (the borrow), 8-byte
-        // aligned, and ggml does not free a caller's buffer.
-        let ptr = unsafe { sys::ggml_init(params) };
-        let ctx =
-            NonNull::new(ptr).map(|ptr| Context { ptr }).ok_or(GgmlError::Alloc { what: "context".into(), bytes })?;
-        Ok(ArenaContext { ctx, _arena: std::marker::PhantomData })
     }
 
     /// A context with room for `n_tensors` tensor headers and one graph of `graph_size` nodes
@@ -606,6 +555,10 @@ pub struct Graph {
     ptr: NonNull<sys::ggml_cgraph>,
 }
 
+// SAFETY: a graph is plain memory inside its context (which is Send); it is built and computed by
+// one thread at a time (`&mut self` to change it).
+unsafe impl Send for Graph {}
+
 impl Graph {
     pub fn expand(&mut self, t: Tensor) {
         // SAFETY: graph and tensor belong to live contexts.
@@ -807,5 +760,138 @@ impl Drop for Sched {
     fn drop(&mut self) {
         // SAFETY: we own the scheduler.
         unsafe { sys::ggml_backend_sched_free(self.ptr.as_ptr()) }
+    }
+}
+
+/// Convert `src` (rows of `n_per_row` values) into `dtype`'s storage bytes with ggml's reference
+/// conversion (`ggml_quantize_chunk`: plain copy for F32, rounding for F16/BF16, block
+/// quantization for Q8_0/Q4_0), as a tensor of that type holds them.
+pub fn convert_from_f32(dtype: DType, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, GgmlError> {
+    let bad = |msg: String| GgmlError::Tensor { name: format!("{} conversion", dtype.name()), msg };
+    if matches!(dtype, DType::I32 | DType::I64) {
+        return Err(bad("not a floating-point type".into()));
+    }
+    if n_per_row == 0 || n_per_row % dtype.block_size() != 0 || src.len() % n_per_row != 0 {
+        return Err(bad(format!(
+            "{} values in rows of {n_per_row} do not fit blocks of {}",
+            src.len(),
+            dtype.block_size()
+        )));
+    }
+    // SAFETY: a pure query of the type.
+    if unsafe { sys::ggml_quantize_requires_imatrix(dtype.raw()) } {
+        return Err(bad("needs an importance matrix".into()));
+    }
+    let nrows = src.len() / n_per_row;
+    let mut out = vec![0u8; dtype.row_size(n_per_row as i64) * nrows];
+    // SAFETY: `src` holds `nrows * n_per_row` floats and `out` exactly the bytes of that many
+    // rows of `dtype`; the row length is a multiple of the block size (checked above), so ggml's
+    // asserts hold.
+    let written = unsafe {
+        sys::ggml_quantize_chunk(
+            dtype.raw(),
+            src.as_ptr(),
+            out.as_mut_ptr().cast(),
+            0,
+            nrows as i64,
+            n_per_row as i64,
+            std::ptr::null(),
+        )
+    };
+    debug_assert_eq!(written, out.len());
+    Ok(out)
+}
+
+/// The values held by `bytes` of `dtype` storage (the inverse of [`convert_from_f32`], via
+/// ggml's `to_float` of the type: dequantization for Q8_0/Q4_0).
+pub fn convert_to_f32(dtype: DType, bytes: &[u8]) -> Result<Vec<f32>, GgmlError> {
+    let bad = |msg: String| GgmlError::Tensor { name: format!("{} conversion", dtype.name()), msg };
+    let (blck, block_bytes) = (dtype.block_size(), dtype.row_size(dtype.block_size() as i64));
+    if bytes.len() % block_bytes != 0 {
+        return Err(bad(format!("{} bytes are not whole blocks of {block_bytes}", bytes.len())));
+    }
+    let n = bytes.len() / block_bytes * blck;
+    match dtype {
+        DType::F32 => {
+            return Ok(bytes.chunks_exact(4).map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect());
+        }
+        DType::I32 | DType::I64 => return Err(bad("not a floating-point type".into())),
+        _ => {}
+    }
+    // SAFETY: ggml's static table of type traits; the pointer is valid for the program.
+    let to_float = unsafe { (*sys::ggml_get_type_traits(dtype.raw())).to_float }
+        .ok_or_else(|| bad("ggml has no to_float for this type".into()))?;
+    let mut out = vec![0f32; n];
+    // SAFETY: `bytes` holds exactly `n / blck` whole blocks and `out` has room for `n` floats.
+    unsafe { to_float(bytes.as_ptr().cast(), out.as_mut_ptr(), n as i64) };
+    Ok(out)
+}
+
+impl Graph {
+    /// The `i`-th node (op result) of the graph, in execution order; `None` past the end.
+    pub fn node(&self, i: usize) -> Option<Tensor> {
+        if i >= self.n_nodes().max(0) as usize {
+            return None;
+        }
+        // SAFETY: the index is below the node count of a live graph.
+        Some(Tensor::from_raw(unsafe { sys::ggml_graph_node(self.ptr.as_ptr(), i as i32) }))
+    }
+}
+
+impl Tensor {
+    /// ggml's name of the op that computes this tensor ("MUL_MAT", "NONE" for a leaf, ...).
+    pub fn op_name(&self) -> String {
+        // SAFETY: returns a static NUL-terminated string for a live tensor.
+        unsafe { CStr::from_ptr(sys::ggml_op_desc(self.raw())) }.to_string_lossy().into_owned()
+    }
+}
+
+impl Backend {
+    /// Whether this backend can compute the op of `t` with its operands' types and layouts.
+    pub fn supports_op(&self, t: Tensor) -> bool {
+        // SAFETY: a live backend and a live tensor; a pure query.
+        unsafe { sys::ggml_backend_supports_op(self.raw(), t.raw()) }
+    }
+
+    /// Run a whole graph on this backend alone (no scheduler). Every tensor of the graph must
+    /// already have memory this backend can use (e.g. from [`Context::alloc_tensors`] on it),
+    /// and every node must pass [`Backend::supports_op`]; ggml aborts otherwise.
+    pub fn compute(&self, g: &mut Graph) -> Result<(), GgmlError> {
+        for i in 0..g.n_nodes().max(0) as usize {
+            let t = g.node(i).expect("index below the node count");
+            let srcs = t.inner().src.iter().filter(|s| !s.is_null()).map(|&s| Tensor::from_raw(s));
+            for u in std::iter::once(t).chain(srcs) {
+                if !self.can_use_memory_of(u) {
+                    return Err(GgmlError::Tensor {
+                        name: u.name(),
+                        msg: format!("has no memory {} can use", self.name()),
+                    });
+                }
+            }
+            if !self.supports_op(t) {
+                return Err(GgmlError::Tensor {
+                    name: t.name(),
+                    msg: format!("{} does not support {}", self.name(), t.op_name()),
+                });
+            }
+        }
+        // SAFETY: every node and operand has memory this backend can use, and every node is
+        // supported by it (checked above).
+        let st = unsafe { sys::ggml_backend_graph_compute(self.raw(), g.ptr.as_ptr()) };
+        if st == sys::GGML_STATUS_SUCCESS {
+            Ok(())
+        } else {
+            Err(GgmlError::Compute(st))
+        }
+    }
+
+    /// Whether `t` has memory in a buffer whose type this backend can compute on.
+    fn can_use_memory_of(&self, t: Tensor) -> bool {
+        let buf = t.inner().buffer;
+        if buf.is_null() {
+            return false;
+        }
+        // SAFETY: a live backend and the live buffer of a live tensor; pure queries.
+        unsafe { sys::ggml_backend_supports_buft(self.raw(), sys::ggml_backend_buffer_get_type(buf)) }
     }
 }
