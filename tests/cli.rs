@@ -302,3 +302,46 @@ fn devices_and_device_selection() {
     let e = stllm_fails(&["devices", "--backend-dir", empty.path().to_str().unwrap()]);
     assert!(e.contains("libggml-bogus.so"), "{e}");
 }
+
+/// Layers split over several backends (two CPU backends stand in for two GPUs here; the same path
+/// puts them on CUDA devices): every split gives the logits of one backend, and `info` reports
+/// where each layer, weight and cache byte goes.
+#[test]
+fn layer_split_and_offload_keep_the_logits() {
+    for name in ["llama-f32", "qwen3-bf16"] {
+        let dir = fixture(name);
+        let m = dir.to_str().unwrap();
+        let tokens = csv(&Expected::load(&dir).ids("tokens"));
+        let logits = |extra: &[&str]| -> Vec<Vec<f32>> {
+            let mut args = vec!["logits", "--model", m, "--tokens", &tokens, "--threads", "2"];
+            args.extend_from_slice(extra);
+            serde_json::from_value(stllm(&args)["logits"].clone()).unwrap()
+        };
+        let one = logits(&[]);
+        for extra in [
+            &["--devices", "cpu,cpu"][..],
+            &["--devices", "cpu,cpu", "--tensor-split", "1,3"],
+            &["--devices", "cpu,cpu", "--gpu-layers", "1"],
+            &["--device", "cpu", "--gpu-layers", "0"],
+            &["--devices", "cpu,cpu", "--split", "none"],
+        ] {
+            assert_eq!(logits(extra), one, "{name} {extra:?}");
+        }
+    }
+    let dir = fixture("llama-f32");
+    let m = dir.to_str().unwrap();
+    let v = stllm(&["info", "--model", m, "--devices", "cpu,cpu", "--gpu-layers", "1", "--ctx-size", "64"]);
+    let b = v["memory"]["backends"].as_array().unwrap();
+    assert_eq!(b.len(), 3, "{v}");
+    let layers: Vec<u64> = b.iter().map(|x| x["layers"].as_u64().unwrap()).collect();
+    let n_layer = v["layers"].as_u64().unwrap();
+    assert_eq!(layers, vec![1, 0, n_layer - 1], "{v}");
+    let weights: u64 = b.iter().map(|x| x["weights"].as_u64().unwrap()).sum();
+    assert_eq!(weights, v["weight_bytes"].as_u64().unwrap());
+    assert_eq!(b[0]["kv"].as_u64().unwrap() * (n_layer - 1), b[2]["kv"].as_u64().unwrap());
+    assert_eq!((b[1]["weights"].as_u64(), b[1]["kv"].as_u64()), (Some(0), Some(0)));
+    let e = stllm_fails(&["info", "--model", m, "--devices", "cpu,cpu", "--tensor-split", "1"]);
+    assert!(e.contains("--tensor-split needs 2"), "{e}");
+    let e = stllm_fails(&["info", "--model", m, "--devices", "cpu,cpu", "--split", "row"]);
+    assert!(e.contains("--split must be layer or none"), "{e}");
+}

@@ -16,6 +16,7 @@ pub mod loader;
 pub mod memory;
 pub mod model;
 pub mod models;
+pub mod placement;
 pub mod runner;
 pub mod runtime;
 pub mod sampling;

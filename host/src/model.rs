@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use crate::ggml::{self, Backend, DType};
 use crate::loader::{LoadError, ModelDir, WeightBuilder, Weights};
 use crate::models::{self, Architecture, HParams};
+use crate::placement::Placement;
 
 /// How to load a model.
 #[derive(Debug, Clone)]
@@ -14,13 +15,43 @@ pub struct ModelOptions {
     /// CPU threads (default: all cores)
     pub threads: usize,
     /// Where weights, KV cache and compute go: `cpu` (default), `cuda[:N]`, `gpu[:N]` or a ggml
-    /// device name; GPU devices need their backend module loaded first ([`ggml::load_backend`])
+    /// device name; GPU devices need their backend module loaded first ([`ggml::load_backend`]).
+    /// Several (comma-separated, or in `devices`) split the layers among them.
     pub device: Option<String>,
+    /// Devices to split the layers over, in order (pipeline parallelism); overrides `device`
+    pub devices: Vec<String>,
+    /// How many of the last layers go to the devices (llama.cpp's `-ngl`): `None` = all, and
+    /// the output head too; `n_layer` = every layer but the head; fewer keep the first layers on
+    /// the CPU
+    pub gpu_layers: Option<usize>,
+    /// Relative share of layers per device (default: each device's free memory)
+    pub split: Vec<f64>,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        ModelOptions { threads: ggml::default_threads(), device: None }
+        ModelOptions {
+            threads: ggml::default_threads(),
+            device: None,
+            devices: vec![],
+            gpu_layers: None,
+            split: vec![],
+        }
+    }
+}
+
+impl ModelOptions {
+    /// The device specs asked for, CPU-only as an empty list.
+    fn device_specs(&self) -> Vec<String> {
+        let list: Vec<String> = if self.devices.is_empty() {
+            self.device.iter().flat_map(|d| d.split(',')).map(|d| d.trim().to_string()).collect()
+        } else {
+            self.devices.clone()
+        };
+        if list.len() == 1 && list[0].eq_ignore_ascii_case("cpu") {
+            return vec![];
+        }
+        list.into_iter().filter(|d| !d.is_empty()).collect()
     }
 }
 
@@ -32,12 +63,13 @@ pub struct Model {
     pub dtype: DType,
     pub config: serde_json::Value,
     pub generation_config: Option<serde_json::Value>,
-    /// Serialises graph computations on the shared backend.
+    /// Serialises graph computations on the shared backends.
     pub(crate) compute_lock: Mutex<()>,
-    // Declared last: freed after the weights that live on it.
-    pub(crate) backend: Backend,
-    /// The CPU backend, when `backend` is a device (the scheduler's fallback)
-    pub(crate) cpu: Option<Backend>,
+    /// Which backend holds each layer, the embedding and the head
+    pub placement: Placement,
+    // Declared last: freed after the weights that live on them. The devices in split order,
+    // then the CPU (always there: the scheduler runs what a device cannot on it).
+    pub(crate) backends: Vec<Backend>,
 }
 
 impl Model {
@@ -47,19 +79,42 @@ impl Model {
         let (name, loader) = models::resolve(&md)?;
         let mut wb = WeightBuilder::new(&md, name)?;
         let arch = loader(&md, &mut wb)?;
+        let specs = opts.device_specs();
+        let mut backends = Vec::with_capacity(specs.len() + 1);
+        for spec in &specs {
+            // A CPU named among devices is a CPU backend of its own (tests split layers over two).
+            backends.push(if spec.eq_ignore_ascii_case("cpu") {
+                Backend::cpu(opts.threads)?
+            } else {
+                Backend::device(spec)?
+            });
+        }
         // The CPU backend always exists: the scheduler runs what a device cannot on it.
-        let cpu = Backend::cpu(opts.threads)?;
-        let (backend, cpu) = match opts.device.as_deref() {
-            None | Some("cpu") | Some("CPU") => (cpu, None),
-            Some(spec) => (Backend::device(spec)?, Some(cpu)),
+        backends.push(Backend::cpu(opts.threads)?);
+        let n_layer = arch.hparams().n_layer;
+        let placement = if specs.is_empty() {
+            Placement::single(n_layer)
+        } else {
+            let split = if opts.split.is_empty() {
+                backends[..specs.len()].iter().map(|b| b.memory().0 as f64).collect()
+            } else {
+                opts.split.clone()
+            };
+            Placement::plan(n_layer, specs.len(), opts.gpu_layers, &split)
         };
-        let weights = wb.finish(&backend)?;
+        let refs: Vec<&Backend> = backends.iter().collect();
+        let weights = wb.finish(&refs, &placement)?;
+        let counts = placement.counts();
+        for (b, n) in backends.iter().zip(&counts) {
+            tracing::info!(backend = %b.name(), layers = n, "placement");
+        }
         let dtype = match md.main_dtype() {
             crate::loader::safetensors::StDtype::F16 => DType::F16,
             crate::loader::safetensors::StDtype::BF16 => DType::BF16,
             _ => DType::F32,
         };
-        tracing::info!(arch = name, dir = %dir.display(), backend = %backend.name(), threads = backend.n_threads(), "model loaded");
+        let main = &backends[placement.output];
+        tracing::info!(arch = name, dir = %dir.display(), backend = %main.name(), threads = opts.threads, "model loaded");
         Ok(Model {
             arch,
             weights,
@@ -68,8 +123,8 @@ impl Model {
             config: md.config,
             generation_config: md.generation_config,
             compute_lock: Mutex::new(()),
-            backend,
-            cpu,
+            placement,
+            backends,
         })
     }
 
@@ -82,28 +137,53 @@ impl Model {
         self.weights.n_params
     }
 
-    /// Bytes of backend memory the weights take.
+    /// Bytes of backend memory the weights take (all backends).
     pub fn weight_bytes(&self) -> usize {
-        self.weights.buffer.size()
+        self.weights.per_backend.iter().sum()
+    }
+
+    /// Bytes of weights on each backend (indexed like [`Model::backend_names`]).
+    pub fn weight_bytes_per_backend(&self) -> &[usize] {
+        &self.weights.per_backend
     }
 
     pub fn threads(&self) -> usize {
-        self.cpu.as_ref().unwrap_or(&self.backend).n_threads()
+        self.cpu().n_threads()
     }
 
-    /// Free and total bytes of the device holding the weights.
+    /// The CPU backend (the last).
+    pub(crate) fn cpu(&self) -> &Backend {
+        self.backends.last().expect("the CPU backend is always there")
+    }
+
+    /// The backend holding the output head: the model's "device".
+    pub(crate) fn main_backend(&self) -> &Backend {
+        &self.backends[self.placement.output]
+    }
+
+    /// Free and total bytes of the device holding the output head.
     pub fn device_memory(&self) -> (usize, usize) {
-        self.backend.memory()
+        self.main_backend().memory()
     }
 
-    /// The backend holding the weights ("CPU", "CUDA0", ...).
+    /// The backend holding the output head ("CPU", "CUDA0", ...).
     pub fn device_name(&self) -> String {
-        self.backend.name()
+        self.main_backend().name()
     }
 
-    /// Backends for a scheduler: the model's device first, the CPU last.
+    /// Every backend's name: the devices in split order, then the CPU.
+    pub fn backend_names(&self) -> Vec<String> {
+        self.backends.iter().map(Backend::name).collect()
+    }
+
+    /// Each backend's name with its free and total memory.
+    pub fn backend_memory(&self) -> Vec<(String, (usize, usize))> {
+        self.backends.iter().map(|b| (b.name(), b.memory())).collect()
+    }
+
+    /// Backends for a scheduler: the devices first, the CPU last.
     pub(crate) fn sched_backends(&self) -> Vec<&Backend> {
-        std::iter::once(&self.backend).chain(self.cpu.as_ref()).collect()
+        self.backends.iter().collect()
     }
 
     /// A fingerprint of the model: its config, weight dtype and parameter count (FNV-1a), so a

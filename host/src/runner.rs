@@ -142,14 +142,25 @@ impl Runner {
         }
         let n_cells = opts.n_cells.max(1);
         let n_ubatch = opts.n_ubatch.max(1);
-        // Refuse up front what cannot fit: the cache plus a compute buffer for a full ubatch.
-        let kv_need = 2 * hp.n_layer * n_cells * kv_type.row_size(hp.n_embd_kv() as i64);
+        // Refuse up front what cannot fit, device by device: the cache of its layers plus a
+        // compute buffer for a full ubatch.
+        let layer_kv = 2 * n_cells * kv_type.row_size(hp.n_embd_kv() as i64);
+        let counts = model.placement.counts();
         let compute_need = compute_estimate(hp, n_cells, n_ubatch);
-        model.backend.check_fits(
-            &format!("the KV cache ({n_cells} cells, {}) and compute buffers", kv_type.name()),
-            kv_need + compute_need,
-        )?;
-        let kv = KvCache::new(&model.backend, hp.n_layer, hp.n_embd_kv(), hp.n_embd_kv(), n_cells, kv_type)?;
+        for (b, backend) in model.backends.iter().enumerate() {
+            if counts[b] > 0 || b == model.placement.output {
+                backend.check_fits(
+                    &format!(
+                        "the KV cache ({n_cells} cells, {}, {} layers) and compute buffers",
+                        kv_type.name(),
+                        counts[b]
+                    ),
+                    counts[b] * layer_kv + compute_need,
+                )?;
+            }
+        }
+        let backends = model.sched_backends();
+        let kv = KvCache::new(&backends, &model.placement.layers, hp.n_embd_kv(), hp.n_embd_kv(), n_cells, kv_type)?;
         let sched = Sched::new(&model.sched_backends(), graph_size(hp.n_layer, n_ubatch))?;
         tracing::debug!(n_cells, kv_bytes = kv.bytes(), kv_type = kv_type.name(), "KV cache allocated");
         Ok(Runner { sched, kv, cells: KvCells::new(n_cells), n_ubatch, flash, step: None, model })
@@ -159,16 +170,35 @@ impl Runner {
         &self.model
     }
 
-    /// Memory held now on the model's device.
+    /// Memory held now: totals, the main device's free/total, and a breakdown per backend.
     pub fn memory(&self) -> MemoryUsage {
-        let (device_free, device_total) = self.model.backend.memory();
+        let m = &self.model;
+        let (device_free, device_total) = m.device_memory();
+        let backends: Vec<BackendMemory> = m
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(b, backend)| {
+                let (free, total) = backend.memory();
+                BackendMemory {
+                    name: backend.name(),
+                    layers: m.placement.counts()[b],
+                    weights: m.weight_bytes_per_backend()[b],
+                    kv: self.kv.bytes_per_backend()[b],
+                    compute: self.sched.buffer_size(backend),
+                    free,
+                    total,
+                }
+            })
+            .collect();
         MemoryUsage {
-            device: self.model.device_name(),
-            weights: self.model.weight_bytes(),
+            device: m.device_name(),
+            weights: m.weight_bytes(),
             kv: self.kv.bytes(),
-            compute: self.sched.buffer_size(&self.model.backend),
+            compute: backends.iter().map(|b| b.compute).sum(),
             device_free,
             device_total,
+            backends,
         }
     }
 
@@ -242,8 +272,7 @@ impl Runner {
         let n_kv = self.cells.n_kv().next_multiple_of(KV_PAD).min(self.cells.n_cells());
         let out: Vec<i32> = (0..n as i32).filter(|&i| ub.out[i as usize]).collect();
         let n_out = out.len().max(1);
-        let shape =
-            StepShape { n_tokens: n, n_kv, n_out, segments: crate::graph::attn_segments(&ub.seq), embeddings };
+        let shape = StepShape { n_tokens: n, n_kv, n_out, segments: crate::graph::attn_segments(&ub.seq), embeddings };
         // Flash attention wants an F16 mask.
         let mask_type = if self.flash { DType::F16 } else { DType::F32 };
         let t_build = std::time::Instant::now();
@@ -373,16 +402,35 @@ fn write_mask(t: Tensor, m: &[f32]) -> Result<(), GgmlError> {
     }
 }
 
-/// Bytes on the model's device: what it holds, and what the device reports.
+/// Bytes held by the model and its cache: totals over all backends, what the main device (the
+/// one with the output head) reports, and the breakdown per backend.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct MemoryUsage {
+    /// The main device's name
     pub device: String,
     pub weights: usize,
     pub kv: usize,
-    /// The scheduler's compute buffer (grows to the largest step so far, then stays)
+    /// The scheduler's compute buffers (grow to the largest step so far, then stay: this is also
+    /// their peak)
     pub compute: usize,
     pub device_free: usize,
     pub device_total: usize,
+    /// Per backend: the devices in split order, then the CPU
+    pub backends: Vec<BackendMemory>,
+}
+
+/// One backend's share of [`MemoryUsage`].
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct BackendMemory {
+    pub name: String,
+    /// Repeating layers it holds
+    pub layers: usize,
+    pub weights: usize,
+    pub kv: usize,
+    pub compute: usize,
+    /// What the device reports (the CPU: system memory)
+    pub free: usize,
+    pub total: usize,
 }
 
 /// A generous estimate of the compute buffer for ubatches of `n_ubatch` tokens over `n_cells`

@@ -14,6 +14,8 @@ use crate::sampling::{Sampler, SamplingParams};
 use crate::session::Logits;
 use crate::{Model, ModelOptions, Session, SessionOptions};
 
+mod opcheck;
+
 #[derive(Parser, Debug)]
 #[command(name = "stllm", version, about = "Run HuggingFace safetensors models on ggml")]
 pub struct Cli {
@@ -56,12 +58,58 @@ pub struct DeviceArgs {
     /// folder when a non-CPU device is asked for
     #[arg(long)]
     pub backend_dir: Option<PathBuf>,
+    /// Devices to split the layers over (pipeline parallelism), e.g. cuda:0,cuda:1
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
+    /// With several devices: `layer` splits the layers among them, `none` uses the first alone
+    #[arg(long, default_value = "layer")]
+    pub split: String,
+    /// Relative share of layers per device, e.g. 3,1 (default: each device's free memory)
+    #[arg(long, value_delimiter = ',')]
+    pub tensor_split: Vec<f64>,
+    /// How many of the last layers go to the device(s), as llama.cpp's -ngl: default all (and the
+    /// output head); the layer count: every layer but the head; fewer: the first layers stay on
+    /// the CPU
+    #[arg(long, alias = "n-gpu-layers")]
+    pub gpu_layers: Option<usize>,
 }
 
 impl DeviceArgs {
+    /// Load backend modules as asked and say where the model goes.
+    pub fn model_options(&self, threads: Option<usize>) -> Result<ModelOptions> {
+        let device = self.prepare()?;
+        let mut devices = self.devices.clone();
+        match self.split.as_str() {
+            "layer" => {}
+            "none" => devices.truncate(1),
+            other => bail!("--split must be layer or none, got {other:?}"),
+        }
+        if !self.tensor_split.is_empty() {
+            let n = if devices.is_empty() { device.iter().flat_map(|d| d.split(',')).count() } else { devices.len() };
+            if self.tensor_split.len() != n || self.tensor_split.iter().any(|x| !x.is_finite() || *x < 0.0) {
+                bail!("--tensor-split needs {n} non-negative shares, one per device, got {:?}", self.tensor_split);
+            }
+        }
+        let mut opts = ModelOptions {
+            device,
+            devices,
+            gpu_layers: self.gpu_layers,
+            split: self.tensor_split.clone(),
+            ..Default::default()
+        };
+        if let Some(t) = threads {
+            if t == 0 {
+                bail!("--threads must be at least 1");
+            }
+            opts.threads = t;
+        }
+        Ok(opts)
+    }
+
     /// Load backend modules as asked; returns the device to use.
     pub fn prepare(&self) -> Result<Option<String>> {
-        let wants_device = self.device.as_deref().is_some_and(|d| !d.eq_ignore_ascii_case("cpu"));
+        let wants_device = self.device.as_deref().is_some_and(|d| !d.eq_ignore_ascii_case("cpu"))
+            || self.devices.iter().any(|d| !d.eq_ignore_ascii_case("cpu"));
         let dir = match (&self.backend_dir, wants_device) {
             (Some(d), _) => Some(d.clone()),
             (None, true) => std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)),
@@ -218,6 +266,14 @@ pub enum Command {
         #[command(flatten)]
         dev: DeviceArgs,
     },
+    /// Check every op x dtype the models use on a device against an f64 reference (and the CPU)
+    OpCheck {
+        #[command(flatten)]
+        dev: DeviceArgs,
+        /// Print JSON instead of the table
+        #[arg(long)]
+        json: bool,
+    },
     /// Print logits of every input position as JSON: {"logits": [[...], ...]}
     Logits {
         #[command(flatten)]
@@ -270,6 +326,11 @@ pub enum Command {
         /// Print JSON
         #[arg(long)]
         json: bool,
+        /// Instead: aggregate decode speed of this many concurrent requests through the engine
+        /// (continuous batching), e.g. 1,8,32; each has its own --prompt random tokens and
+        /// decodes --gen tokens
+        #[arg(long, value_delimiter = ',')]
+        concurrent: Vec<usize>,
     },
 }
 
@@ -302,21 +363,33 @@ fn memory_estimate(model: &Model, m: &ModelArgs) -> Result<serde_json::Value> {
     let compute = crate::runner::compute_estimate(hp, n_ctx, m.batch.max(1));
     let weights = model.weight_bytes();
     let (free, total) = model.device_memory();
+    // Per backend: its layers' weights and cache, and a compute buffer where any layer or the
+    // head runs.
+    let counts = model.placement.counts();
+    let per_layer_kv = kv / hp.n_layer.max(1);
+    let backends: Vec<serde_json::Value> = model
+        .backend_memory()
+        .into_iter()
+        .enumerate()
+        .map(|(b, (name, (free, total)))| {
+            let w = model.weight_bytes_per_backend()[b];
+            let kv_b = counts[b] * per_layer_kv;
+            let c = if counts[b] > 0 || b == model.placement.output { compute } else { 0 };
+            serde_json::json!({
+                "name": name, "layers": counts[b], "weights": w, "kv": kv_b, "compute_estimate": c,
+                "total": w + kv_b + c, "free": free, "device_total": total,
+            })
+        })
+        .collect();
     Ok(serde_json::json!({
         "ctx_size": n_ctx, "kv_type": kv_type.name(), "weights": weights, "kv_per_token": kv_per_token,
         "kv": kv, "compute_estimate": compute, "total": weights + kv + compute,
-        "device_free": free, "device_total": total,
+        "device_free": free, "device_total": total, "backends": backends,
     }))
 }
 
 fn open(m: &ModelArgs, min_ctx: usize) -> Result<Session> {
-    let mut opts = ModelOptions { device: m.dev.prepare()?, ..Default::default() };
-    if let Some(t) = m.threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
-        opts.threads = t;
-    }
+    let opts = m.dev.model_options(m.threads)?;
     let model = Model::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))?;
     let kv_type = m.kv_type.as_deref().map(parse_kv_type).transpose()?;
     let n_ctx = m.ctx_size.unwrap_or_else(|| model.hparams().n_ctx_train.min(4096).max(min_ctx));
@@ -341,10 +414,10 @@ pub fn run(cli: Cli) -> Result<()> {
             let out = serde_json::json!({ "ggml": crate::ggml::version(), "devices": crate::ggml::devices() });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
+        Command::OpCheck { dev, json } => opcheck::run(&dev, json)?,
         Command::Info { m } => {
-            let device = m.dev.prepare()?;
-            let model = Model::load(&m.model, &ModelOptions { threads: m.threads.unwrap_or(1).max(1), device })
-                .with_context(|| format!("loading {}", m.model.display()))?;
+            let opts = m.dev.model_options(Some(m.threads.unwrap_or(1).max(1)))?;
+            let model = Model::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))?;
             let hp = model.hparams();
             let out = serde_json::json!({
                 "architecture": hp.arch,
@@ -422,7 +495,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&serde_json::json!({ "tokens": out }))?);
             }
         }
-        Command::Bench { m, prompt, gen, repeat, json } => bench(&m, prompt, gen, repeat.max(1), json)?,
+        Command::Bench { m, prompt, gen, json, concurrent, .. } if !concurrent.is_empty() => {
+            bench_concurrent(&m, &concurrent, prompt, gen, json)?
+        }
+        Command::Bench { m, prompt, gen, repeat, json, .. } => bench(&m, prompt, gen, repeat.max(1), json)?,
         Command::Run { m, prompt, raw, system, g, p, json } => {
             let (rt, chat) = runtime_with_model(&m, &p)?;
             let prompt = if chat && !raw {
@@ -480,14 +556,7 @@ fn bench(m: &ModelArgs, prompt: usize, gen: usize, repeat: usize, json: bool) ->
     }
     let mut s = open(m, prompt + gen)?;
     let n_vocab = s.model().hparams().n_vocab as u32;
-    // Deterministic pseudo-random prompt (an LCG), avoiding the first ids (often special tokens).
-    let mut x: u64 = 0x9e3779b97f4a7c15;
-    let tokens: Vec<u32> = (0..prompt)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (((x >> 33) as u32) % (n_vocab - n_vocab.min(100)).max(1)) + n_vocab.min(100)
-        })
-        .collect();
+    let tokens = random_tokens(0, prompt, n_vocab);
     let (mut best_pp, mut best_tg) = (f64::MAX, f64::MAX);
     for _ in 0..repeat {
         s.reset();
@@ -505,11 +574,16 @@ fn bench(m: &ModelArgs, prompt: usize, gen: usize, repeat: usize, json: bool) ->
     let model = s.model();
     let pp = prompt as f64 / best_pp;
     let tg = if gen > 0 { gen as f64 / best_tg } else { 0.0 };
+    // The buffers stay allocated after the run, so the device's use now is its peak (up to what
+    // the backend frees by itself). Only meaningful for a device that is not the CPU.
+    let mem = s.memory();
     if json {
         let out = serde_json::json!({
-            "model": m.model, "architecture": model.hparams().arch, "dtype": model.dtype.name(),
-            "threads": model.threads(), "prompt": prompt, "gen": gen,
+            "engine": "stllm", "model": m.model, "architecture": model.hparams().arch, "dtype": model.dtype.name(),
+            "device": model.device_name(), "threads": model.threads(), "prompt": prompt, "gen": gen,
             "prefill_tok_s": pp, "decode_tok_s": tg, "ttft_ms": best_pp * 1e3,
+            "device_used_mib": (mem.device_total - mem.device_free) as f64 / 1048576.0,
+            "memory": mem,
         });
         println!("{}", serde_json::to_string(&out)?);
     } else {
@@ -520,6 +594,117 @@ fn bench(m: &ModelArgs, prompt: usize, gen: usize, repeat: usize, json: bool) ->
             model.threads(),
             best_pp * 1e3
         );
+    }
+    Ok(())
+}
+
+/// Deterministic pseudo-random token ids (an LCG per `seed`), avoiding the first 100 ids (often
+/// special tokens).
+fn random_tokens(seed: u64, n: usize, n_vocab: u32) -> Vec<u32> {
+    let mut x: u64 = 0x9e3779b97f4a7c15 ^ seed.wrapping_mul(0xbf58476d1ce4e5b9);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (((x >> 33) as u32) % (n_vocab - n_vocab.min(100)).max(1)) + n_vocab.min(100)
+        })
+        .collect()
+}
+
+/// `stllm bench --concurrent N,...`: for each N, N requests of `prompt` random tokens submitted at
+/// once to an engine, each decoding `gen` tokens. Reports the aggregate decode rate once every
+/// request has its first token, the mean time to first token, and the device's peak use
+/// (sampled every 20 ms while it runs).
+fn bench_concurrent(m: &ModelArgs, ns: &[usize], prompt: usize, gen: usize, json: bool) -> Result<()> {
+    use crate::engine::{Engine, EngineOptions, Event, GenerateRequest};
+    if prompt == 0 || gen < 2 {
+        bail!("--prompt must be at least 1 and --gen at least 2");
+    }
+    let opts = m.dev.model_options(m.threads)?;
+    let model = Arc::new(Model::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))?);
+    let n_vocab = model.hparams().n_vocab as u32;
+    for &n in ns {
+        if n == 0 {
+            bail!("--concurrent takes counts of at least 1");
+        }
+        let engine = Engine::new(
+            model.clone(),
+            EngineOptions {
+                n_cells: n * (prompt + gen) + 64,
+                max_seqs: n,
+                n_batch: m.batch,
+                prefix_cache: false,
+                kv_type: m.kv_type.as_deref().map(parse_kv_type).transpose()?,
+                flash_attn: match m.flash_attn.as_str() {
+                    "on" => Some(true),
+                    "off" => Some(false),
+                    _ => None,
+                },
+                ..Default::default()
+            },
+        )?;
+        let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let (model, peak, done) = (model.clone(), peak.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (free, total) = model.device_memory();
+                    peak.fetch_max(total.saturating_sub(free), std::sync::atomic::Ordering::Relaxed);
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            })
+        };
+        let t0 = Instant::now();
+        let gens = (0..n)
+            .map(|i| {
+                let req = GenerateRequest {
+                    stop_tokens: Some(vec![]),
+                    ..GenerateRequest::greedy(random_tokens(i as u64 + 1, prompt, n_vocab), gen)
+                };
+                engine.generate(req)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let handles: Vec<_> = gens
+            .into_iter()
+            .map(|g| {
+                std::thread::spawn(move || {
+                    g.filter_map(|ev| matches!(ev, Event::Token(_)).then(Instant::now)).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let times: Vec<Vec<Instant>> = handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a reader thread panicked")))
+            .collect::<Result<_>>()?;
+        let end = Instant::now();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = sampler.join();
+        if times.iter().any(|t| t.len() != gen) {
+            bail!("a request ended early ({:?} tokens of {gen})", times.iter().map(Vec::len).collect::<Vec<_>>());
+        }
+        // Decode rate: tokens that arrived after every request had its first one.
+        let all_first = times.iter().map(|t| t[0]).max().unwrap_or(t0);
+        let after: usize = times.iter().map(|t| t.iter().filter(|&&x| x > all_first).count()).sum();
+        let decode = after as f64 / (end - all_first).as_secs_f64().max(1e-9);
+        let ttft_ms = times.iter().map(|t| (t[0] - t0).as_secs_f64() * 1e3).sum::<f64>() / n as f64;
+        let st = engine.stats();
+        let mem = st.memory.clone();
+        let peak_mib =
+            peak.load(std::sync::atomic::Ordering::Relaxed).max(mem.device_total - mem.device_free) as f64 / 1048576.0;
+        if json {
+            let out = serde_json::json!({
+                "engine": "stllm", "bench": "concurrent", "model": m.model, "architecture": model.hparams().arch,
+                "dtype": model.dtype.name(), "device": model.device_name(), "seqs": n, "prompt": prompt, "gen": gen,
+                "decode_tok_s": decode, "mean_ttft_ms": ttft_ms, "steps": st.steps,
+                "vram_peak_mib": peak_mib, "memory": mem,
+            });
+            println!("{}", serde_json::to_string(&out)?);
+        } else {
+            println!(
+                "{n} concurrent: decode {decode:.1} tok/s aggregate, mean TTFT {ttft_ms:.1} ms, {} steps, device peak {peak_mib:.0} MiB",
+                st.steps
+            );
+        }
     }
     Ok(())
 }

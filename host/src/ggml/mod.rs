@@ -543,6 +543,35 @@ impl Buffer {
     }
 }
 
+impl Buffer {
+    /// One buffer on `backend` holding `tensors` (headers of any no-alloc context), each at its
+    /// aligned offset; fails with [`GgmlError::OutOfMemory`] before allocating when it cannot fit.
+    /// This is how one context's tensors are spread over several devices.
+    pub fn alloc_tensors_on(backend: &Backend, tensors: &[Tensor], what: &str) -> Result<Buffer, GgmlError> {
+        // SAFETY: a live backend; size queries are pure; the buffer is checked for null; each
+        // tensor is a live header without data, placed inside the buffer by the tallocr.
+        unsafe {
+            let buft = sys::ggml_backend_get_default_buffer_type(backend.raw());
+            let align = sys::ggml_backend_buft_get_alignment(buft).max(1);
+            let size: usize = tensors
+                .iter()
+                .map(|t| sys::ggml_backend_buft_get_alloc_size(buft, t.raw()).next_multiple_of(align))
+                .sum();
+            backend.check_fits(what, size)?;
+            let buf = sys::ggml_backend_buft_alloc_buffer(buft, size.max(align));
+            let ptr = NonNull::new(buf).ok_or(GgmlError::Alloc { what: what.to_string(), bytes: size })?;
+            let buffer = Buffer { ptr };
+            let mut talloc = sys::ggml_tallocr_new(buf);
+            for t in tensors {
+                if sys::ggml_tallocr_alloc(&mut talloc, t.raw()) != sys::GGML_STATUS_SUCCESS {
+                    return Err(GgmlError::Alloc { what: format!("{what}: {}", t.name()), bytes: t.nbytes() });
+                }
+            }
+            Ok(buffer)
+        }
+    }
+}
+
 impl Drop for Buffer {
     fn drop(&mut self) {
         // SAFETY: we own the buffer.
@@ -771,7 +800,7 @@ pub fn convert_from_f32(dtype: DType, src: &[f32], n_per_row: usize) -> Result<V
     if matches!(dtype, DType::I32 | DType::I64) {
         return Err(bad("not a floating-point type".into()));
     }
-    if n_per_row == 0 || n_per_row % dtype.block_size() != 0 || src.len() % n_per_row != 0 {
+    if n_per_row == 0 || !n_per_row.is_multiple_of(dtype.block_size()) || !src.len().is_multiple_of(n_per_row) {
         return Err(bad(format!(
             "{} values in rows of {n_per_row} do not fit blocks of {}",
             src.len(),
@@ -807,7 +836,7 @@ pub fn convert_from_f32(dtype: DType, src: &[f32], n_per_row: usize) -> Result<V
 pub fn convert_to_f32(dtype: DType, bytes: &[u8]) -> Result<Vec<f32>, GgmlError> {
     let bad = |msg: String| GgmlError::Tensor { name: format!("{} conversion", dtype.name()), msg };
     let (blck, block_bytes) = (dtype.block_size(), dtype.row_size(dtype.block_size() as i64));
-    if bytes.len() % block_bytes != 0 {
+    if !bytes.len().is_multiple_of(block_bytes) {
         return Err(bad(format!("{} bytes are not whole blocks of {block_bytes}", bytes.len())));
     }
     let n = bytes.len() / block_bytes * blck;

@@ -13,6 +13,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use crate::ggml::{Backend, Buffer, Context, DType, GgmlError, Tensor};
+use crate::placement::Placement;
 use safetensors::{SafetensorsFile, StDtype, TensorEntry};
 
 /// Why a model could not be loaded.
@@ -190,7 +191,10 @@ pub struct WeightBuilder<'a> {
 
 /// Loaded weights: the tensor metadata and the backend buffer with their data.
 pub struct Weights {
-    pub buffer: Buffer,
+    /// One buffer per backend that holds any weight
+    pub buffers: Vec<Buffer>,
+    /// Bytes of weights on each backend (indexed like the model's backends)
+    pub per_backend: Vec<usize>,
     /// Elements of the weights read from the files
     pub n_params: u64,
     // Owns the tensor headers; dropped after the buffer.
@@ -273,9 +277,10 @@ impl<'a> WeightBuilder<'a> {
         t
     }
 
-    /// Check that every tensor of the files was used, allocate the backend buffer and copy the
-    /// data (with a progress bar when stderr is a terminal).
-    pub fn finish(self, backend: &Backend) -> Result<Weights, LoadError> {
+    /// Check that every tensor of the files was used, allocate the weights on the backends
+    /// `placement` assigns them to, and copy the data (with a progress bar when stderr is a
+    /// terminal).
+    pub fn finish(self, backends: &[&Backend], placement: &Placement) -> Result<Weights, LoadError> {
         for (name, &fi) in &self.dir.tensors {
             // HF checkpoints of older versions carry these non-persistent buffers.
             if name.ends_with("rotary_emb.inv_freq") || name.ends_with(".masked_bias") {
@@ -289,8 +294,27 @@ impl<'a> WeightBuilder<'a> {
                 });
             }
         }
-        let buffer = self.ctx.alloc_tensors_checked(backend, "the model weights")?;
-        buffer.mark_weights();
+        // A tied embedding is the output head too: it goes where the head goes.
+        let tied = !self.from_file.iter().any(|(_, n)| n.ends_with("lm_head.weight"));
+        let all =
+            self.from_file.iter().map(|(t, n)| (*t, n.as_str())).chain(self.derived.iter().map(|(t, _)| (*t, "")));
+        let mut groups: Vec<Vec<Tensor>> = vec![Vec::new(); backends.len()];
+        for (t, name) in all {
+            let name = if name.is_empty() { t.name() } else { name.to_string() };
+            groups[placement.of_tensor(&name, tied).min(backends.len() - 1)].push(t);
+        }
+        let mut buffers = Vec::new();
+        let mut per_backend = vec![0; backends.len()];
+        for (b, tensors) in groups.iter().enumerate() {
+            if tensors.is_empty() {
+                continue;
+            }
+            let what = format!("the model weights ({} tensors)", tensors.len());
+            let buffer = Buffer::alloc_tensors_on(backends[b], tensors, &what)?;
+            buffer.mark_weights();
+            per_backend[b] = buffer.size();
+            buffers.push(buffer);
+        }
         let total: u64 = self.from_file.iter().map(|(t, _)| t.nbytes() as u64).sum();
         let bar = if std::io::stderr().is_terminal() && total > 64 << 20 {
             let b = indicatif::ProgressBar::new(total);
@@ -323,8 +347,8 @@ impl<'a> WeightBuilder<'a> {
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        tracing::info!(bytes = buffer.size(), tensors = self.from_file.len(), "weights loaded");
+        tracing::info!(?per_backend, tensors = self.from_file.len(), "weights loaded");
         let n_params = self.from_file.iter().map(|(t, _)| t.nelements() as u64).sum();
-        Ok(Weights { buffer, n_params, ctx: self.ctx })
+        Ok(Weights { buffers, per_backend, n_params, ctx: self.ctx })
     }
 }

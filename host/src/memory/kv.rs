@@ -10,20 +10,25 @@ pub struct KvCache {
     v: Vec<Tensor>,
     n_cells: usize,
     dtype: DType,
-    buffer: Buffer,
+    /// One buffer per backend holding layers, and its bytes per backend
+    buffers: Vec<Buffer>,
+    per_backend: Vec<usize>,
     // Owns the tensor headers above; declared last so it is dropped after the buffer.
     _ctx: Context,
 }
 
 impl KvCache {
+    /// A cache of `n_cells` cells for layers living on `backends[layer_backend[il]]`: each
+    /// layer's K and V sit on its layer's device.
     pub fn new(
-        backend: &Backend,
-        n_layer: usize,
+        backends: &[&Backend],
+        layer_backend: &[usize],
         n_embd_k: usize,
         n_embd_v: usize,
         n_cells: usize,
         dtype: DType,
     ) -> Result<KvCache, GgmlError> {
+        let n_layer = layer_backend.len();
         let ctx = Context::new(2 * n_layer + 1, 0)?;
         let mut k = Vec::with_capacity(n_layer);
         let mut v = Vec::with_capacity(n_layer);
@@ -31,11 +36,22 @@ impl KvCache {
             k.push(ctx.new_tensor(dtype, &[n_embd_k as i64, n_cells as i64], &format!("cache_k_l{il}")));
             v.push(ctx.new_tensor(dtype, &[n_embd_v as i64, n_cells as i64], &format!("cache_v_l{il}")));
         }
-        let buffer =
-            ctx.alloc_tensors_checked(backend, &format!("the KV cache ({n_cells} cells, {})", dtype.name()))?;
-        // Zero it: masked cells must never hold NaN/Inf bit patterns (0 * NaN is NaN).
-        buffer.clear();
-        Ok(KvCache { k, v, n_cells, dtype, buffer, _ctx: ctx })
+        let mut buffers = Vec::new();
+        let mut per_backend = vec![0; backends.len()];
+        for (b, backend) in backends.iter().enumerate() {
+            let tensors: Vec<Tensor> =
+                (0..n_layer).filter(|&il| layer_backend[il] == b).flat_map(|il| [k[il], v[il]]).collect();
+            if tensors.is_empty() {
+                continue;
+            }
+            let what = format!("the KV cache ({n_cells} cells, {}, {} layers)", dtype.name(), tensors.len() / 2);
+            let buffer = Buffer::alloc_tensors_on(backend, &tensors, &what)?;
+            // Zero it: masked cells must never hold NaN/Inf bit patterns (0 * NaN is NaN).
+            buffer.clear();
+            per_backend[b] = buffer.size();
+            buffers.push(buffer);
+        }
+        Ok(KvCache { k, v, n_cells, dtype, buffers, per_backend, _ctx: ctx })
     }
 
     pub fn k(&self, il: usize) -> Tensor {
@@ -100,7 +116,12 @@ impl KvCache {
 
     /// Bytes of backend memory held.
     pub fn bytes(&self) -> usize {
-        self.buffer.size()
+        self.buffers.iter().map(Buffer::size).sum()
+    }
+
+    /// Bytes held on each backend.
+    pub fn bytes_per_backend(&self) -> &[usize] {
+        &self.per_backend
     }
 }
 
