@@ -2,6 +2,10 @@
 //! policy used by the sandbox tests) for wasm32-wasip2 and leaves them in OUT_DIR, where
 //! `host/src/runtime/` embeds them. One `cargo build` at the root builds everything.
 //!
+//! It also fingerprints the ggml sources the `-sys` crate compiles (the headers that fix the ABI
+//! between `libggml-base` and backend modules) so that a module built elsewhere from other sources
+//! is refused at load time (see `ggml::load_backend` and `scripts/gpu/ggml_abi.py`).
+//!
 //! The guests are their own cargo workspace with their own target directory (inside OUT_DIR), so
 //! their dependencies never unify with the host's and the outer build's flags do not leak in.
 
@@ -24,6 +28,8 @@ fn main() {
     let target_dir = out.join("guest-target");
     let cargo =
         std::env::var("STLLM_GUEST_CARGO").or_else(|_| std::env::var("CARGO")).unwrap_or_else(|_| "cargo".into());
+    let abi = ggml_abi_fingerprint().unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=STLLM_GGML_ABI={abi}");
     for (package, file) in COMPONENTS {
         build_component(&cargo, &guest, &target_dir, package);
         let built = target_dir.join("wasm32-wasip2/release").join(file);
@@ -58,4 +64,47 @@ fn build_component(cargo: &str, guest: &Path, target_dir: &Path, package: &str) 
              `rustup target add wasm32-wasip2`)"
         );
     }
+}
+
+/// The ggml headers that define what a backend module and `libggml-base` share. Keep this list
+/// equal to the one in scripts/gpu/ggml_abi.py.
+const ABI_FILES: &[&str] = &[
+    "include/ggml.h",
+    "include/ggml-alloc.h",
+    "include/ggml-backend.h",
+    "include/ggml-cpu.h",
+    "src/ggml-backend-impl.h",
+    "src/ggml-impl.h",
+    "src/ggml-common.h",
+];
+
+/// FNV-1a (64-bit) over the ABI files of the vendored ggml, each preceded by its path; `None`
+/// when the `-sys` crate's sources are not found where cargo unpacks registry crates.
+fn ggml_abi_fingerprint() -> Option<String> {
+    let lock =
+        std::fs::read_to_string(Path::new(&std::env::var("CARGO_MANIFEST_DIR").ok()?).join("Cargo.lock")).ok()?;
+    let mut lines = lock.lines();
+    lines.find(|l| *l == "name = \"llama-cpp-sys-2\"")?;
+    let version = lines.next()?.strip_prefix("version = \"")?.strip_suffix('"')?.to_string();
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|_| std::env::var("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .ok()?;
+    let crate_dir = format!("llama-cpp-sys-2-{version}");
+    let ggml = std::fs::read_dir(home.join("registry/src"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join(&crate_dir).join("llama.cpp/ggml"))
+        .find(|p| p.is_dir())?;
+    let mut h: u64 = 0xcbf29ce484222325;
+    for f in ABI_FILES {
+        let path = ggml.join(f);
+        println!("cargo:rerun-if-changed={}", path.display());
+        let data = std::fs::read(&path).ok()?;
+        for b in f.as_bytes().iter().chain(&data) {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    Some(format!("{h:016x}"))
 }

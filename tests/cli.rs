@@ -300,7 +300,19 @@ fn devices_and_device_selection() {
     let bogus = empty.path().join("libggml-bogus.so");
     std::fs::write(&bogus, b"not a shared library").unwrap();
     let e = stllm_fails(&["devices", "--backend-dir", empty.path().to_str().unwrap()]);
-    assert!(e.contains("libggml-bogus.so"), "{e}");
+    assert!(e.contains("libggml-bogus.so") && e.contains("no ggml-abi.txt"), "{e}");
+    // A module built from other ggml sources is refused before it is opened.
+    let devices = stllm(&["devices"]);
+    let ours = devices["ggml_abi"].as_str().unwrap();
+    assert_eq!(ours.len(), 16, "{devices}");
+    std::fs::write(empty.path().join("ggml-abi.txt"), "0123456789abcdef\n").unwrap();
+    let e = stllm_fails(&["devices", "--backend-dir", empty.path().to_str().unwrap()]);
+    assert!(e.contains("built from other ggml sources") && e.contains(ours), "{e}");
+    // With the right stamp the file gets as far as loading (refused there: not a module, or a
+    // static build).
+    std::fs::write(empty.path().join("ggml-abi.txt"), format!("{ours}\n")).unwrap();
+    let e = stllm_fails(&["devices", "--backend-dir", empty.path().to_str().unwrap()]);
+    assert!(e.contains("libggml-bogus.so") && !e.contains("ggml sources"), "{e}");
 }
 
 /// Layers split over several backends (two CPU backends stand in for two GPUs here; the same path

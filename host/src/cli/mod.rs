@@ -411,7 +411,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Devices { dev } => {
             dev.prepare()?;
-            let out = serde_json::json!({ "ggml": crate::ggml::version(), "devices": crate::ggml::devices() });
+            let out = serde_json::json!({ "ggml": crate::ggml::version(), "ggml_abi": crate::ggml::abi_fingerprint(), "devices": crate::ggml::devices() });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Command::OpCheck { dev, json } => opcheck::run(&dev, json)?,

@@ -167,6 +167,7 @@ pub fn load_backend(path: &std::path::Path) -> Result<String, GgmlError> {
     if !path.is_file() {
         return Err(bad("no such file".into()));
     }
+    check_abi_stamp(path).map_err(bad)?;
     if !cfg!(feature = "dyn-backends") {
         return Err(bad(
             "this binary links ggml statically; backend modules need a build with `--features dyn-backends`".into(),
@@ -184,6 +185,45 @@ pub fn load_backend(path: &std::path::Path) -> Result<String, GgmlError> {
     }
     // SAFETY: a registered backend; its name is static.
     Ok(unsafe { CStr::from_ptr(sys::ggml_backend_reg_name(reg)) }.to_string_lossy().into_owned())
+}
+
+/// Fingerprint of the ggml headers this binary was built with (see build.rs), or "unknown".
+pub fn abi_fingerprint() -> &'static str {
+    env!("STLLM_GGML_ABI")
+}
+
+/// File beside backend modules naming the ggml sources they were built from.
+pub const ABI_STAMP: &str = "ggml-abi.txt";
+
+/// A module must come with a stamp (`ggml-abi.txt` in its folder, written by
+/// scripts/gpu/ggml_abi.py when the module is built) equal to this binary's fingerprint: ggml only
+/// checks its backend API version, and a module built from other sources can crash instead of
+/// failing.
+fn check_abi_stamp(module: &std::path::Path) -> Result<(), String> {
+    let ours = abi_fingerprint();
+    if ours == "unknown" {
+        tracing::warn!(module = %module.display(), "this build does not know its ggml fingerprint; module not checked");
+        return Ok(());
+    }
+    let stamp = module.with_file_name(ABI_STAMP);
+    let theirs = std::fs::read_to_string(&stamp).map_err(|_| {
+        format!(
+            "no {ABI_STAMP} beside it, so which ggml sources built it is unknown; build modules with \
+             scripts/gpu/run.sh (it writes the stamp), or, if it was built from the ggml sources of this binary \
+             (ggml {}), write {ours} into {}",
+            version(),
+            stamp.display()
+        )
+    })?;
+    let theirs = theirs.trim();
+    if theirs != ours {
+        return Err(format!(
+            "built from other ggml sources (ABI fingerprint {theirs}, this binary's {ours}, ggml {}): rebuild the \
+             module from this binary's sources (scripts/gpu/prepare.sh ships them)",
+            version()
+        ));
+    }
+    Ok(())
 }
 
 /// Load every `libggml-*.so` backend module in `dir` (except the CPU, which is built in).
