@@ -1,18 +1,93 @@
 #!/usr/bin/env bash
-# On the GPU machine, after run.sh built the CUDA module: random-weight models with real shapes,
-# then `stllm bench --device cuda` (prefill 512 = TTFT, decode 128 at depth 512) next to HF
-# transformers on the same GPU, in the same call. Usage: bench.sh [qwen3-0.6b] [llama-3-8b]
-set -euo pipefail
+# On the GPU machine, after run.sh built the CUDA module and llama.cpp's tools: per shape, a
+# random-weight model with the real shapes (make_model.py, made once per machine), then, on the
+# same GPU in the same call:
+#   single stream  stllm bench (prefill 512 = TTFT, decode 128 at depth 512); HF transformers
+#                  (benches/hf_cpu_bench.py --device cuda); llama.cpp llama-bench
+#                  (-p 512 -n 128 -d 0,512: pp512 from an empty cache = TTFT, tg128 at depth 512)
+#                  on a BF16 GGUF of the same weights (hf_to_gguf.py, into $WORK/gguf)
+#   concurrent     1, 8, 32 sequences of prompt 128 + 128 generated: stllm bench --concurrent,
+#                  llama-batched-bench, benches/hf_batched_bench.py --device cuda (best of 2)
+# Peak VRAM: each engine's own figure where it reports one, and nvidia-smi's memory.used sampled
+# every 0.2 s around every step (whole process: CUDA context and caches included).
+# Every JSON line goes to $OUT/bench.jsonl tagged with "peer", "shape" and "step"; a markdown table
+# (bench_summary.py) ends the run; a failed step is reported and the rest goes on.
+# Usage: bench.sh [qwen3-0.6b] [llama-3-8b]  (timings, and how to stay within the device tool's
+# 10 minutes per command: README.md)
+set -uo pipefail
 cd "$(dirname "$0")/../.."
 g=scratch/gpu
 work=${WORK:-/tmp/stllm-gpu}
 out=${OUT:-/tmp/stllm-out}
-mkdir -p "$out"
+mkdir -p "$out" "$work/gguf"
+export PYTHONPATH="$PWD/$g/gguf-py${PYTHONPATH:+:$PYTHONPATH}"
+# prepare.sh ships stllm xz-compressed; run.sh unpacks it, but bench.sh may run alone.
+if [ -f "$g/bin/stllm.xz" ] && [ ! "$g/bin/stllm" -nt "$g/bin/stllm.xz" ]; then
+  if command -v xz >/dev/null; then xz -dc "$g/bin/stllm.xz"
+  else python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$g/bin/stllm.xz"
+  fi > "$g/bin/stllm.tmp" && chmod +x "$g/bin/stllm.tmp" && mv "$g/bin/stllm.tmp" "$g/bin/stllm"
+fi
+[ -x "$work/llama/llama-bench" ] || echo "no $work/llama/llama-bench: run scripts/gpu/run.sh first" >&2
+stllm=$g/bin/stllm
+llama=$work/llama
+
+# tag PEER SHAPE STEP: keep the JSON lines of stdin, add the three keys, append to bench.jsonl.
+tag() {
+  python3 -c 'import json, sys
+for line in sys.stdin:
+    try:
+        d = json.loads(line)
+    except ValueError:
+        continue
+    if isinstance(d, dict):
+        print(json.dumps({"peer": sys.argv[1], "shape": sys.argv[2], "step": sys.argv[3], **d}), flush=True)' "$@" \
+    | tee -a "$out/bench.jsonl"
+}
+# measure PEER SHAPE STEP CMD...: run CMD (stderr to $OUT/PEER-SHAPE-STEP.log) with nvidia-smi
+# sampling memory.used every 0.2 s; its JSON lines and then a {"bench": "vram"} line are tagged.
+measure() {
+  local peer=$1 shape=$2 step=$3; shift 3
+  local log="$out/$peer-$shape-$step.log" smi="$work/smi-$peer-$step.txt"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "${GPU:-0}" -lms 200 >"$smi" 2>/dev/null &
+  local smi_pid=$!
+  local t0=$SECONDS
+  "$@" 2>"$log" | tag "$peer" "$shape" "$step"
+  local rc=${PIPESTATUS[0]}
+  kill "$smi_pid" 2>/dev/null; wait "$smi_pid" 2>/dev/null
+  local peak; peak=$(sort -n "$smi" | tail -1)
+  echo "{\"bench\": \"vram\", \"smi_peak_mib\": ${peak:-null}, \"rc\": $rc, \"seconds\": $((SECONDS - t0))}" \
+    | tag "$peer" "$shape" "$step" >/dev/null
+  [ "$rc" = 0 ] || { echo "$peer $step on $shape failed (rc $rc), last lines of $log:"; tail -5 "$log"; }
+}
+
 for shape in "${@:-qwen3-0.6b}"; do
   dir="$work/models/$shape"
-  python3 scripts/gpu/make_model.py "$shape" "$dir" >>"$out/make-$shape.log" 2>&1
-  "$g/bin/stllm" bench --model "$dir" --prompt 512 --gen 128 --repeat 3 --json --device cuda \
-    --backend-dir "$work/backends" 2>"$out/stllm-$shape.log" | tee -a "$out/bench.jsonl"
-  python3 benches/hf_cpu_bench.py "$dir" --prompt 512 --gen 128 --repeat 3 --device cuda \
-    2>"$out/hf-$shape.log" | tee -a "$out/bench.jsonl"
+  gguf="$work/gguf/$shape-bf16.gguf"
+  echo "== $shape"
+  python3 scripts/gpu/make_model.py "$shape" "$dir" >>"$out/make-$shape.log" 2>&1 \
+    || { echo "make_model $shape failed:"; tail -5 "$out/make-$shape.log"; continue; }
+  # Single stream.
+  measure stllm "$shape" single "$stllm" bench --model "$dir" --prompt 512 --gen 128 --repeat 3 --json \
+    --device cuda --backend-dir "$work/backends"
+  measure hf "$shape" single python3 benches/hf_cpu_bench.py "$dir" --prompt 512 --gen 128 --repeat 2 --device cuda
+  [ -f "$gguf" ] || python3 scripts/gpu/hf_to_gguf.py "$dir" "$gguf" >>"$out/gguf-$shape.log" 2>&1 \
+    || { echo "hf_to_gguf $shape failed:"; tail -5 "$out/gguf-$shape.log"; rm -f "$gguf"; }
+  measure llama.cpp "$shape" single "$llama/llama-bench" -m "$gguf" -p 512 -n 128 -d 0,512 -ngl 99 -fa 1 -r 3 -o jsonl
+  # Concurrent sequences: 1, 8, 32 x (128 prompt + 128 generated).
+  measure stllm "$shape" concurrent "$stllm" bench --model "$dir" --device cuda --backend-dir "$work/backends" \
+    --concurrent 1,8,32 --prompt 128 --gen 128 --json
+  # -c: 32 x 256 cells (the KV cache is split evenly over n_seq_max = 32 sequences).
+  measure llama.cpp "$shape" concurrent "$llama/llama-batched-bench" -m "$gguf" -ngl 99 -fa on -c 8192 \
+    -b 2048 -ub 512 -npp 128 -ntg 128 -npl 1,8,32 --output-format jsonl
+  # Two GPUs: the same model split by layers over both (pipeline parallelism), next to one GPU.
+  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    measure stllm-2gpu "$shape" single "$stllm" bench --model "$dir" --prompt 512 --gen 128 --repeat 3 --json \
+      --devices cuda:0,cuda:1 --backend-dir "$work/backends"
+    measure stllm-2gpu "$shape" concurrent "$stllm" bench --model "$dir" --devices cuda:0,cuda:1 \
+      --backend-dir "$work/backends" --concurrent 1,8,32 --prompt 128 --gen 128 --json
+  fi
+  measure hf "$shape" concurrent python3 benches/hf_batched_bench.py "$dir" --seqs 1,8,32 --prompt 128 --gen 128 --repeat 2 \
+    --system 0 --device cuda
 done
+echo
+python3 scripts/gpu/bench_summary.py "$out/bench.jsonl" | tee "$out/summary.md"

@@ -7,6 +7,7 @@ fixture, because CUDA's F32 matmuls run at TF32-like precision (~7e-3 on the F32
 keeps CI's tolerances (F32 2e-3).
 
 Usage: check_parity.py --stllm BIN [--device cuda] [--backend-dir DIR] [--extra "--flash-attn off"]
+                       [--device-extra "--devices cuda:0,cuda:1"]
 """
 import argparse
 import glob
@@ -33,9 +34,12 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--backend-dir")
     ap.add_argument("--extra", default="", help="more stllm arguments for both runs, e.g. '--flash-attn off'")
+    ap.add_argument("--device-extra", default="",
+                    help="more stllm arguments for the device run only, e.g. '--devices cuda:0,cuda:1'")
     a = ap.parse_args()
     extra = a.extra.split()
-    dev = ["--device", a.device] + (["--backend-dir", a.backend_dir] if a.backend_dir else []) + extra
+    dev = ["--device", a.device] + (["--backend-dir", a.backend_dir] if a.backend_dir else []) + extra \
+        + a.device_extra.split()
     root = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures")
     failed = 0
     print(f"{'fixture':<20} {'dtype':<5} {'cpu vs HF':>10} {a.device + ' vs HF':>12} {a.device + ' vs cpu':>13} {'tol':>7}")

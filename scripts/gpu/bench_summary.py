@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Markdown table of a bench.sh run: one row per engine and shape, from the tagged JSON lines of
+$OUT/bench.jsonl (keys "peer", "shape", "step" added by bench.sh; a later line wins over an earlier
+one for the same measurement).
+
+  TTFT 512          stllm/HF: ttft_ms of the single-stream run; llama.cpp: pp512 at depth 0 (avg_ns)
+  decode 1 seq      stllm/HF: decode_tok_s after the 512-token prompt; llama.cpp: tg128 at depth 512
+  conc. N seqs      aggregate decode tokens/s with N sequences of 128 + 128 tokens: stllm/HF
+                    decode_tok_s of --concurrent / hf_batched_bench; llama.cpp: speed_tg of
+                    llama-batched-bench (N x 128 generated tokens / generation time)
+  VRAM smi          max nvidia-smi memory.used over the engine's steps (whole process)
+  VRAM self         the engine's own peak (stllm vram_peak_mib, torch max_memory_allocated)
+
+Usage: bench_summary.py BENCH_JSONL
+"""
+import json
+import sys
+
+
+def fmt(v, nd=1):
+    return "—" if v is None else f"{v:.{nd}f}"
+
+
+def main():
+    rows, engines = {}, {}
+    with open(sys.argv[1]) as f:
+        for line in f:
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            peer, shape, step = d.get("peer"), d.get("shape"), d.get("step")
+            if peer is None:
+                continue
+            r = rows.setdefault((shape, peer), {})
+            if isinstance(d.get("engine"), str):
+                engines[peer] = d["engine"]
+            elif "build_commit" in d:
+                engines[peer] = f"llama.cpp {d['build_commit']} ({d.get('gpu_info', '')})"
+            if d.get("bench") == "vram":
+                if d.get("smi_peak_mib") is not None:
+                    r["smi"] = max(r.get("smi", 0), d["smi_peak_mib"])
+                if d.get("rc"):
+                    r.setdefault("failed", []).append(step)
+                continue
+            for k in ("vram_peak_mib", "peak_vram_mib"):
+                if d.get(k) is not None:
+                    r["self"] = max(r.get("self", 0), d[k])
+            if step == "single":
+                if "n_prompt" in d:  # llama-bench
+                    if d["n_prompt"] == 512 and d["n_gen"] == 0 and d.get("n_depth", 0) == 0:
+                        r["ttft"] = d["avg_ns"] / 1e6
+                    elif d["n_prompt"] == 0 and d["n_gen"] > 0 and d.get("n_depth", 0) == 512:
+                        r["tg"] = d["avg_ts"]
+                else:
+                    r["ttft"], r["tg"] = d.get("ttft_ms"), d.get("decode_tok_s")
+            elif step == "concurrent":
+                if "pl" in d:  # llama-batched-bench
+                    r[f"c{d['pl']}"] = d["speed_tg"]
+                elif "seqs" in d:
+                    r[f"c{d['seqs']}"] = d.get("decode_tok_s")
+    print("| engine | shape | TTFT 512 (ms) | decode tok/s, 1 seq @512 | conc. 1 seq | conc. 8 seqs | conc. 32 seqs "
+          "| peak VRAM MiB (smi) | peak VRAM MiB (self) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (shape, peer), r in sorted(rows.items()):
+        name = peer + (f" (failed: {', '.join(r['failed'])})" if r.get("failed") else "")
+        print(f"| {name} | {shape} | {fmt(r.get('ttft'), 2)} | {fmt(r.get('tg'))} | {fmt(r.get('c1'))} | "
+              f"{fmt(r.get('c8'))} | {fmt(r.get('c32'))} | {fmt(r.get('smi'), 0)} | {fmt(r.get('self'), 0)} |")
+    for peer, e in sorted(engines.items()):
+        print(f"\n{peer}: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Write a BF16 GGUF that llama.cpp (llama-bench, llama-batched-bench) loads, from an HF folder of
+make_model.py (Llama or Qwen3 architecture, safetensors, no tokenizer needed), for speed runs.
+
+No vocabulary is written: tokenizer.ggml.model = "none" plus {arch}.vocab_size, which llama.cpp's
+llama-vocab.cpp turns into that many dummy tokens (llama-bench and llama-batched-bench feed random
+token ids, so they never tokenize). Tensor names, metadata keys and the Llama Q/K row permutation
+are those of llama.cpp's convert_hf_to_gguf.py (Qwen3 uses NEOX RoPE and is not permuted); 1-D
+tensors (norms) are written F32, the matrices BF16, as that script does with --outtype bf16.
+
+Needs the gguf package of llama.cpp's gguf-py on PYTHONPATH (prepare.sh ships it in
+scratch/gpu/gguf-py), torch, numpy and safetensors.
+
+Usage: hf_to_gguf.py MODEL_DIR OUT.gguf
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+import gguf
+
+ARCHS = {"llama": "llama", "qwen3": "qwen3"}
+
+
+def permute(w, n_head, n_head_kv):
+    # convert_hf_to_gguf.py LlamaModel.permute: HF rotates halves, llama.cpp's llama arch uses
+    # RoPE mode "normal" (adjacent pairs), so each head's rows are interleaved back.
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def main():
+    src, dst = sys.argv[1], sys.argv[2]
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    arch = ARCHS.get(cfg["model_type"])
+    if arch is None:
+        sys.exit(f"model_type {cfg['model_type']!r} not supported (only {', '.join(ARCHS)})")
+    n_layer, n_embd = cfg["num_hidden_layers"], cfg["hidden_size"]
+    n_head = cfg["num_attention_heads"]
+    n_head_kv = cfg.get("num_key_value_heads") or n_head
+    head_dim = cfg.get("head_dim") or n_embd // n_head
+    rope = cfg.get("rope_parameters") or {}
+    rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    if (rope.get("rope_type") or "default") != "default" or cfg.get("rope_scaling"):
+        sys.exit("rope scaling is not handled here")
+
+    # Where each HF tensor lives.
+    where = {}
+    for fn in sorted(os.listdir(src)):
+        if fn.endswith(".safetensors"):
+            with safe_open(os.path.join(src, fn), framework="pt") as f:
+                for k in f.keys():
+                    where[k] = os.path.join(src, fn)
+
+    handles = {fn: safe_open(fn, framework="pt") for fn in set(where.values())}
+
+    def hf(name):
+        return handles[where[name]].get_tensor(name)
+
+    # (gguf name, hf name, permute args or None)
+    plan = [("token_embd.weight", "model.embed_tokens.weight", None)]
+    for i in range(n_layer):
+        p = f"model.layers.{i}."
+        b = f"blk.{i}."
+        plan += [
+            (b + "attn_norm.weight", p + "input_layernorm.weight", None),
+            (b + "attn_q.weight", p + "self_attn.q_proj.weight", (n_head, n_head) if arch == "llama" else None),
+            (b + "attn_k.weight", p + "self_attn.k_proj.weight", (n_head, n_head_kv) if arch == "llama" else None),
+            (b + "attn_v.weight", p + "self_attn.v_proj.weight", None),
+            (b + "attn_output.weight", p + "self_attn.o_proj.weight", None),
+        ]
+        if arch == "qwen3":
+            plan += [(b + "attn_q_norm.weight", p + "self_attn.q_norm.weight", None),
+                     (b + "attn_k_norm.weight", p + "self_attn.k_norm.weight", None)]
+        plan += [
+            (b + "ffn_norm.weight", p + "post_attention_layernorm.weight", None),
+            (b + "ffn_gate.weight", p + "mlp.gate_proj.weight", None),
+            (b + "ffn_up.weight", p + "mlp.up_proj.weight", None),
+            (b + "ffn_down.weight", p + "mlp.down_proj.weight", None),
+        ]
+    plan.append(("output_norm.weight", "model.norm.weight", None))
+    if not cfg.get("tie_word_embeddings", False) and "lm_head.weight" in where:
+        plan.append(("output.weight", "lm_head.weight", None))
+    missing = [h for _, h, _ in plan if h not in where]
+    if missing:
+        sys.exit(f"missing tensors in {src}: {missing[:5]}")
+
+    w = gguf.GGUFWriter(dst, arch)
+    w.add_name(os.path.basename(os.path.normpath(src)))
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_block_count(n_layer)
+    w.add_context_length(cfg.get("max_position_embeddings", 4096))
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_freq_base(float(rope_theta))
+    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    if head_dim != n_embd // n_head or arch == "qwen3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch == "llama":
+        w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(cfg["vocab_size"])
+    # No vocabulary: llama.cpp's LLAMA_VOCAB_TYPE_NONE ("none" or "no_vocab") with vocab_size dummies.
+    w.add_tokenizer_model("none")
+
+    # Shapes first (header), then stream the data one tensor at a time.
+    shapes = {}
+    for name, h, _ in plan:
+        shape = list(handles[where[h]].get_slice(h).get_shape())
+        bf16 = len(shape) > 1
+        shapes[name] = (shape, bf16)
+        n = int(np.prod(shape))
+        if bf16:
+            w.add_tensor_info(name, shape, np.dtype(np.uint16), n * 2, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), n * 4)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for name, h, perm in plan:
+        t = hf(h)
+        if perm is not None:
+            t = permute(t, *perm)
+        if shapes[name][1]:
+            a = t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+        else:
+            a = t.to(torch.float32).contiguous().numpy()
+        w.write_tensor_data(a)
+    w.close()
+    print(f"wrote {dst} ({arch}, {len(plan)} tensors, {os.path.getsize(dst) / 2**30:.2f} GiB)")
+
+
+if __name__ == "__main__":
+    main()
