@@ -247,3 +247,42 @@ fn bad_tokens_are_rejected_by_the_cli() {
     assert!(err.contains("context full"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// MoE checkpoints: a missing expert, an expert of the wrong shape, and routing settings that
+/// cannot work each name what is wrong.
+#[test]
+fn moe_checkpoints_with_bad_experts_or_routing() {
+    let tmp = copy_fixture("mixtral-f32");
+    let path = tmp.path().join("model.safetensors");
+    let gone = "model.layers.1.block_sparse_moe.experts.3.w2.weight";
+    let tensors: Vec<_> = read_all(&path).into_iter().filter(|t| t.0 != gone).collect();
+    write_safetensors(&path, &tensors);
+    assert!(matches!(load(tmp.path()), LoadError::MissingTensor { ref name, .. } if name == gone));
+    cli_fails(tmp.path(), &format!("missing tensor {gone}"));
+
+    let tmp = copy_fixture("qwen3_moe-f32");
+    edit_json(&tmp.path().join("config.json"), |c| c["moe_intermediate_size"] = 40.into());
+    match load(tmp.path()) {
+        LoadError::ShapeMismatch { name, expected, got, .. } => {
+            assert_eq!(name, "model.layers.1.mlp.experts.0.gate_proj.weight");
+            assert_eq!((expected, got), (vec![40, 64], vec![32, 64]));
+        }
+        e => panic!("wrong error: {e}"),
+    }
+
+    let tmp = copy_fixture("qwen3_moe-f32");
+    edit_json(&tmp.path().join("config.json"), |c| c["num_experts_per_tok"] = 5.into());
+    cli_fails(tmp.path(), "num_experts_per_tok");
+    let tmp = copy_fixture("mixtral-f32");
+    edit_json(&tmp.path().join("config.json"), |c| {
+        c.as_object_mut().unwrap().remove("num_local_experts");
+    });
+    cli_fails(tmp.path(), "needs num_experts");
+    // The Hub's Qwen3-MoE spelling (`num_experts`) loads like transformers 5's.
+    let tmp = copy_fixture("qwen3_moe-f32");
+    edit_json(&tmp.path().join("config.json"), |c| {
+        let n = c.as_object_mut().unwrap().remove("num_local_experts").unwrap();
+        c["num_experts"] = n;
+    });
+    Model::load(tmp.path(), &ModelOptions { threads: 1, ..Default::default() }).expect("num_experts spelling loads");
+}

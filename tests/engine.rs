@@ -100,7 +100,7 @@ fn seventy_sequences_in_one_step_stay_apart() {
 
 #[test]
 fn a_sequence_batched_with_others_gets_the_logits_it_gets_alone() {
-    for name in ["qwen3-f32-sharded", "mistral-f32", "llama-f32"] {
+    for name in ["qwen3-f32-sharded", "mistral-f32", "llama-f32", "mixtral-f32", "qwen3_moe-f32"] {
         let m = model(name);
         let exp = Expected::load(&fixture(name));
         let tokens = exp.ids("tokens");

@@ -19,6 +19,9 @@ pub const FIXTURES: &[(&str, &str)] = &[
     ("qwen2-bf16", "bf16"),
     ("qwen3-f32-sharded", "f32"),
     ("qwen3-bf16", "bf16"),
+    ("mixtral-f32", "f32"),
+    ("qwen3_moe-f32", "f32"),
+    ("qwen3_moe-bf16", "bf16"),
 ];
 
 /// A tensor of expected.safetensors: shape and values widened to f64.

@@ -151,4 +151,30 @@ impl Context {
         let m = mask.map_or(std::ptr::null_mut(), |m| m.raw());
         Tensor::from_raw(unsafe { sys::ggml_flash_attn_ext(self.c(), q.raw(), k.raw(), v.raw(), m, scale, 0.0, 0.0) })
     }
+
+    /// Matrix products with a per-row choice of matrix: `as` [k, m, n_mat] (stacked experts), `b`
+    /// [k, n_used or 1, n_tokens], `ids` I32 [n_used, n_tokens] (which matrix each of a token's
+    /// slots uses) -> [m, n_used, n_tokens].
+    pub fn mul_mat_id(&self, as_: Tensor, b: Tensor, ids: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_mul_mat_id(self.c(), as_.raw(), b.raw(), ids.raw()) })
+    }
+
+    /// Indices (I32) of the `k` largest values of each row of `a`, largest first.
+    pub fn argsort_top_k(&self, a: Tensor, k: i32) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_argsort_top_k(self.c(), a.raw(), k) })
+    }
+
+    /// Sum of each row: [n0, ...] -> [1, ...].
+    pub fn sum_rows(&self, a: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_sum_rows(self.c(), a.raw()) })
+    }
+
+    /// a / b (b broadcast over a).
+    pub fn div(&self, a: Tensor, b: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_div(self.c(), a.raw(), b.raw()) })
+    }
+
+    pub fn sigmoid(&self, a: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_sigmoid(self.c(), a.raw()) })
+    }
 }

@@ -6,7 +6,7 @@
 use serde::Deserialize;
 
 use super::attention::{Attention, AttnDims, AttnOptions};
-use super::ffn::SwigluMlp;
+use super::ffn::{Ffn, SwigluMlp};
 use super::rope::{Rope, RopeConfig};
 use super::{norm, Forward};
 use crate::ggml::Tensor;
@@ -142,7 +142,7 @@ struct DenseLayer {
     input_layernorm: Tensor,
     attn: Attention,
     post_attention_layernorm: Tensor,
-    mlp: SwigluMlp,
+    mlp: Ffn,
     sliding: bool,
 }
 
@@ -158,7 +158,8 @@ pub struct DenseDecoder {
 }
 
 impl DenseDecoder {
-    /// Declare and check the weights (`model.*`, `lm_head.weight`).
+    /// Declare and check the weights (`model.*`, `lm_head.weight`), with a dense SwiGLU MLP
+    /// (`model.layers.N.mlp`) in every layer.
     pub fn load(
         arch: &str,
         dir: &ModelDir,
@@ -166,6 +167,23 @@ impl DenseDecoder {
         cfg: &DecoderConfig,
         opts: AttnOptions,
         sliding: Vec<bool>,
+    ) -> Result<DenseDecoder, LoadError> {
+        let (n_embd, n_ff) = (cfg.hidden_size, cfg.intermediate_size);
+        Self::load_with_ffn(arch, dir, w, cfg, opts, sliding, |w, il| {
+            Ok(Ffn::Dense(SwigluMlp::load(w, &format!("model.layers.{il}.mlp"), n_embd, n_ff)?))
+        })
+    }
+
+    /// As [`DenseDecoder::load`], with each layer's feed-forward block loaded by `ffn(w, il)`
+    /// (MoE models).
+    pub fn load_with_ffn(
+        arch: &str,
+        dir: &ModelDir,
+        w: &mut WeightBuilder,
+        cfg: &DecoderConfig,
+        opts: AttnOptions,
+        sliding: Vec<bool>,
+        ffn: impl Fn(&mut WeightBuilder, usize) -> Result<Ffn, LoadError>,
     ) -> Result<DenseDecoder, LoadError> {
         let (n_embd, n_vocab) = (cfg.hidden_size, cfg.vocab_size);
         let dims =
@@ -191,7 +209,7 @@ impl DenseDecoder {
                 input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[n_embd])?,
                 attn: Attention::load(w, &format!("{p}.self_attn"), dims, opts, eps)?,
                 post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[n_embd])?,
-                mlp: SwigluMlp::load(w, &format!("{p}.mlp"), n_embd, cfg.intermediate_size)?,
+                mlp: ffn(w, il)?,
                 sliding,
             });
         }

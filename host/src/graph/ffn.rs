@@ -1,5 +1,6 @@
 //! Feed-forward blocks.
 
+use super::moe::Moe;
 use super::Forward;
 use crate::ggml::Tensor;
 use crate::loader::{LoadError, WeightBuilder};
@@ -26,5 +27,20 @@ impl SwigluMlp {
         let u = f.ctx.mul_mat(self.up, x);
         let h = f.ctx.swiglu_split(g, u);
         f.ctx.mul_mat(self.down, h)
+    }
+}
+
+/// A decoder layer's feed-forward block: a dense MLP or a mixture of experts.
+pub enum Ffn {
+    Dense(SwigluMlp),
+    Moe(Moe),
+}
+
+impl Ffn {
+    pub fn forward(&self, f: &Forward, x: Tensor) -> Tensor {
+        match self {
+            Ffn::Dense(m) => m.forward(f, x),
+            Ffn::Moe(m) => m.forward(f, x),
+        }
     }
 }

@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod decoder;
 pub mod ffn;
+pub mod moe;
 pub mod norm;
 pub mod rope;
 

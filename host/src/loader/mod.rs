@@ -184,7 +184,8 @@ pub struct WeightBuilder<'a> {
     ctx: Context,
     used: BTreeSet<String>,
     /// (tensor, source name) to fill from the files
-    from_file: Vec<(Tensor, String)>,
+    /// (tensor, source name, byte offset in the tensor): several sources fill one stacked tensor
+    from_file: Vec<(Tensor, String, usize)>,
     /// (tensor, data) computed at load time (e.g. rope frequency factors)
     derived: Vec<(Tensor, Vec<f32>)>,
 }
@@ -254,8 +255,61 @@ impl<'a> WeightBuilder<'a> {
         let ne: Vec<i64> = shape.iter().rev().map(|&d| d as i64).collect();
         let t = self.ctx.new_tensor(dtype, &ne, name);
         self.used.insert(name.to_string());
-        self.from_file.push((t, name.to_string()));
+        self.from_file.push((t, name.to_string(), 0));
         Ok(Some(t))
+    }
+
+    /// One 3-D tensor stacking the 2-D weights `names` (each of PyTorch shape `shape`, all of one
+    /// dtype) along a new outer dimension: ggml shape `[shape[1], shape[0], names.len()]`, e.g. a
+    /// MoE layer's experts for `mul_mat_id`. Every name is required.
+    pub fn get_stacked(&mut self, names: &[String], shape: [usize; 2]) -> Result<Tensor, LoadError> {
+        let mut dtype: Option<DType> = None;
+        for name in names {
+            let Some((file, entry)) = self.dir.entry(name) else {
+                return Err(LoadError::MissingTensor {
+                    name: name.clone(),
+                    arch: self.arch.clone(),
+                    dir: self.dir.dir.clone(),
+                });
+            };
+            if entry.shape != shape {
+                return Err(LoadError::ShapeMismatch {
+                    name: name.clone(),
+                    file: file.path.clone(),
+                    expected: shape.to_vec(),
+                    got: entry.shape.clone(),
+                });
+            }
+            let d = match entry.dtype {
+                StDtype::F32 => DType::F32,
+                StDtype::F16 => DType::F16,
+                StDtype::BF16 => DType::BF16,
+                StDtype::Other(d) => {
+                    return Err(LoadError::UnsupportedDtype {
+                        name: name.clone(),
+                        file: file.path.clone(),
+                        dtype: d.to_string(),
+                    })
+                }
+            };
+            if let Some(first) = dtype.filter(|&x| x != d) {
+                return Err(LoadError::UnsupportedDtype {
+                    name: name.clone(),
+                    file: file.path.clone(),
+                    dtype: format!("{} (the other tensors stacked with it are {})", d.name(), first.name()),
+                });
+            }
+            dtype = Some(d);
+        }
+        let dtype = dtype.unwrap_or(DType::F32);
+        let ne = [shape[1] as i64, shape[0] as i64, names.len().max(1) as i64];
+        let t = self.ctx.new_tensor(dtype, &ne, &format!("{}#stacked", names.first().map_or("", |n| n.as_str())));
+        let per = dtype.row_size(ne[0]) * shape[0];
+        for (i, name) in names.iter().enumerate() {
+            self.used.insert(name.clone());
+            self.from_file.push((t, name.clone(), i * per));
+        }
+        Ok(t)
     }
 
     /// Whether the files have a tensor of this name.
@@ -295,9 +349,14 @@ impl<'a> WeightBuilder<'a> {
             }
         }
         // A tied embedding is the output head too: it goes where the head goes.
-        let tied = !self.from_file.iter().any(|(_, n)| n.ends_with("lm_head.weight"));
-        let all =
-            self.from_file.iter().map(|(t, n)| (*t, n.as_str())).chain(self.derived.iter().map(|(t, _)| (*t, "")));
+        let tied = !self.from_file.iter().any(|(_, n, _)| n.ends_with("lm_head.weight"));
+        // Each tensor once (a stacked one has an entry per source, the first at offset 0).
+        let all = self
+            .from_file
+            .iter()
+            .filter(|(_, _, off)| *off == 0)
+            .map(|(t, n, _)| (*t, n.as_str()))
+            .chain(self.derived.iter().map(|(t, _)| (*t, "")));
         let mut groups: Vec<Vec<Tensor>> = vec![Vec::new(); backends.len()];
         for (t, name) in all {
             let name = if name.is_empty() { t.name() } else { name.to_string() };
@@ -315,7 +374,7 @@ impl<'a> WeightBuilder<'a> {
             per_backend[b] = buffer.size();
             buffers.push(buffer);
         }
-        let total: u64 = self.from_file.iter().map(|(t, _)| t.nbytes() as u64).sum();
+        let total: u64 = self.from_file.iter().filter(|(_, _, off)| *off == 0).map(|(t, _, _)| t.nbytes() as u64).sum();
         let bar = if std::io::stderr().is_terminal() && total > 64 << 20 {
             let b = indicatif::ProgressBar::new(total);
             b.set_style(
@@ -329,13 +388,15 @@ impl<'a> WeightBuilder<'a> {
             None
         };
         let mut scratch = Vec::new();
-        for (t, name) in &self.from_file {
+        for (t, name, offset) in &self.from_file {
             let (file, entry) = self.dir.entry(name).expect("declared from the same index");
             file.read(name, entry, &mut scratch)?;
             if t.dtype() == Some(DType::F32) && entry.dtype != StDtype::F32 {
+                // Widened vectors are never stacked (`get_stacked` keeps the files' dtype).
+                debug_assert_eq!(*offset, 0);
                 t.write_f32(&to_f32(entry.dtype, &scratch))?;
             } else {
-                t.write_bytes(&scratch, 0)?;
+                t.write_bytes(&scratch, *offset)?;
             }
             if let Some(b) = &bar {
                 b.inc(entry.len);
@@ -348,7 +409,8 @@ impl<'a> WeightBuilder<'a> {
             b.finish_and_clear();
         }
         tracing::info!(?per_backend, tensors = self.from_file.len(), "weights loaded");
-        let n_params = self.from_file.iter().map(|(t, _)| t.nelements() as u64).sum();
+        let n_params =
+            self.from_file.iter().filter(|(_, _, off)| *off == 0).map(|(t, _, _)| t.nelements() as u64).sum();
         Ok(Weights { buffers, per_backend, n_params, ctx: self.ctx })
     }
 }

@@ -3,8 +3,10 @@
 
 pub mod llama;
 pub mod mistral;
+pub mod mixtral;
 pub mod qwen2;
 pub mod qwen3;
+pub mod qwen3_moe;
 
 use crate::ggml::Tensor;
 use crate::graph::Forward;
@@ -50,6 +52,8 @@ const REGISTRY: &[(&str, &str, Loader)] = &[
     ("mistral", "MistralForCausalLM", mistral::load),
     ("qwen2", "Qwen2ForCausalLM", qwen2::load),
     ("qwen3", "Qwen3ForCausalLM", qwen3::load),
+    ("mixtral", "MixtralForCausalLM", mixtral::load),
+    ("qwen3_moe", "Qwen3MoeForCausalLM", qwen3_moe::load),
 ];
 
 pub fn supported() -> String {

@@ -1,0 +1,176 @@
+//! Mixture-of-experts feed-forward: a router picks `n_used` of `n_expert` SwiGLU experts per
+//! token and mixes their outputs. The experts of a layer are stacked into 3-D tensors at load time
+//! and run with `mul_mat_id` (each token's rows go through its chosen experts only).
+//!
+//! Routing follows HF: router logits in F32, softmax over all experts, top-k of the
+//! probabilities (largest first), optionally renormalised to sum to 1 over the chosen ones
+//! (Mixtral always; Qwen3-MoE when `norm_topk_prob`), times `scale`.
+
+use serde::Deserialize;
+
+use super::Forward;
+use crate::ggml::Tensor;
+use crate::loader::{LoadError, ModelDir, WeightBuilder};
+
+/// The expert-count keys MoE configs share. The Hub's Qwen3-MoE configs say `num_experts`,
+/// Mixtral's and transformers 5's `num_local_experts`; either is accepted.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MoeConfig {
+    #[serde(default)]
+    pub num_experts: Option<usize>,
+    #[serde(default)]
+    pub num_local_experts: Option<usize>,
+    #[serde(default)]
+    pub num_experts_per_tok: Option<usize>,
+}
+
+impl MoeConfig {
+    fn invalid(dir: &ModelDir, field: &str, msg: String) -> LoadError {
+        LoadError::InvalidConfig { file: dir.config_path.clone(), field: field.into(), msg }
+    }
+
+    /// Parse an architecture's config struct (which flattens a `MoeConfig`) from config.json.
+    pub fn parse_full<T: for<'de> Deserialize<'de>>(dir: &ModelDir) -> Result<T, LoadError> {
+        serde_path_to_error::deserialize(&dir.config)
+            .map_err(|e| Self::invalid(dir, &e.path().to_string(), e.inner().to_string()))
+    }
+
+    /// Parse `T` and hand back its `MoeConfig`.
+    pub fn parse<T: for<'de> Deserialize<'de>>(
+        dir: &ModelDir,
+        get: impl Fn(&T) -> &MoeConfig,
+    ) -> Result<MoeConfig, LoadError> {
+        let t: T = Self::parse_full(dir)?;
+        Ok(get(&t).clone())
+    }
+
+    pub fn n_expert(&self, dir: &ModelDir) -> Result<usize, LoadError> {
+        match self.num_experts.or(self.num_local_experts) {
+            Some(n) if n > 0 => Ok(n),
+            _ => Err(Self::invalid(
+                dir,
+                "num_experts",
+                "a MoE model needs num_experts (or num_local_experts) > 0".into(),
+            )),
+        }
+    }
+
+    /// Experts per token: positive and at most the expert count.
+    pub fn n_used(&self, dir: &ModelDir) -> Result<usize, LoadError> {
+        let n = self.n_expert(dir)?;
+        match self.num_experts_per_tok {
+            Some(k) if k > 0 && k <= n => Ok(k),
+            other => Err(Self::invalid(
+                dir,
+                "num_experts_per_tok",
+                format!("must be between 1 and the {n} experts, got {other:?}"),
+            )),
+        }
+    }
+}
+
+/// Expert weight names of one checkpoint family (`{prefix}.experts.{e}.{gate}.weight`, ...).
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertNames {
+    /// The router, relative to the block prefix (`gate`)
+    pub router: &'static str,
+    pub gate: &'static str,
+    pub up: &'static str,
+    pub down: &'static str,
+}
+
+/// Mixtral: `block_sparse_moe.{gate, experts.E.w1/w3/w2}`.
+pub const MIXTRAL: ExpertNames = ExpertNames { router: "gate", gate: "w1", up: "w3", down: "w2" };
+/// Qwen3-MoE (and Qwen2-MoE): `mlp.{gate, experts.E.gate_proj/up_proj/down_proj}`.
+pub const QWEN: ExpertNames = ExpertNames { router: "gate", gate: "gate_proj", up: "up_proj", down: "down_proj" };
+
+/// One MoE block's weights and routing settings.
+pub struct Moe {
+    /// [n_embd, n_expert] (ggml order): router logits = router · x
+    router: Tensor,
+    /// [n_embd, n_ff, n_expert]
+    gate: Tensor,
+    up: Tensor,
+    /// [n_ff, n_embd, n_expert]
+    down: Tensor,
+    n_used: usize,
+    norm_topk: bool,
+    scale: f32,
+}
+
+/// How a MoE block routes.
+#[derive(Debug, Clone, Copy)]
+pub struct MoeOptions {
+    pub n_expert: usize,
+    /// Experts per token
+    pub n_used: usize,
+    /// Expert hidden size
+    pub n_ff: usize,
+    /// Renormalise the chosen experts' weights to sum to 1
+    pub norm_topk: bool,
+    /// Multiply the mixed output (routed scaling factor; 1 for Mixtral and Qwen3-MoE)
+    pub scale: f32,
+}
+
+impl Moe {
+    /// Load `{prefix}.{router}.weight` and the per-expert weights, stacked.
+    pub fn load(
+        w: &mut WeightBuilder,
+        prefix: &str,
+        names: ExpertNames,
+        n_embd: usize,
+        o: MoeOptions,
+    ) -> Result<Moe, LoadError> {
+        let router = w.get(&format!("{prefix}.{}.weight", names.router), &[o.n_expert, n_embd])?;
+        let expert = |part: &str| -> Vec<String> {
+            (0..o.n_expert).map(|e| format!("{prefix}.experts.{e}.{part}.weight")).collect()
+        };
+        Ok(Moe {
+            router,
+            gate: w.get_stacked(&expert(names.gate), [o.n_ff, n_embd])?,
+            up: w.get_stacked(&expert(names.up), [o.n_ff, n_embd])?,
+            down: w.get_stacked(&expert(names.down), [n_embd, o.n_ff])?,
+            n_used: o.n_used,
+            norm_topk: o.norm_topk,
+            scale: o.scale,
+        })
+    }
+
+    /// `x` [n_embd, n_tokens] -> [n_embd, n_tokens].
+    pub fn forward(&self, f: &Forward, x: Tensor) -> Tensor {
+        let c = f.ctx;
+        let [n_embd, n_tokens, ..] = x.ne();
+        let k = self.n_used as i64;
+        let logits = c.mul_mat(self.router, x); // [n_expert, n_tokens]
+        c.set_prec_f32(logits);
+        let n_expert = logits.ne()[0];
+        let probs = c.soft_max_ext(logits, None, 1.0);
+        let chosen = c.argsort_top_k(probs, k as i32); // I32 [k, n_tokens]
+                                                       // The chosen experts' probabilities: rows of [1, n_expert, n_tokens] picked per token.
+        let mut weights = c.get_rows(c.reshape_3d(probs, 1, n_expert, n_tokens), chosen); // [1, k, n_tokens]
+        if self.norm_topk {
+            let w2 = c.reshape_2d(weights, k, n_tokens);
+            let sum = c.sum_rows(w2); // [1, n_tokens]
+            weights = c.reshape_3d(c.div(w2, sum), 1, k, n_tokens);
+        }
+        if self.scale != 1.0 {
+            weights = c.scale(weights, self.scale);
+        }
+        let x3 = c.reshape_3d(x, n_embd, 1, n_tokens);
+        let g = c.mul_mat_id(self.gate, x3, chosen); // [n_ff, k, n_tokens]
+        let u = c.mul_mat_id(self.up, x3, chosen);
+        let h = c.swiglu_split(g, u);
+        let y = c.mul_mat_id(self.down, h, chosen); // [n_embd, k, n_tokens]
+        let y = c.mul(y, weights);
+        // Sum the k expert outputs of each token.
+        let row = y.nb()[1];
+        let mut out = c.view_2d(y, n_embd, n_tokens, y.nb()[2], 0);
+        for i in 1..k as usize {
+            out = c.add(out, c.view_2d(y, n_embd, n_tokens, y.nb()[2], i * row));
+        }
+        if k == 1 {
+            out = c.cont(out);
+        }
+        out
+    }
+}
