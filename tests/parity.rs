@@ -191,3 +191,56 @@ fn quantized_kv_caches() {
         SessionOptions { n_ctx: Some(32), kv_type: Some(DType::Q8_0), flash_attn: Some(false), ..Default::default() };
     assert!(Session::new(model, &opts).err().unwrap().to_string().contains("needs flash attention"));
 }
+
+/// MoE checkpoints in transformers 5's fused layout (`mlp.experts.gate_up_proj` [E, 2·ff, H] with
+/// the gate rows first, `mlp.experts.down_proj` [E, H, ff], Mixtral's block renamed to `mlp`)
+/// give exactly the logits of the Hub's per-expert layout.
+#[test]
+fn moe_fused_expert_layout_gives_the_same_logits() {
+    for (name, gate, up, down) in
+        [("mixtral-f32", "w1", "w3", "w2"), ("qwen3_moe-f32", "gate_proj", "up_proj", "down_proj")]
+    {
+        let logits = |dir: &std::path::Path| {
+            let model = Arc::new(Model::load(dir, &ModelOptions { threads: 2, ..Default::default() }).unwrap());
+            let exp = Expected::load(&fixture(name));
+            session(&model, 512, None).decode(&exp.ids("tokens"), Logits::All).unwrap()
+        };
+        let want = logits(&fixture(name));
+        let tmp = common::copy_fixture(name);
+        let path = tmp.path().join("model.safetensors");
+        let all = common::read_all(&path);
+        let mut out: Vec<common::RawTensor> = Vec::new();
+        let mut layers = std::collections::BTreeMap::<String, Vec<&common::RawTensor>>::new();
+        for t in &all {
+            match t.0.split_once(".experts.") {
+                Some((block, _)) => layers.entry(block.to_string()).or_default().push(t),
+                None => out.push(t.clone()),
+            }
+        }
+        assert!(!layers.is_empty(), "{name} has experts");
+        for (block, experts) in layers {
+            let fused_block = block.replace(".block_sparse_moe", ".mlp");
+            let get = |e: usize, part: &str| {
+                let n = format!("{block}.experts.{e}.{part}.weight");
+                experts.iter().find(|t| t.0 == n).unwrap_or_else(|| panic!("{n}"))
+            };
+            let n_exp = experts.len() / 3;
+            let (ff, h) = (get(0, gate).2[0], get(0, gate).2[1]);
+            let mut gu = Vec::new();
+            let mut dn = Vec::new();
+            for e in 0..n_exp {
+                gu.extend_from_slice(&get(e, gate).3);
+                gu.extend_from_slice(&get(e, up).3);
+                dn.extend_from_slice(&get(e, down).3);
+            }
+            out.push((format!("{fused_block}.experts.gate_up_proj"), "F32".into(), vec![n_exp, 2 * ff, h], gu));
+            out.push((format!("{fused_block}.experts.down_proj"), "F32".into(), vec![n_exp, h, ff], dn));
+        }
+        // Mixtral's router moves with its block.
+        for t in &mut out {
+            t.0 = t.0.replace(".block_sparse_moe.gate.", ".mlp.gate.");
+        }
+        common::write_safetensors(&path, &out);
+        assert_eq!(logits(tmp.path()), want, "{name}");
+    }
+}

@@ -113,27 +113,40 @@ pub struct MoeOptions {
 }
 
 impl Moe {
-    /// Load `{prefix}.{router}.weight` and the per-expert weights, stacked.
+    /// Load a MoE block at the first of `prefixes` the files have, in either layout: the Hub's
+    /// per-expert tensors (`{prefix}.{router}.weight`, `{prefix}.experts.E.{gate,up,down}.weight`,
+    /// stacked here) or transformers 5's fused ones (`{prefix}.gate.weight`,
+    /// `{prefix}.experts.gate_up_proj` [E, 2·n_ff, n_embd] with the gate rows first, and
+    /// `{prefix}.experts.down_proj` [E, n_embd, n_ff]).
     pub fn load(
         w: &mut WeightBuilder,
-        prefix: &str,
+        prefixes: &[&str],
         names: ExpertNames,
         n_embd: usize,
         o: MoeOptions,
     ) -> Result<Moe, LoadError> {
-        let router = w.get(&format!("{prefix}.{}.weight", names.router), &[o.n_expert, n_embd])?;
-        let expert = |part: &str| -> Vec<String> {
-            (0..o.n_expert).map(|e| format!("{prefix}.experts.{e}.{part}.weight")).collect()
-        };
-        Ok(Moe {
-            router,
-            gate: w.get_stacked(&expert(names.gate), [o.n_ff, n_embd])?,
-            up: w.get_stacked(&expert(names.up), [o.n_ff, n_embd])?,
-            down: w.get_stacked(&expert(names.down), [n_embd, o.n_ff])?,
-            n_used: o.n_used,
-            norm_topk: o.norm_topk,
-            scale: o.scale,
-        })
+        let (e, ff) = (o.n_expert, o.n_ff);
+        for prefix in prefixes {
+            let fused = format!("{prefix}.experts.gate_up_proj");
+            if w.has(&fused) {
+                let router = w.get(&format!("{prefix}.gate.weight"), &[e, n_embd])?;
+                let parts = w.get_split_rows(&fused, [e, 2 * ff, n_embd], &[(0, ff), (ff, ff)])?.expect("present");
+                let down = w.get(&format!("{prefix}.experts.down_proj"), &[e, n_embd, ff])?;
+                return Ok(Moe::new(router, parts[0], parts[1], down, o));
+            }
+        }
+        let prefix = prefixes.iter().find(|p| w.has(&format!("{p}.{}.weight", names.router))).unwrap_or(&prefixes[0]);
+        let router = w.get(&format!("{prefix}.{}.weight", names.router), &[e, n_embd])?;
+        let expert =
+            |part: &str| -> Vec<String> { (0..e).map(|i| format!("{prefix}.experts.{i}.{part}.weight")).collect() };
+        let gate = w.get_stacked(&expert(names.gate), [ff, n_embd])?;
+        let up = w.get_stacked(&expert(names.up), [ff, n_embd])?;
+        let down = w.get_stacked(&expert(names.down), [n_embd, ff])?;
+        Ok(Moe::new(router, gate, up, down, o))
+    }
+
+    fn new(router: Tensor, gate: Tensor, up: Tensor, down: Tensor, o: MoeOptions) -> Moe {
+        Moe { router, gate, up, down, n_used: o.n_used, norm_topk: o.norm_topk, scale: o.scale }
     }
 
     /// `x` [n_embd, n_tokens] -> [n_embd, n_tokens].

@@ -184,10 +184,21 @@ pub struct WeightBuilder<'a> {
     ctx: Context,
     used: BTreeSet<String>,
     /// (tensor, source name) to fill from the files
-    /// (tensor, source name, byte offset in the tensor): several sources fill one stacked tensor
-    from_file: Vec<(Tensor, String, usize)>,
+    /// What fills each tensor from the files
+    from_file: Vec<Source>,
     /// (tensor, data) computed at load time (e.g. rope frequency factors)
     derived: Vec<(Tensor, Vec<f32>)>,
+}
+
+/// A piece of a tensor read from the files: bytes `src` of the file tensor `name` (all of it when
+/// `None`) go to byte `dst` of `tensor`. Several sources fill a stacked tensor; one file tensor
+/// can fill parts of several (a fused `gate_up_proj` split in two). Sources of one file tensor are
+/// consecutive, so it is read once.
+struct Source {
+    tensor: Tensor,
+    name: String,
+    dst: usize,
+    src: Option<(usize, usize)>,
 }
 
 /// Loaded weights: the tensor metadata and the backend buffer with their data.
@@ -255,7 +266,7 @@ impl<'a> WeightBuilder<'a> {
         let ne: Vec<i64> = shape.iter().rev().map(|&d| d as i64).collect();
         let t = self.ctx.new_tensor(dtype, &ne, name);
         self.used.insert(name.to_string());
-        self.from_file.push((t, name.to_string(), 0));
+        self.from_file.push(Source { tensor: t, name: name.to_string(), dst: 0, src: None });
         Ok(Some(t))
     }
 
@@ -307,9 +318,43 @@ impl<'a> WeightBuilder<'a> {
         let per = dtype.row_size(ne[0]) * shape[0];
         for (i, name) in names.iter().enumerate() {
             self.used.insert(name.clone());
-            self.from_file.push((t, name.clone(), i * per));
+            self.from_file.push(Source { tensor: t, name: name.clone(), dst: i * per, src: None });
         }
         Ok(t)
+    }
+
+    /// Split a 3-D file tensor `name` of PyTorch shape `[n, rows, cols]` (stacked experts with
+    /// fused projections, e.g. `experts.gate_up_proj`) by rows into one tensor per `parts`
+    /// entry `(first_row, n_rows)`, each of ggml shape `[cols, n_rows, n]`. `None` when the files
+    /// lack `name`.
+    pub fn get_split_rows(
+        &mut self,
+        name: &str,
+        shape: [usize; 3],
+        parts: &[(usize, usize)],
+    ) -> Result<Option<Vec<Tensor>>, LoadError> {
+        let Some(whole) = self.get_opt(name, &shape)? else {
+            return Ok(None);
+        };
+        // `get_opt` declared the whole tensor; keep its checks, replace it by the parts.
+        let src = self.from_file.pop().expect("just declared");
+        let dtype = whole.dtype().unwrap_or(DType::F32);
+        let row = dtype.row_size(shape[2] as i64);
+        let [n, rows, cols] = shape;
+        let mut out = Vec::with_capacity(parts.len());
+        for (k, &(first, len)) in parts.iter().enumerate() {
+            let t = self.ctx.new_tensor(dtype, &[cols as i64, len as i64, n as i64], &format!("{name}#{k}"));
+            for e in 0..n {
+                self.from_file.push(Source {
+                    tensor: t,
+                    name: src.name.clone(),
+                    dst: e * len * row,
+                    src: Some(((e * rows + first) * row, len * row)),
+                });
+            }
+            out.push(t);
+        }
+        Ok(Some(out))
     }
 
     /// Whether the files have a tensor of this name.
@@ -349,13 +394,13 @@ impl<'a> WeightBuilder<'a> {
             }
         }
         // A tied embedding is the output head too: it goes where the head goes.
-        let tied = !self.from_file.iter().any(|(_, n, _)| n.ends_with("lm_head.weight"));
+        let tied = !self.from_file.iter().any(|s| s.name.ends_with("lm_head.weight"));
         // Each tensor once (a stacked one has an entry per source, the first at offset 0).
         let all = self
             .from_file
             .iter()
-            .filter(|(_, _, off)| *off == 0)
-            .map(|(t, n, _)| (*t, n.as_str()))
+            .filter(|s| s.dst == 0)
+            .map(|s| (s.tensor, s.name.as_str()))
             .chain(self.derived.iter().map(|(t, _)| (*t, "")));
         let mut groups: Vec<Vec<Tensor>> = vec![Vec::new(); backends.len()];
         for (t, name) in all {
@@ -374,7 +419,7 @@ impl<'a> WeightBuilder<'a> {
             per_backend[b] = buffer.size();
             buffers.push(buffer);
         }
-        let total: u64 = self.from_file.iter().filter(|(_, _, off)| *off == 0).map(|(t, _, _)| t.nbytes() as u64).sum();
+        let total: u64 = self.from_file.iter().filter(|s| s.dst == 0).map(|s| s.tensor.nbytes() as u64).sum();
         let bar = if std::io::stderr().is_terminal() && total > 64 << 20 {
             let b = indicatif::ProgressBar::new(total);
             b.set_style(
@@ -388,18 +433,26 @@ impl<'a> WeightBuilder<'a> {
             None
         };
         let mut scratch = Vec::new();
-        for (t, name, offset) in &self.from_file {
-            let (file, entry) = self.dir.entry(name).expect("declared from the same index");
-            file.read(name, entry, &mut scratch)?;
-            if t.dtype() == Some(DType::F32) && entry.dtype != StDtype::F32 {
-                // Widened vectors are never stacked (`get_stacked` keeps the files' dtype).
-                debug_assert_eq!(*offset, 0);
-                t.write_f32(&to_f32(entry.dtype, &scratch))?;
-            } else {
-                t.write_bytes(&scratch, *offset)?;
+        let mut read: Option<&str> = None;
+        for s in &self.from_file {
+            let (file, entry) = self.dir.entry(&s.name).expect("declared from the same index");
+            if read != Some(s.name.as_str()) {
+                file.read(&s.name, entry, &mut scratch)?;
+                read = Some(s.name.as_str());
+                if let Some(b) = &bar {
+                    b.inc(entry.len);
+                }
             }
-            if let Some(b) = &bar {
-                b.inc(entry.len);
+            let bytes = match s.src {
+                Some((start, len)) => &scratch[start..start + len],
+                None => &scratch[..],
+            };
+            if s.tensor.dtype() == Some(DType::F32) && entry.dtype != StDtype::F32 {
+                // Widened vectors are never stacked or split (those keep the files' dtype).
+                debug_assert_eq!(s.dst, 0);
+                s.tensor.write_f32(&to_f32(entry.dtype, bytes))?;
+            } else {
+                s.tensor.write_bytes(bytes, s.dst)?;
             }
         }
         for (t, data) in &self.derived {
@@ -409,8 +462,7 @@ impl<'a> WeightBuilder<'a> {
             b.finish_and_clear();
         }
         tracing::info!(?per_backend, tensors = self.from_file.len(), "weights loaded");
-        let n_params =
-            self.from_file.iter().filter(|(_, _, off)| *off == 0).map(|(t, _, _)| t.nelements() as u64).sum();
+        let n_params = self.from_file.iter().filter(|s| s.dst == 0).map(|s| s.tensor.nelements() as u64).sum();
         Ok(Weights { buffers, per_backend, n_params, ctx: self.ctx })
     }
 }

@@ -1,7 +1,8 @@
 //! Mixtral: Mistral's attention (optional sliding window on every layer) with a sparse MoE in
 //! every layer: `block_sparse_moe.gate` routes each token to `num_experts_per_tok` of
 //! `num_local_experts` SwiGLU experts (`experts.E.w1` gate, `w3` up, `w2` down, width
-//! `intermediate_size`); softmax over all experts, top-k, always renormalised.
+//! `intermediate_size`); softmax over all experts, top-k, always renormalised. The fused layout of
+//! transformers 5 (`mlp.experts.gate_up_proj` / `down_proj`) loads too.
 
 use serde::Deserialize;
 
@@ -31,7 +32,10 @@ pub fn load(dir: &ModelDir, w: &mut WeightBuilder) -> Result<Box<dyn Architectur
     };
     let n_embd = cfg.hidden_size;
     let d = DenseDecoder::load_with_ffn("mixtral", dir, w, &cfg, AttnOptions::default(), sliding, |w, il| {
-        Ok(Ffn::Moe(Moe::load(w, &format!("model.layers.{il}.block_sparse_moe"), MIXTRAL, n_embd, o)?))
+        Ok(Ffn::Moe({
+            let (a, b) = (format!("model.layers.{il}.block_sparse_moe"), format!("model.layers.{il}.mlp"));
+            Moe::load(w, &[&a, &b], MIXTRAL, n_embd, o)?
+        }))
     })?;
     Ok(Box::new(d))
 }

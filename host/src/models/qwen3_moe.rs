@@ -59,7 +59,7 @@ pub fn load(dir: &ModelDir, w: &mut WeightBuilder) -> Result<Box<dyn Architectur
     let d = DenseDecoder::load_with_ffn("qwen3_moe", dir, w, &cfg, opts, sliding, |w, il| {
         let p = format!("model.layers.{il}.mlp");
         Ok(if sparse(il) {
-            Ffn::Moe(Moe::load(w, &p, QWEN, n_embd, o)?)
+            Ffn::Moe(Moe::load(w, &[&p], QWEN, n_embd, o)?)
         } else {
             Ffn::Dense(SwigluMlp::load(w, &p, n_embd, n_ff_dense)?)
         })
