@@ -44,6 +44,10 @@ fn op_check_passes_on_the_cpu() {
         "cpy",
         "concat",
         "cont",
+        "mul_mat_id",
+        "argsort_top_k",
+        "sum_rows+div",
+        "sigmoid",
     ];
     for op in expected {
         assert!(ops.contains(op), "no {op} case in {ops:?}");
@@ -52,6 +56,9 @@ fn op_check_passes_on_the_cpu() {
     let has = |op: &str, what: &str| cases.iter().any(|c| c["op"] == op && c["case"].as_str().unwrap().contains(what));
     for t in ["w f32", "w f16", "w bf16", "w q8_0", "w q4_0"] {
         assert!(has("mul_mat", t), "mul_mat {t}");
+    }
+    for t in ["experts f32", "experts bf16", "experts q8_0"] {
+        assert!(has("mul_mat_id", t), "mul_mat_id {t}");
     }
     for t in ["k/v f16", "k/v bf16", "k/v q8_0", "k/v q4_0"] {
         assert!(has("flash_attn_ext", t), "flash_attn_ext {t}");

@@ -258,6 +258,93 @@ fn mul_mat_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
     });
 }
 
+/// The MoE block's ops: expert matmuls by id, top-k routing, weight renormalisation, sigmoid.
+fn moe_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
+    let (k, m, n_exp, n_tok, used) = (64i64, 32i64, 4i64, 5i64, 2i64);
+    // Each token picks 2 distinct experts.
+    let ids: Vec<i32> = (0..n_tok).flat_map(|t| [(t % n_exp) as i32, ((t + 1 + t / 2) % n_exp) as i32]).collect();
+    for (wt, tol) in [(DType::F32, 1e-4), (DType::BF16, 1e-2), (DType::Q8_0, 2e-2)] {
+        let ids = ids.clone();
+        cases.push(Case {
+            op: "mul_mat_id",
+            what: format!("experts {} [{k}x{m}x{n_exp}] · x f32 [{k}x1x{n_tok}], {used} ids per token", wt.name()),
+            tol,
+            device_tol: (wt == DType::F32).then_some(1e-3),
+            inputs: vec![
+                Input::floats(wt, &[k, m, n_exp], rng.vec((k * m * n_exp) as usize, 1.0)),
+                Input::floats(DType::F32, &[k, 1, n_tok], rng.vec((k * n_tok) as usize, 1.0)),
+                Input { dtype: DType::I32, shape: vec![used, n_tok], fill: Fill::I32(ids.clone()) },
+            ],
+            build: Box::new(|c, t| c.mul_mat_id(t[0], t[1], t[2])),
+            reference: Box::new(move |v| {
+                let (k, m, used, n_tok) = (k as usize, m as usize, used as usize, n_tok as usize);
+                let mut out = vec![0.0; m * used * n_tok];
+                for t in 0..n_tok {
+                    for s in 0..used {
+                        let e = ids[t * used + s] as usize;
+                        for j in 0..m {
+                            out[(t * used + s) * m + j] =
+                                (0..k).map(|i| v[0][(e * m + j) * k + i] * v[1][t * k + i]).sum();
+                        }
+                    }
+                }
+                out
+            }),
+        });
+    }
+    let (ne, rows, top) = (8i64, 5i64, 3i64);
+    cases.push(Case {
+        op: "argsort_top_k",
+        what: format!("f32 [{ne}x{rows}], top {top}, values picked with get_rows"),
+        tol: 1e-6,
+        device_tol: None,
+        inputs: vec![Input::floats(DType::F32, &[ne, rows], rng.vec((ne * rows) as usize, 1.0))],
+        build: Box::new(move |c, t| {
+            let chosen = c.argsort_top_k(t[0], top as i32);
+            c.get_rows(c.reshape_3d(t[0], 1, ne, rows), chosen)
+        }),
+        reference: Box::new(move |v| {
+            v[0].chunks(ne as usize)
+                .flat_map(|r| {
+                    let mut r = r.to_vec();
+                    r.sort_by(|a, b| b.total_cmp(a));
+                    r.truncate(top as usize);
+                    r
+                })
+                .collect()
+        }),
+    });
+    cases.push(Case {
+        op: "sum_rows+div",
+        what: format!("f32 [{ne}x{rows}] / its row sums"),
+        tol: 1e-6,
+        device_tol: None,
+        inputs: vec![Input::floats(
+            DType::F32,
+            &[ne, rows],
+            rng.vec((ne * rows) as usize, 1.0).into_iter().map(|x| x.abs() + 0.1).collect(),
+        )],
+        build: Box::new(|c, t| c.div(t[0], c.sum_rows(t[0]))),
+        reference: Box::new(move |v| {
+            v[0].chunks(ne as usize)
+                .flat_map(|r| {
+                    let s: f64 = r.iter().sum();
+                    r.iter().map(move |x| x / s)
+                })
+                .collect()
+        }),
+    });
+    cases.push(Case {
+        op: "sigmoid",
+        what: "f32 [64x5]".into(),
+        tol: 1e-5,
+        device_tol: None,
+        inputs: vec![Input::floats(DType::F32, &[64, 5], rng.vec(64 * 5, 4.0))],
+        build: Box::new(|c, t| c.sigmoid(t[0])),
+        reference: Box::new(|v| v[0].iter().map(|x| 1.0 / (1.0 + (-x).exp())).collect()),
+    });
+}
+
 fn get_rows_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
     let (e, rows) = (64i64, 50i64);
     let ids: Vec<i32> = vec![3, 0, 49, 17, 17, 8, 25];
@@ -622,6 +709,7 @@ fn cases() -> Vec<Case> {
     rope_cases(&mut rng, &mut cases);
     flash_attn_cases(&mut rng, &mut cases);
     copy_cases(&mut rng, &mut cases);
+    moe_cases(&mut rng, &mut cases);
     cases
 }
 
