@@ -286,3 +286,35 @@ fn moe_checkpoints_with_bad_experts_or_routing() {
     });
     Model::load(tmp.path(), &ModelOptions { threads: 1, ..Default::default() }).expect("num_experts spelling loads");
 }
+
+/// Nemotron-H configs that cannot work name the field; a hybrid model's state limits are errors,
+/// not crashes.
+#[test]
+fn nemotron_h_bad_configs_and_state_limits() {
+    let tmp = copy_fixture("nemotron_h-f32");
+    edit_json(&tmp.path().join("config.json"), |c| {
+        c.as_object_mut().unwrap().remove("layers_block_type");
+        c["hybrid_override_pattern"] = "M*EX-E".into();
+    });
+    cli_fails(tmp.path(), "unknown layer letter 'X'");
+    let tmp = copy_fixture("nemotron_h-f32");
+    edit_json(&tmp.path().join("config.json"), |c| c["moe_latent_size"] = 16.into());
+    cli_fails(tmp.path(), "latent MoE projections are not supported");
+    let tmp = copy_fixture("nemotron_h-f32");
+    edit_json(&tmp.path().join("config.json"), |c| c["n_group"] = 3.into());
+    cli_fails(tmp.path(), "not a valid grouping");
+
+    let model = std::sync::Arc::new(
+        Model::load(&common::fixture("nemotron_h-f32"), &ModelOptions { threads: 1, ..Default::default() }).unwrap(),
+    );
+    let mut s = stllm::Session::new(model, &stllm::SessionOptions { n_ctx: Some(64), ..Default::default() }).unwrap();
+    s.decode(&[5, 6, 7, 8], stllm::session::Logits::Last).unwrap();
+    let e = s.truncate(2).unwrap_err().to_string();
+    assert!(e.contains("cannot be rewound"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let e = s.save_state(&dir.path().join("p.bin")).unwrap_err().to_string();
+    assert!(e.contains("recurrent state is not saved"), "{e}");
+    // Back to the start is fine: the state starts over, and decoding goes on.
+    s.truncate(0).unwrap();
+    s.decode(&[5, 6], stllm::session::Logits::Last).unwrap();
+}

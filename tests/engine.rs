@@ -67,7 +67,7 @@ fn runner_alone(m: &Arc<Model>, tokens: &[u32], split: usize) -> Vec<Vec<f32>> {
 }
 
 fn opts_runner() -> RunnerOptions {
-    RunnerOptions { n_cells: 512, n_ubatch: 256, kv_type: None, flash_attn: None }
+    RunnerOptions { n_cells: 512, n_ubatch: 256, kv_type: None, flash_attn: None, n_seq_max: 4 }
 }
 
 #[test]
@@ -125,7 +125,7 @@ fn a_sequence_batched_with_others_gets_the_logits_it_gets_alone() {
             ub.push(t, 60 + i as u32, 2, true);
         }
         let mut got: Vec<Vec<f32>> = r.run(&ub, false, false).unwrap().rows[..split].to_vec();
-        r.seq_cp(7, 4, 0, 3);
+        r.seq_cp(7, 4, 0, 3).unwrap();
         for (i, &t) in tokens.iter().enumerate().skip(split) {
             let mut ub = UBatch::default();
             ub.push(other[i + 60], i as u32 + 60, 2, true);
@@ -398,4 +398,46 @@ fn memory_is_reported_and_a_cache_that_cannot_fit_is_refused_up_front() {
     // 2^40 cells: terabytes of KV cache. Refused before allocating, naming what and how much.
     let e = Engine::new(m, EngineOptions { n_cells: 1 << 40, ..Default::default() }).unwrap_err().to_string();
     assert!(e.contains("the KV cache") && e.contains("does not fit") && e.contains("MiB free"), "{e}");
+}
+
+/// A hybrid model (Mamba-2 + attention + MoE layers, recurrent state per sequence) through the
+/// engine: many requests at once — decode steps run every sequence's token through the Mamba
+/// layers together, prompt chunks one sequence at a time — each gets exactly the tokens it gets
+/// alone. Caller-driven sequences fork with a copy of the state, and truncating one (its state
+/// cannot be rewound) is refused with a clear error while the engine goes on.
+#[test]
+fn hybrid_model_requests_batch_and_match_alone() {
+    let m = model("nemotron_h-f32");
+    let vocab = m.hparams().n_vocab as u32;
+    let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(300 + i, 5 + 7 * i as usize, vocab)).collect();
+    let want: Vec<Vec<u32>> = prompts.iter().map(|p| alone(&m, p, 10)).collect();
+    let engine = Arc::new(
+        Engine::new(m.clone(), EngineOptions { n_cells: 1024, max_seqs: 6, n_batch: 16, ..Default::default() })
+            .unwrap(),
+    );
+    let gens: Vec<_> = prompts.iter().map(|p| engine.generate(no_stop(p.clone(), 10)).unwrap()).collect();
+    for (i, (g, w)) in gens.into_iter().zip(&want).enumerate() {
+        let (t, f) = g.wait();
+        assert_eq!(&t, w, "request {i}");
+        assert_eq!(f.cached_tokens, 0, "no prefix cache for recurrent state");
+    }
+    assert!(engine.wait_idle(Duration::from_secs(10)));
+    let st = engine.stats();
+    assert!(st.steps < 6 * 10 + 20, "decode steps were shared: {} steps", st.steps);
+
+    // A fork continues from a copy of the state: both continuations equal a lone run.
+    let p = &prompts[3];
+    let mut a = engine.open_sequence(0).unwrap();
+    a.decode(p, Logits::Last).unwrap();
+    let mut b = a.fork().unwrap();
+    let la = a.decode(&[5], Logits::Last).unwrap();
+    let lb = b.decode(&[5], Logits::Last).unwrap();
+    let mut s = Session::new(m.clone(), &SessionOptions { n_ctx: Some(256), ..Default::default() }).unwrap();
+    s.decode(p, Logits::Last).unwrap();
+    let ls = s.decode(&[5], Logits::Last).unwrap();
+    assert!(rel(&la, &ls) <= 1e-4 && rel(&lb, &ls) <= 1e-4);
+    let e = a.truncate(2).unwrap_err().to_string();
+    assert!(e.contains("recurrent") && e.contains("cannot be rewound"), "{e}");
+    // The engine goes on.
+    assert_eq!(engine.generate(no_stop(prompts[0].clone(), 10)).unwrap().wait().0, want[0]);
 }

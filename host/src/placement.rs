@@ -77,7 +77,7 @@ impl Placement {
         if let Some(il) = layer_of(name) {
             return self.layers.get(il).copied().unwrap_or(self.output);
         }
-        if name.contains("embed_tokens") && !tied {
+        if (name.contains("embed_tokens") || name.contains(".embeddings.")) && !tied {
             self.input
         } else {
             self.output

@@ -9,6 +9,7 @@ use crate::ggml::{Context, DType, GgmlError, Graph, Sched, Tensor};
 use crate::graph::{Forward, StepInputs};
 use crate::memory::cells::{KvCells, SeqId, MAX_SEQ};
 use crate::memory::kv::KvCache;
+use crate::memory::recurrent::RecurrentCache;
 use crate::model::Model;
 
 /// Why a step failed. The cache is unchanged after an error.
@@ -28,6 +29,13 @@ pub enum DecodeError {
     Truncate { len: usize, n_past: usize },
     #[error("invalid options: {0}")]
     Options(String),
+    #[error("recurrent state full: all {max} sequence slots are taken")]
+    StateFull { max: usize },
+    #[error(
+        "sequence {seq} continues at position {pos} but its recurrent (Mamba) state is at {state_pos}: a hybrid \
+         model's state cannot be rewound or shared, so it cannot be truncated, forked mid-way or take a cached prefix"
+    )]
+    StatePosition { seq: SeqId, pos: u32, state_pos: u32 },
     #[error(transparent)]
     Ggml(#[from] GgmlError),
 }
@@ -43,6 +51,8 @@ pub struct RunnerOptions {
     pub kv_type: Option<DType>,
     /// Fused flash attention (default on)
     pub flash_attn: Option<bool>,
+    /// Most sequences with a recurrent state at once (hybrid models)
+    pub n_seq_max: usize,
 }
 
 /// Tokens of one step: token `i` is `tokens[i]` at position `pos[i]` of sequence `seq[i]`;
@@ -89,6 +99,8 @@ pub struct Runner {
     sched: Sched,
     pub(crate) kv: KvCache,
     pub(crate) cells: KvCells,
+    /// Mamba layers' per-sequence state (hybrid models)
+    rs: Option<RecurrentCache>,
     n_ubatch: usize,
     flash: bool,
     /// The last step's graph, allocated on the scheduler, reused while steps keep its shape
@@ -116,6 +128,8 @@ struct StepShape {
     n_out: usize,
     segments: Vec<(usize, usize)>,
     embeddings: bool,
+    /// Sequences of a recurrent step (1 otherwise)
+    n_seqs: usize,
 }
 
 impl Runner {
@@ -145,7 +159,12 @@ impl Runner {
         // Refuse up front what cannot fit, device by device: the cache of its layers plus a
         // compute buffer for a full ubatch.
         let layer_kv = 2 * n_cells * kv_type.row_size(hp.n_embd_kv() as i64);
-        let counts = model.placement.counts();
+        let kv_layers = model.arch.kv_layers();
+        let kv_backend: Vec<usize> = kv_layers.iter().map(|&l| model.placement.layers[l]).collect();
+        let mut counts = vec![0; model.backends.len()];
+        for &b in &kv_backend {
+            counts[b] += 1;
+        }
         let compute_need = compute_estimate(hp, n_cells, n_ubatch);
         for (b, backend) in model.backends.iter().enumerate() {
             if counts[b] > 0 || b == model.placement.output {
@@ -160,10 +179,17 @@ impl Runner {
             }
         }
         let backends = model.sched_backends();
-        let kv = KvCache::new(&backends, &model.placement.layers, hp.n_embd_kv(), hp.n_embd_kv(), n_cells, kv_type)?;
+        let kv = KvCache::new(&backends, &kv_backend, hp.n_embd_kv(), hp.n_embd_kv(), n_cells, kv_type)?;
+        let rs = match model.arch.recurrent() {
+            Some(shape) => {
+                let rs_backend: Vec<usize> = shape.layers.iter().map(|&l| model.placement.layers[l]).collect();
+                Some(RecurrentCache::new(&backends, &rs_backend, shape, opts.n_seq_max)?)
+            }
+            None => None,
+        };
         let sched = Sched::new(&model.sched_backends(), graph_size(hp.n_layer, n_ubatch))?;
         tracing::debug!(n_cells, kv_bytes = kv.bytes(), kv_type = kv_type.name(), "KV cache allocated");
-        Ok(Runner { sched, kv, cells: KvCells::new(n_cells), n_ubatch, flash, step: None, model })
+        Ok(Runner { sched, kv, cells: KvCells::new(n_cells), rs, n_ubatch, flash, step: None, model })
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -184,7 +210,7 @@ impl Runner {
                     name: backend.name(),
                     layers: m.placement.counts()[b],
                     weights: m.weight_bytes_per_backend()[b],
-                    kv: self.kv.bytes_per_backend()[b],
+                    kv: self.kv.bytes_per_backend()[b] + self.rs.as_ref().map_or(0, |r| r.bytes_per_backend()[b]),
                     compute: self.sched.buffer_size(backend),
                     free,
                     total,
@@ -194,7 +220,7 @@ impl Runner {
         MemoryUsage {
             device: m.device_name(),
             weights: m.weight_bytes(),
-            kv: self.kv.bytes(),
+            kv: self.kv.bytes() + self.rs.as_ref().map_or(0, RecurrentCache::bytes),
             compute: backends.iter().map(|b| b.compute).sum(),
             device_free,
             device_total,
@@ -206,9 +232,38 @@ impl Runner {
         &self.cells
     }
 
-    /// Share positions `p0..p1` of `src` with `dst` (a fork; no copy).
-    pub fn seq_cp(&mut self, src: SeqId, dst: SeqId, p0: u32, p1: u32) {
+    /// Share positions `p0..p1` of `src` with `dst` (a fork; no copy of KV cells; a hybrid
+    /// model's recurrent state is copied, which only makes sense for a whole-sequence fork).
+    pub fn seq_cp(&mut self, src: SeqId, dst: SeqId, p0: u32, p1: u32) -> Result<(), DecodeError> {
         self.cells.seq_cp(src, dst, p0, p1);
+        if let Some(rs) = self.rs.as_mut() {
+            if !rs.copy(src, dst)? {
+                return Err(DecodeError::StateFull { max: rs.n_slots() });
+            }
+        }
+        Ok(())
+    }
+
+    /// A sequence of `n_past` positions may be cut to `len` unless a recurrent state would have
+    /// to be rewound (to 0 is fine: the state starts over).
+    pub fn check_truncate(&self, seq: SeqId, len: usize, n_past: usize) -> Result<(), DecodeError> {
+        if self.rs.is_some() && len > 0 && len < n_past {
+            return Err(DecodeError::StatePosition { seq, pos: len as u32, state_pos: n_past as u32 });
+        }
+        Ok(())
+    }
+
+    /// Take `other`'s recurrent states (same model): a copied session continues where it was.
+    pub fn copy_recurrent_from(&mut self, other: &Runner) -> Result<(), DecodeError> {
+        if let (Some(a), Some(b)) = (self.rs.as_mut(), other.rs.as_ref()) {
+            a.copy_all_from(b)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the model has recurrent (Mamba) layers, whose state cannot be rewound or shared.
+    pub fn is_recurrent(&self) -> bool {
+        self.rs.is_some()
     }
 
     /// Drop positions `p0..p1` of `seq`; returns cells freed.
@@ -249,13 +304,88 @@ impl Runner {
         }
         self.check_tokens(&ub.tokens)?;
         debug_assert!(ub.seq.iter().all(|&s| (s as usize) < MAX_SEQ));
+        if self.rs.is_none() {
+            return self.run_one(ub, trace, embeddings, (1, n));
+        }
+        self.run_recurrent(ub, trace, embeddings)
+    }
+
+    /// A hybrid model's step: the Mamba layers need each computation to hold `n_seqs` sequences
+    /// of equally many tokens, in sequence order, each continuing where its state stands. So the
+    /// tokens are grouped by sequence: all one-token sequences (decoding) go together, longer
+    /// runs (prompt chunks) one by one; the rows come back in the ubatch's order.
+    fn run_recurrent(&mut self, ub: &UBatch, trace: bool, embeddings: bool) -> Result<StepOut, DecodeError> {
+        let rs = self.rs.as_mut().expect("recurrent");
+        // Sequences whose cells are all gone (finished, reset) give their state back.
+        for seq in rs.seqs() {
+            if self.cells.seq_len(seq) == 0 {
+                rs.release(seq);
+            }
+        }
+        let mut groups: Vec<(SeqId, Vec<usize>)> = Vec::new();
+        for i in 0..ub.len() {
+            match groups.iter_mut().find(|(s, _)| *s == ub.seq[i]) {
+                Some((_, idx)) => idx.push(i),
+                None => groups.push((ub.seq[i], vec![i])),
+            }
+        }
+        for (seq, idx) in &groups {
+            let state_pos = rs.next_pos(*seq);
+            for (k, &i) in idx.iter().enumerate() {
+                if ub.pos[i] != state_pos + k as u32 {
+                    return Err(DecodeError::StatePosition {
+                        seq: *seq,
+                        pos: ub.pos[i],
+                        state_pos: state_pos + k as u32,
+                    });
+                }
+            }
+        }
+        let (singles, runs): (Vec<_>, Vec<_>) = groups.into_iter().partition(|(_, idx)| idx.len() == 1);
+        let mut parts: Vec<(usize, Vec<usize>)> = Vec::new();
+        if !singles.is_empty() {
+            parts.push((singles.len(), singles.into_iter().flat_map(|(_, i)| i).collect()));
+        }
+        parts.extend(runs.into_iter().map(|(_, i)| (1, i)));
+        if trace && parts.len() > 1 {
+            return Err(DecodeError::Options("a traced step must hold one sequence".into()));
+        }
+        let mut rows: Vec<(usize, Vec<f32>)> = Vec::new();
+        let mut hidden = Vec::new();
+        for (n_seqs, idx) in parts {
+            let mut sub = UBatch::default();
+            for &i in &idx {
+                sub.push(ub.tokens[i], ub.pos[i], ub.seq[i], ub.out[i]);
+            }
+            let out = self.run_one(&sub, trace, embeddings, (n_seqs, idx.len() / n_seqs))?;
+            let outs = idx.iter().copied().filter(|&i| ub.out[i]);
+            rows.extend(outs.zip(out.rows));
+            hidden = out.hidden;
+            let rs = self.rs.as_mut().expect("recurrent");
+            for &i in &idx {
+                rs.set_next_pos(ub.seq[i], ub.pos[i] + 1);
+            }
+        }
+        rows.sort_by_key(|(i, _)| *i);
+        Ok(StepOut { rows: rows.into_iter().map(|(_, r)| r).collect(), hidden })
+    }
+
+    /// One computation; `(n_seqs, n_seq_tokens)`: its shape for the recurrent layers.
+    fn run_one(
+        &mut self,
+        ub: &UBatch,
+        trace: bool,
+        embeddings: bool,
+        seqs: (usize, usize),
+    ) -> Result<StepOut, DecodeError> {
+        let n = ub.len();
         let n_cells = self.cells.n_cells();
         let slots =
             self.cells.find_slots(n).ok_or(DecodeError::CacheFull { need: n, free: self.cells.free(), n_cells })?;
         for (i, &slot) in slots.iter().enumerate() {
             self.cells.occupy(slot, ub.seq[i], ub.pos[i]);
         }
-        let r = self.compute(ub, &slots, trace, embeddings);
+        let r = self.compute(ub, &slots, trace, embeddings, seqs);
         if r.is_err() {
             for &slot in &slots {
                 self.cells.release(slot);
@@ -264,7 +394,14 @@ impl Runner {
         r
     }
 
-    fn compute(&mut self, ub: &UBatch, slots: &[u32], trace: bool, embeddings: bool) -> Result<StepOut, DecodeError> {
+    fn compute(
+        &mut self,
+        ub: &UBatch,
+        slots: &[u32],
+        trace: bool,
+        embeddings: bool,
+        (n_seqs, n_seq_tokens): (usize, usize),
+    ) -> Result<StepOut, DecodeError> {
         let hp = self.model.hparams().clone();
         let n = ub.len();
         // Attend over a multiple of 256 cells (masked beyond the used ones): the graph keeps its
@@ -272,7 +409,21 @@ impl Runner {
         let n_kv = self.cells.n_kv().next_multiple_of(KV_PAD).min(self.cells.n_cells());
         let out: Vec<i32> = (0..n as i32).filter(|&i| ub.out[i as usize]).collect();
         let n_out = out.len().max(1);
-        let shape = StepShape { n_tokens: n, n_kv, n_out, segments: crate::graph::attn_segments(&ub.seq), embeddings };
+        let shape =
+            StepShape { n_tokens: n, n_kv, n_out, segments: crate::graph::attn_segments(&ub.seq), embeddings, n_seqs };
+        // The state slot of each sequence of a recurrent step, in order.
+        let rs_slots: Vec<i32> = match self.rs.as_mut() {
+            Some(rs) => {
+                let mut v = Vec::with_capacity(n_seqs);
+                for k in 0..n_seqs {
+                    let seq = ub.seq[k * n_seq_tokens];
+                    let slot = rs.ensure(seq)?.ok_or(DecodeError::StateFull { max: rs.n_slots() })?;
+                    v.push(slot as i32);
+                }
+                v
+            }
+            None => Vec::new(),
+        };
         // Flash attention wants an F16 mask.
         let mask_type = if self.flash { DType::F16 } else { DType::F32 };
         let t_build = std::time::Instant::now();
@@ -296,6 +447,10 @@ impl Runner {
                     .map(|_| ctx.new_tensor(mask_type, &[n_kv as i64, n as i64], "inp_mask_swa").set_input()),
                 out_ids: ctx.new_tensor(DType::I32, &[n_out as i64], "inp_out_ids").set_input(),
                 kv_idxs: ctx.new_tensor(DType::I64, &[n as i64], "inp_kv_idxs").set_input(),
+                rs_ids: self
+                    .rs
+                    .as_ref()
+                    .map(|_| ctx.new_tensor(DType::I32, &[n_seqs as i64], "inp_rs_ids").set_input()),
             };
             let mut f = Forward {
                 ctx: &ctx,
@@ -308,6 +463,12 @@ impl Runner {
                 embeddings,
                 flash_attn: self.flash,
                 attn_segments: shape.segments.clone(),
+                rs: self.rs.as_ref().zip(inp.rs_ids).map(|(cache, ids)| crate::graph::RsInputs {
+                    cache,
+                    ids,
+                    n_seqs,
+                    n_seq_tokens,
+                }),
             };
             let result = self.model.arch.build(&mut f).set_output();
             taps = f.taps.take().unwrap_or_default();
@@ -330,6 +491,9 @@ impl Runner {
         write_input(inp.pos, |t| t.write_i32(&pos))?;
         write_input(inp.out_ids, |t| t.write_i32(&out_ids))?;
         write_input(inp.kv_idxs, |t| t.write_i64(&idxs))?;
+        if let Some(ids) = inp.rs_ids {
+            write_input(ids, |t| t.write_i32(&rs_slots))?;
+        }
         let who: Vec<(SeqId, u32)> = ub.seq.iter().copied().zip(ub.pos.iter().copied()).collect();
         write_input(inp.mask, |t| write_mask(t, &self.cells.mask(&who, n_kv, None)))?;
         if let Some(m) = inp.mask_swa {

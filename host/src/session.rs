@@ -60,7 +60,13 @@ impl Session {
         let n_batch = opts.n_batch.max(1);
         let runner = Runner::new(
             model,
-            &RunnerOptions { n_cells: n_ctx, n_ubatch: n_batch, kv_type: opts.kv_type, flash_attn: opts.flash_attn },
+            &RunnerOptions {
+                n_cells: n_ctx,
+                n_ubatch: n_batch,
+                kv_type: opts.kv_type,
+                flash_attn: opts.flash_attn,
+                n_seq_max: 4,
+            },
         )?;
         Ok(Session { runner, tokens: Vec::new(), n_batch, opts: SessionOptions { n_ctx: Some(n_ctx), ..opts.clone() } })
     }
@@ -70,6 +76,7 @@ impl Session {
         let mut s = Session::new(self.runner.model().clone(), &self.opts)?;
         s.runner.kv.copy_from(&self.runner.kv)?;
         s.runner.cells = self.runner.cells.clone();
+        s.runner.copy_recurrent_from(&self.runner)?;
         s.tokens = self.tokens.clone();
         Ok(s)
     }
@@ -86,6 +93,9 @@ impl Session {
 
     /// Save the sequence (tokens and KV cells) to a prompt-cache file.
     pub fn save_state(&self, path: &std::path::Path) -> Result<(), crate::memory::state::StateError> {
+        if self.runner.is_recurrent() {
+            return Err(crate::memory::state::StateError::Recurrent { path: path.to_path_buf() });
+        }
         let (_, data) = self.runner.read_seq(SEQ)?;
         crate::memory::state::save(path, &self.state_header(), &data)
     }
@@ -93,6 +103,9 @@ impl Session {
     /// Replace the sequence with the one saved in a prompt-cache file; returns its tokens. On
     /// error the session is left empty.
     pub fn load_state(&mut self, path: &std::path::Path) -> Result<Vec<u32>, crate::memory::state::StateError> {
+        if self.runner.is_recurrent() {
+            return Err(crate::memory::state::StateError::Recurrent { path: path.to_path_buf() });
+        }
         self.reset();
         let (tokens, data) =
             crate::memory::state::load(path, &self.state_header(), self.runner.kv().cell_bytes(), self.n_ctx())?;
@@ -108,6 +121,7 @@ impl Session {
         if len > self.tokens.len() {
             return Err(DecodeError::Truncate { len, n_past: self.tokens.len() });
         }
+        self.runner.check_truncate(SEQ, len, self.tokens.len())?;
         self.runner.cells.seq_rm(SEQ, len as u32, u32::MAX);
         self.tokens.truncate(len);
         Ok(())

@@ -22,6 +22,9 @@ pub const FIXTURES: &[(&str, &str)] = &[
     ("mixtral-f32", "f32"),
     ("qwen3_moe-f32", "f32"),
     ("qwen3_moe-bf16", "bf16"),
+    ("nemotron_h-f32", "f32"),
+    ("nemotron_h-bf16", "bf16"),
+    ("nemotron_h-f32-pub", "f32"),
 ];
 
 /// A tensor of expected.safetensors: shape and values widened to f64.

@@ -284,7 +284,9 @@ impl Engine {
     pub fn new(model: Arc<Model>, opts: EngineOptions) -> Result<Engine, EngineError> {
         let hp = model.hparams();
         let max_seqs = opts.max_seqs.max(1);
-        let entries = if opts.prefix_cache { opts.prefix_cache_entries } else { 0 };
+        // A hybrid model's recurrent state cannot start from shared cells: no prefix cache.
+        let recurrent = model.arch.recurrent().is_some();
+        let entries = if opts.prefix_cache && !recurrent { opts.prefix_cache_entries } else { 0 };
         if max_seqs + entries > MAX_SEQ {
             return Err(EngineError::InvalidRequest(format!(
                 "max_seqs ({max_seqs}) + prefix_cache_entries ({entries}) exceed the {MAX_SEQ} sequences a cache tracks"
@@ -294,7 +296,13 @@ impl Engine {
         let max_seq_len = opts.max_seq_len.unwrap_or(hp.n_ctx_train).min(n_cells);
         let runner = Runner::new(
             model.clone(),
-            &RunnerOptions { n_cells, n_ubatch: opts.n_batch, kv_type: opts.kv_type, flash_attn: opts.flash_attn },
+            &RunnerOptions {
+                n_cells,
+                n_ubatch: opts.n_batch,
+                kv_type: opts.kv_type,
+                flash_attn: opts.flash_attn,
+                n_seq_max: opts.max_seqs + 2,
+            },
         )?;
         let shared = Arc::new(Shared {
             inbox: Mutex::new(Inbox::default()),

@@ -287,7 +287,11 @@ impl Sched {
     fn open_ext(&mut self, id: u64, from: Option<SeqId>, cached: Vec<u32>) -> Result<(), DecodeError> {
         let seq = self.take_id().ok_or_else(|| DecodeError::Options(format!("all {MAX_SEQ} sequences are in use")))?;
         if let Some(src) = from {
-            self.runner.seq_cp(src, seq, 0, u32::MAX);
+            if let Err(e) = self.runner.seq_cp(src, seq, 0, u32::MAX) {
+                self.runner.cells.seq_rm(seq, 0, u32::MAX);
+                self.free_ids.push(seq);
+                return Err(e);
+            }
         }
         self.admitted += 1;
         let e = Ext { seq, cached, pending: vec![], all: false, rows: vec![], reply: None, admitted: self.admitted };
@@ -309,11 +313,14 @@ impl Sched {
             }
             ExtOp::Truncate { id, len, reply } => {
                 let r = match self.ext.get_mut(&id) {
-                    Some(e) if len <= e.cached.len() => {
-                        e.cached.truncate(len);
-                        self.runner.seq_rm(e.seq, len as u32, u32::MAX);
-                        Ok(())
-                    }
+                    Some(e) if len <= e.cached.len() => match self.runner.check_truncate(e.seq, len, e.cached.len()) {
+                        Ok(()) => {
+                            e.cached.truncate(len);
+                            self.runner.seq_rm(e.seq, len as u32, u32::MAX);
+                            Ok(())
+                        }
+                        Err(err) => Err(err),
+                    },
                     Some(e) => Err(DecodeError::Truncate { len, n_past: e.cached.len() }),
                     None => Err(DecodeError::Options("truncate of a closed sequence".into())),
                 };
@@ -328,7 +335,8 @@ impl Sched {
                     // A fresh sequence may start from a cached prefix.
                     if let Some(h) = self.prefix.lookup(&tokens) {
                         let reuse = h.len.min(tokens.len() - 1);
-                        self.runner.seq_cp(h.seq, e.seq, 0, reuse as u32);
+                        // Never fails: the prefix cache is off for models with recurrent state.
+                        let _ = self.runner.seq_cp(h.seq, e.seq, 0, reuse as u32);
                         self.prefix.touch(h.entry);
                         e.cached = tokens[..reuse].to_vec();
                         e.pending = tokens[reuse..].to_vec();

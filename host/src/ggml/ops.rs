@@ -177,4 +177,45 @@ impl Context {
     pub fn sigmoid(&self, a: Tensor) -> Tensor {
         Tensor::from_raw(unsafe { sys::ggml_sigmoid(self.c(), a.raw()) })
     }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn view_4d(&self, a: Tensor, ne: [i64; 4], nb1: usize, nb2: usize, nb3: usize, offset: usize) -> Tensor {
+        Tensor::from_raw(unsafe {
+            sys::ggml_view_4d(self.c(), a.raw(), ne[0], ne[1], ne[2], ne[3], nb1, nb2, nb3, offset)
+        })
+    }
+
+    pub fn reshape_4d(&self, a: Tensor, n0: i64, n1: i64, n2: i64, n3: i64) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_reshape_4d(self.c(), a.raw(), n0, n1, n2, n3) })
+    }
+
+    pub fn relu(&self, a: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_relu(self.c(), a.raw()) })
+    }
+
+    pub fn sqr(&self, a: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_sqr(self.c(), a.raw()) })
+    }
+
+    /// Depthwise causal convolution: `sx` [d_conv - 1 + n_t, channels, n_seqs] (the previous
+    /// inputs, then this step's), `c` [d_conv, channels] -> [channels, n_t, n_seqs].
+    pub fn ssm_conv(&self, sx: Tensor, c: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_ssm_conv(self.c(), sx.raw(), c.raw()) })
+    }
+
+    /// Mamba-2 selective scan: states `s` [d_state, head_dim, n_head, n_slots] read at slots
+    /// `ids` (I32 [n_seqs]), x [head_dim, n_head, n_t, n_seqs], dt [n_head, n_t, n_seqs] (softplus
+    /// applied inside), A [1, n_head], B/C [d_state, n_group, n_t, n_seqs] -> y (as x) followed by
+    /// the final states [d_state * head_dim * n_head, n_seqs], flat.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ssm_scan(&self, s: Tensor, x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, ids: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe {
+            sys::ggml_ssm_scan(self.c(), s.raw(), x.raw(), dt.raw(), a.raw(), b.raw(), c.raw(), ids.raw(), 1)
+        })
+    }
+
+    /// A tensor shaped like `a`, every element `c`.
+    pub fn fill(&self, a: Tensor, c: f32) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_fill(self.c(), a.raw(), c) })
+    }
 }

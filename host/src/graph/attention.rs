@@ -76,8 +76,10 @@ impl Attention {
         })
     }
 
-    /// `x` [n_embd, n_tokens] -> [n_embd, n_tokens]
-    pub fn forward(&self, f: &mut Forward, il: usize, x: Tensor, rope: &Rope, sliding: bool) -> Tensor {
+    /// `x` [n_embd, n_tokens] -> [n_embd, n_tokens]; `il`: the layer's index in the KV cache;
+    /// `rope`: `None` for attention without positional encoding (hybrids whose Mamba layers
+    /// carry position).
+    pub fn forward(&self, f: &mut Forward, il: usize, x: Tensor, rope: Option<&Rope>, sliding: bool) -> Tensor {
         let AttnDims { n_head, n_head_kv, head_dim, .. } = self.dims;
         let nt = f.n_tokens as i64;
         let q = linear(f, self.q, self.bq, x);
@@ -91,8 +93,10 @@ impl Attention {
         if let Some(kn) = self.k_norm {
             k = norm::rms(f, k, kn, self.norm_eps);
         }
-        let q = rope.apply(f, q);
-        let k = rope.apply(f, k);
+        let (q, k) = match rope {
+            Some(r) => (r.apply(f, q), r.apply(f, k)),
+            None => (q, k),
+        };
         let out = attend(f, il, q, k, v, self.dims, sliding);
         linear(f, self.o, self.bo, out)
     }

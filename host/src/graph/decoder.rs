@@ -241,7 +241,7 @@ impl Architecture for DenseDecoder {
         let last = self.layers.len() - 1;
         for (il, l) in self.layers.iter().enumerate() {
             let h = norm::rms(f, x, l.input_layernorm, self.eps);
-            let mut h = l.attn.forward(f, il, h, &self.rope, l.sliding);
+            let mut h = l.attn.forward(f, il, h, Some(&self.rope), l.sliding);
             if il == last {
                 // Only the rows whose logits were asked for go through the last FFN and the head.
                 h = f.ctx.get_rows(h, f.inp.out_ids);

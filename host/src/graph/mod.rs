@@ -6,12 +6,23 @@
 pub mod attention;
 pub mod decoder;
 pub mod ffn;
+pub mod mamba;
 pub mod moe;
 pub mod norm;
 pub mod rope;
 
 use crate::ggml::{Context, Graph, Tensor};
 use crate::memory::kv::KvCache;
+use crate::memory::recurrent::RecurrentCache;
+
+/// A step's recurrent inputs (hybrid models): the state cache and the slot of each of the
+/// step's `n_seqs` sequences (I32), which hold `n_seq_tokens` tokens each, sequence-major.
+pub struct RsInputs<'a> {
+    pub cache: &'a RecurrentCache,
+    pub ids: Tensor,
+    pub n_seqs: usize,
+    pub n_seq_tokens: usize,
+}
 
 /// Input tensors of one forward step (filled by the session after allocation).
 #[derive(Debug, Clone, Copy)]
@@ -29,6 +40,8 @@ pub struct StepInputs {
     pub out_ids: Tensor,
     /// I64 [n_tokens]: the KV cell each token's K/V row is written to
     pub kv_idxs: Tensor,
+    /// I32 [n_seqs]: the recurrent-state slot of each sequence (hybrid models)
+    pub rs_ids: Option<Tensor>,
 }
 
 /// One forward step being built.
@@ -49,6 +62,8 @@ pub struct Forward<'a> {
     /// Row ranges `(first, len)` of the tokens attended to in separate flash-attention calls
     /// (see [`attn_segments`]); empty: one call for all rows.
     pub attn_segments: Vec<(usize, usize)>,
+    /// Recurrent state inputs, for models with Mamba layers
+    pub rs: Option<RsInputs<'a>>,
 }
 
 /// How to split a batch's rows for flash attention. ggml's CPU kernel tiles 64 query rows at a

@@ -88,14 +88,34 @@ pub const QWEN: ExpertNames = ExpertNames { router: "gate", gate: "gate_proj", u
 pub struct Moe {
     /// [n_embd, n_expert] (ggml order): router logits = router · x
     router: Tensor,
-    /// [n_embd, n_ff, n_expert]
-    gate: Tensor,
+    /// [n_embd, n_ff, n_expert]; `None`: non-gated experts `down(relu(up x)²)` (Nemotron-H)
+    gate: Option<Tensor>,
     up: Tensor,
     /// [n_ff, n_embd, n_expert]
     down: Tensor,
     n_used: usize,
     norm_topk: bool,
     scale: f32,
+    /// Sigmoid scores instead of a softmax, with a bias added for the choice only (DeepSeek-V3
+    /// style "correction bias"; the weights are the unbiased scores)
+    sigmoid: Option<Option<Tensor>>,
+    /// A shared expert every token goes through: (up, down), ReLU² (Nemotron-H)
+    shared: Option<(Tensor, Tensor)>,
+    /// Group-limited choice (DeepSeek-V3 style): experts in `n_group` equal groups, a group's
+    /// score the sum of its best two, only the best `topk_group` groups eligible
+    groups: Option<(usize, usize)>,
+}
+
+/// Nemotron-H's MoE weights (`{prefix}.gate.weight`, `gate.e_score_correction_bias`,
+/// `experts.E.up_proj/down_proj`, `shared_experts.up_proj/down_proj`).
+pub struct SigmoidMoeWeights {
+    pub router: Tensor,
+    pub bias: Option<Tensor>,
+    pub up: Tensor,
+    pub down: Tensor,
+    pub shared: Option<(Tensor, Tensor)>,
+    /// `(n_group, topk_group)` when the choice is group-limited
+    pub groups: Option<(usize, usize)>,
 }
 
 /// How a MoE block routes.
@@ -146,7 +166,51 @@ impl Moe {
     }
 
     fn new(router: Tensor, gate: Tensor, up: Tensor, down: Tensor, o: MoeOptions) -> Moe {
-        Moe { router, gate, up, down, n_used: o.n_used, norm_topk: o.norm_topk, scale: o.scale }
+        Moe {
+            router,
+            gate: Some(gate),
+            up,
+            down,
+            n_used: o.n_used,
+            norm_topk: o.norm_topk,
+            scale: o.scale,
+            sigmoid: None,
+            shared: None,
+            groups: None,
+        }
+    }
+
+    /// A sigmoid-routed block of non-gated ReLU² experts with an optional shared expert.
+    pub fn sigmoid(w: SigmoidMoeWeights, o: MoeOptions) -> Moe {
+        Moe {
+            router: w.router,
+            gate: None,
+            up: w.up,
+            down: w.down,
+            n_used: o.n_used,
+            norm_topk: o.norm_topk,
+            scale: o.scale,
+            sigmoid: Some(w.bias),
+            shared: w.shared,
+            groups: w.groups.filter(|&(g, k)| g > 1 && k < g),
+        }
+    }
+
+    /// `choice` [n_expert, n_tokens] with every expert outside each token's best `topk_group`
+    /// groups set to -inf (a group's score: the sum of its two best experts).
+    fn mask_groups(&self, f: &Forward, choice: Tensor, n_group: i64, topk_group: i32) -> Tensor {
+        let c = f.ctx;
+        let [n_expert, n_tokens, ..] = choice.ne();
+        let per = n_expert / n_group;
+        let groups = c.reshape_3d(choice, per, n_group, n_tokens); // [per, n_group, T]
+        let best2 = c.argsort_top_k(groups, 2); // [2, n_group, T]
+        let vals = c.get_rows(c.reshape_4d(groups, 1, per, n_group, n_tokens), best2); // [1, 2, n_group, T]
+        let score = c.sum_rows(c.reshape_3d(vals, 2, n_group, n_tokens)); // [1, n_group, T]
+        let score = c.reshape_2d(score, n_group, n_tokens);
+        let keep = c.argsort_top_k(score, topk_group); // [topk_group, T]
+        let kept = c.get_rows(groups, keep); // [per, topk_group, T]
+        let masked = c.set_rows(c.fill(groups, f32::NEG_INFINITY), kept, keep);
+        c.reshape_2d(masked, n_expert, n_tokens)
     }
 
     /// `x` [n_embd, n_tokens] -> [n_embd, n_tokens].
@@ -157,9 +221,24 @@ impl Moe {
         let logits = c.mul_mat(self.router, x); // [n_expert, n_tokens]
         c.set_prec_f32(logits);
         let n_expert = logits.ne()[0];
-        let probs = c.soft_max_ext(logits, None, 1.0);
-        let chosen = c.argsort_top_k(probs, k as i32); // I32 [k, n_tokens]
-                                                       // The chosen experts' probabilities: rows of [1, n_expert, n_tokens] picked per token.
+        let (probs, chosen) = match self.sigmoid {
+            None => {
+                let p = c.soft_max_ext(logits, None, 1.0);
+                (p, c.argsort_top_k(p, k as i32)) // I32 [k, n_tokens]
+            }
+            Some(bias) => {
+                let p = c.sigmoid(logits);
+                let mut choice = match bias {
+                    Some(b) => c.add(p, b),
+                    None => p,
+                };
+                if let Some((n_group, topk_group)) = self.groups {
+                    choice = self.mask_groups(f, choice, n_group as i64, topk_group as i32);
+                }
+                (p, c.argsort_top_k(choice, k as i32))
+            }
+        };
+        // The chosen experts' probabilities: rows of [1, n_expert, n_tokens] picked per token.
         let mut weights = c.get_rows(c.reshape_3d(probs, 1, n_expert, n_tokens), chosen); // [1, k, n_tokens]
         if self.norm_topk {
             let w2 = c.reshape_2d(weights, k, n_tokens);
@@ -170,9 +249,11 @@ impl Moe {
             weights = c.scale(weights, self.scale);
         }
         let x3 = c.reshape_3d(x, n_embd, 1, n_tokens);
-        let g = c.mul_mat_id(self.gate, x3, chosen); // [n_ff, k, n_tokens]
-        let u = c.mul_mat_id(self.up, x3, chosen);
-        let h = c.swiglu_split(g, u);
+        let u = c.mul_mat_id(self.up, x3, chosen); // [n_ff, k, n_tokens]
+        let h = match self.gate {
+            Some(gate) => c.swiglu_split(c.mul_mat_id(gate, x3, chosen), u),
+            None => c.sqr(c.relu(u)),
+        };
         let y = c.mul_mat_id(self.down, h, chosen); // [n_embd, k, n_tokens]
         let y = c.mul(y, weights);
         // Sum the k expert outputs of each token.
@@ -183,6 +264,9 @@ impl Moe {
         }
         if k == 1 {
             out = c.cont(out);
+        }
+        if let Some((up, down)) = self.shared {
+            out = c.add(out, c.mul_mat(down, c.sqr(c.relu(c.mul_mat(up, x)))));
         }
         out
     }

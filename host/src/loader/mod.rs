@@ -55,10 +55,48 @@ impl LoadError {
     }
 }
 
-/// Read a JSON file.
+/// Read a JSON file. Python's `json` writes `Infinity`, `-Infinity` and `NaN` as bare words
+/// (published configs have them, e.g. `time_step_limit`); outside strings they read as strings
+/// of the same name, the way transformers 5 spells them (`{"__float__": "Infinity"}` stays as is).
 pub fn read_json(path: &Path) -> Result<serde_json::Value, LoadError> {
     let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| LoadError::Json { path: path.to_path_buf(), source })
+    serde_json::from_str(&text)
+        .or_else(|e| serde_json::from_str(&quote_python_floats(&text)).map_err(|_| e))
+        .map_err(|source| LoadError::Json { path: path.to_path_buf(), source })
+}
+
+/// `Infinity`, `-Infinity` and `NaN` outside JSON strings, quoted.
+fn quote_python_floats(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let (mut in_str, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(ch) = rest.chars().next() {
+        if in_str {
+            out.push(ch);
+            if escaped {
+                escaped = false;
+            } else if ch == '\\' {
+                escaped = true;
+            } else if ch == '"' {
+                in_str = false;
+            }
+            rest = &rest[ch.len_utf8()..];
+            continue;
+        }
+        if ch == '"' {
+            in_str = true;
+        }
+        if let Some(word) = ["-Infinity", "Infinity", "NaN"].iter().find(|w| rest.starts_with(**w)) {
+            out.push('"');
+            out.push_str(word);
+            out.push('"');
+            rest = &rest[word.len()..];
+            continue;
+        }
+        out.push(ch);
+        rest = &rest[ch.len_utf8()..];
+    }
+    out
 }
 
 /// A model folder: its configs and its (validated) safetensors files.
@@ -357,6 +395,63 @@ impl<'a> WeightBuilder<'a> {
         Ok(Some(out))
     }
 
+    /// A required weight of file shape `shape` (PyTorch order) as an F32 tensor of ggml shape `ne`
+    /// (same element count): small parameters an op wants in another layout (a conv kernel
+    /// `[ch, 1, k]` as `[k, ch]`, a per-head vector as `[1, n_head]`).
+    pub fn get_reshaped(&mut self, name: &str, shape: &[usize], ne: &[i64]) -> Result<Tensor, LoadError> {
+        self.get(name, shape)?;
+        debug_assert_eq!(shape.iter().product::<usize>() as i64, ne.iter().product::<i64>());
+        let src = self.from_file.pop().expect("just declared");
+        let r = self.ctx.new_tensor(DType::F32, ne, name);
+        self.from_file.push(Source { tensor: r, name: src.name, dst: 0, src: None });
+        Ok(r)
+    }
+
+    /// A required matrix stored as F16 when the files have it in BF16 (same size, 3 more mantissa
+    /// bits): for projections whose activations ggml's CPU kernels would otherwise round to BF16
+    /// where that costs accuracy (Mamba's in/out projections feed an exponential recurrence).
+    pub fn get_f16_for_bf16(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
+        let t = self.get(name, shape)?;
+        if t.dtype() != Some(DType::BF16) {
+            return Ok(t);
+        }
+        let src = self.from_file.pop().expect("just declared");
+        let ne: Vec<i64> = shape.iter().rev().map(|&d| d as i64).collect();
+        let r = self.ctx.new_tensor(DType::F16, &ne, name);
+        self.from_file.push(Source { tensor: r, name: src.name, dst: 0, src: None });
+        Ok(r)
+    }
+
+    /// The values of a (small) weight, read now, as F32; it counts as used.
+    pub fn read_f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
+        let Some((file, entry)) = self.dir.entry(name) else {
+            return Err(LoadError::MissingTensor {
+                name: name.into(),
+                arch: self.arch.clone(),
+                dir: self.dir.dir.clone(),
+            });
+        };
+        if entry.shape != shape {
+            return Err(LoadError::ShapeMismatch {
+                name: name.into(),
+                file: file.path.clone(),
+                expected: shape.to_vec(),
+                got: entry.shape.clone(),
+            });
+        }
+        if let StDtype::Other(d) = entry.dtype {
+            return Err(LoadError::UnsupportedDtype {
+                name: name.into(),
+                file: file.path.clone(),
+                dtype: d.to_string(),
+            });
+        }
+        let mut buf = Vec::new();
+        file.read(name, entry, &mut buf)?;
+        self.used.insert(name.to_string());
+        Ok(to_f32(entry.dtype, &buf))
+    }
+
     /// Whether the files have a tensor of this name.
     pub fn has(&self, name: &str) -> bool {
         self.dir.entry(name).is_some()
@@ -451,6 +546,9 @@ impl<'a> WeightBuilder<'a> {
                 // Widened vectors are never stacked or split (those keep the files' dtype).
                 debug_assert_eq!(s.dst, 0);
                 s.tensor.write_f32(&to_f32(entry.dtype, bytes))?;
+            } else if s.tensor.dtype() == Some(DType::F16) && entry.dtype == StDtype::BF16 {
+                let h: Vec<half::f16> = to_f32(entry.dtype, bytes).into_iter().map(half::f16::from_f32).collect();
+                s.tensor.write_f16(&h)?;
             } else {
                 s.tensor.write_bytes(bytes, s.dst)?;
             }
@@ -464,5 +562,21 @@ impl<'a> WeightBuilder<'a> {
         tracing::info!(?per_backend, tensors = self.from_file.len(), "weights loaded");
         let n_params = self.from_file.iter().filter(|s| s.dst == 0).map(|s| s.tensor.nelements() as u64).sum();
         Ok(Weights { buffers, per_backend, n_params, ctx: self.ctx })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote_python_floats;
+
+    #[test]
+    fn python_float_words_are_quoted_outside_strings() {
+        let text = r#"{"limit": [0.0, Infinity], "n": -Infinity, "x": NaN, "s": "Infinity \"NaN\"", "ok": 1}"#;
+        let v: serde_json::Value = serde_json::from_str(&quote_python_floats(text)).unwrap();
+        assert_eq!(v["limit"][1], "Infinity");
+        assert_eq!(v["n"], "-Infinity");
+        assert_eq!(v["x"], "NaN");
+        assert_eq!(v["s"], "Infinity \"NaN\"");
+        assert_eq!(v["ok"], 1);
     }
 }

@@ -4,4 +4,5 @@
 
 pub mod cells;
 pub mod kv;
+pub mod recurrent;
 pub mod state;

@@ -34,6 +34,8 @@ pub enum StateError {
     Mismatch { path: PathBuf, field: &'static str, file: String, session: String },
     #[error("{}: the prompt cache holds {n} positions, the session only {n_ctx}", path.display())]
     TooLong { path: PathBuf, n: usize, n_ctx: usize },
+    #[error("{}: prompt-cache files hold KV cells only; a hybrid model's recurrent state is not saved", path.display())]
+    Recurrent { path: PathBuf },
     #[error(transparent)]
     Ggml(#[from] GgmlError),
 }

@@ -4,6 +4,7 @@
 pub mod llama;
 pub mod mistral;
 pub mod mixtral;
+pub mod nemotron_h;
 pub mod qwen2;
 pub mod qwen3;
 pub mod qwen3_moe;
@@ -42,6 +43,16 @@ pub trait Architecture: Send + Sync {
     /// Build the step's graph and return the logits `[n_vocab, n_out]` (or, when
     /// `f.embeddings`, the final normalised hidden states `[n_embd, n_out]`).
     fn build(&self, f: &mut Forward) -> Tensor;
+
+    /// The layers with a KV cache, in cache order (default: all).
+    fn kv_layers(&self) -> Vec<usize> {
+        (0..self.hparams().n_layer).collect()
+    }
+
+    /// The recurrent (Mamba) layers and their state sizes, for hybrid models.
+    fn recurrent(&self) -> Option<crate::memory::recurrent::RecurrentShape> {
+        None
+    }
 }
 
 type Loader = fn(&ModelDir, &mut WeightBuilder) -> Result<Box<dyn Architecture>, LoadError>;
@@ -54,6 +65,7 @@ const REGISTRY: &[(&str, &str, Loader)] = &[
     ("qwen3", "Qwen3ForCausalLM", qwen3::load),
     ("mixtral", "MixtralForCausalLM", mixtral::load),
     ("qwen3_moe", "Qwen3MoeForCausalLM", qwen3_moe::load),
+    ("nemotron_h", "NemotronHForCausalLM", nemotron_h::load),
 ];
 
 pub fn supported() -> String {

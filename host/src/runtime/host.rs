@@ -109,10 +109,13 @@ pub struct SinkRes {
 
 fn decode_err(e: DecodeError) -> types::Error {
     match e {
-        DecodeError::ContextFull { .. } | DecodeError::CacheFull { .. } => types::Error::ContextFull(e.to_string()),
+        DecodeError::ContextFull { .. } | DecodeError::CacheFull { .. } | DecodeError::StateFull { .. } => {
+            types::Error::ContextFull(e.to_string())
+        }
         DecodeError::TokenOutOfRange { .. }
         | DecodeError::Empty
         | DecodeError::Truncate { .. }
+        | DecodeError::StatePosition { .. }
         | DecodeError::BatchTooLarge { .. } => types::Error::InvalidInput(e.to_string()),
         DecodeError::Options(_) | DecodeError::Ggml(_) => types::Error::Internal(e.to_string()),
     }
