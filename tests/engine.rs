@@ -441,3 +441,35 @@ fn hybrid_model_requests_batch_and_match_alone() {
     // The engine goes on.
     assert_eq!(engine.generate(no_stop(prompts[0].clone(), 10)).unwrap().wait().0, want[0]);
 }
+
+/// Positions far past any context-size default (and past i32): a hybrid model without RoPE
+/// (Nemotron-H: the Mamba layers carry order, attention has no positional encoding) gives the same
+/// logits for a sequence starting at position 3,000,000,000 as at 0, through both the KV cells
+/// (masks compare u32 positions) and the recurrent state (which follows positions). RoPE models
+/// hand positions to ggml as I32, so they are good to 2^31 - 1 (1M-token contexts are far below).
+#[test]
+fn long_positions_keep_masks_and_state_right() {
+    let m = model("nemotron_h-f32");
+    let tokens = Expected::load(&fixture("nemotron_h-f32")).ids("tokens");
+    let run = |base: u32| -> Vec<Vec<f32>> {
+        let mut r = Runner::new(m.clone(), &opts_runner()).unwrap();
+        let mut rows = Vec::new();
+        // A 4-token chunk, then one token at a time; a second sequence interleaved in between.
+        let mut ub = UBatch::default();
+        for (i, &t) in tokens[..4].iter().enumerate() {
+            ub.push(t, base + i as u32, 1, true);
+        }
+        rows.extend(r.run(&ub, false, false).unwrap().rows);
+        for (i, &t) in tokens.iter().enumerate().skip(4) {
+            let mut ub = UBatch::default();
+            ub.push(t, base + i as u32, 1, true);
+            ub.push(tokens[0], base + (i - 4) as u32, 2, false);
+            rows.extend(r.run(&ub, false, false).unwrap().rows);
+        }
+        rows
+    };
+    let at0 = run(0);
+    let far = run(3_000_000_000);
+    assert!(rel(&far, &at0) <= 1e-5, "{}", rel(&far, &at0));
+    assert!(rel_err(&at0, &Expected::load(&fixture("nemotron_h-f32")).rows("logits")) < 2e-3);
+}

@@ -330,7 +330,8 @@ impl Runner {
             }
         }
         for (seq, idx) in &groups {
-            let state_pos = rs.next_pos(*seq);
+            // A sequence without state starts wherever its first token is.
+            let state_pos = if rs.slot(*seq).is_some() { rs.next_pos(*seq) } else { ub.pos[idx[0]] };
             for (k, &i) in idx.iter().enumerate() {
                 if ub.pos[i] != state_pos + k as u32 {
                     return Err(DecodeError::StatePosition {
