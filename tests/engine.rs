@@ -419,7 +419,7 @@ fn hybrid_model_requests_batch_and_match_alone() {
     for (i, (g, w)) in gens.into_iter().zip(&want).enumerate() {
         let (t, f) = g.wait();
         assert_eq!(&t, w, "request {i}");
-        assert_eq!(f.cached_tokens, 0, "no prefix cache for recurrent state");
+        assert_eq!(f.cached_tokens, 0, "distinct prompts share nothing");
     }
     assert!(engine.wait_idle(Duration::from_secs(10)));
     let st = engine.stats();
@@ -438,8 +438,47 @@ fn hybrid_model_requests_batch_and_match_alone() {
     assert!(rel(&la, &ls) <= 1e-4 && rel(&lb, &ls) <= 1e-4);
     let e = a.truncate(2).unwrap_err().to_string();
     assert!(e.contains("recurrent") && e.contains("cannot be rewound"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine.save_prompt(&prompts[0], &dir.path().join("p.bin")).unwrap_err().to_string();
+    assert!(e.contains("recurrent state is not saved"), "{e}");
     // The engine goes on.
     assert_eq!(engine.generate(no_stop(prompts[0].clone(), 10)).unwrap().wait().0, want[0]);
+}
+
+/// A hybrid model's prefix cache: a finished request leaves its cells and its recurrent state
+/// (which stands at the end of what it computed); the next turn of the conversation (that prompt,
+/// the reply, new tokens) starts from it and computes only the new tokens, with the output of a
+/// lone run. A prompt that shares only part of a cached entry cannot use it (the state would have
+/// to be rewound) and is computed in full, correctly.
+#[test]
+fn hybrid_prefix_cache_continues_a_conversation() {
+    let m = model("nemotron_h-f32");
+    let vocab = m.hparams().n_vocab as u32;
+    let engine = Engine::new(m.clone(), EngineOptions { n_cells: 1024, max_seqs: 4, ..Default::default() }).unwrap();
+    let first = prompt(500, 20, vocab);
+    let (reply, f1) = engine.generate(no_stop(first.clone(), 8)).unwrap().wait();
+    assert_eq!(reply, alone(&m, &first, 8));
+    assert_eq!(f1.cached_tokens, 0);
+    assert!(engine.wait_idle(Duration::from_secs(10)));
+    let s0 = engine.stats();
+
+    // Next turn: everything so far plus 6 new tokens. The cache holds the prompt and the first
+    // 7 reply tokens (the last one was never fed back).
+    let mut turn = first.clone();
+    turn.extend(&reply);
+    turn.extend(prompt(501, 6, vocab));
+    let (t2, f2) = engine.generate(no_stop(turn.clone(), 8)).unwrap().wait();
+    assert_eq!(t2, alone(&m, &turn, 8), "a cached state changes nothing in the output");
+    assert_eq!(f2.cached_tokens, first.len() + reply.len() - 1);
+    assert!(engine.wait_idle(Duration::from_secs(10)));
+    let s1 = engine.stats();
+    assert_eq!(s1.prefix_hits - s0.prefix_hits, 1);
+    assert_eq!(s1.prompt_tokens_computed - s0.prompt_tokens_computed, 7, "the last reply token + 6 new");
+
+    // The same first prompt again shares only part of the cached entries: computed in full.
+    let (t3, f3) = engine.generate(no_stop(first.clone(), 8)).unwrap().wait();
+    assert_eq!(t3, reply);
+    assert_eq!(f3.cached_tokens, 0);
 }
 
 /// Positions far past any context-size default (and past i32): a hybrid model without RoPE

@@ -261,6 +261,24 @@ impl Runner {
         Ok(())
     }
 
+    /// Where `seq`'s recurrent state stands (the position it continues at), for hybrid models; a
+    /// cached prefix of such a model is only usable whole, at exactly this length.
+    pub fn recurrent_pos(&self, seq: SeqId) -> Option<u32> {
+        let rs = self.rs.as_ref()?;
+        Some(if rs.slot(seq).is_some() { rs.next_pos(seq) } else { 0 })
+    }
+
+    /// Share `src`'s first `len` positions with `dst` as a prefix hit: cells, and for a hybrid
+    /// model its state (only valid when `len` is where that state stands; see `recurrent_pos`).
+    /// On failure nothing is shared.
+    pub fn share_prefix(&mut self, src: SeqId, dst: SeqId, len: u32) -> Result<(), DecodeError> {
+        if let Err(e) = self.seq_cp(src, dst, 0, len) {
+            self.cells.seq_rm(dst, 0, u32::MAX);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Whether the model has recurrent (Mamba) layers, whose state cannot be rewound or shared.
     pub fn is_recurrent(&self) -> bool {
         self.rs.is_some()

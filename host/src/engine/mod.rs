@@ -284,9 +284,14 @@ impl Engine {
     pub fn new(model: Arc<Model>, opts: EngineOptions) -> Result<Engine, EngineError> {
         let hp = model.hparams();
         let max_seqs = opts.max_seqs.max(1);
-        // A hybrid model's recurrent state cannot start from shared cells: no prefix cache.
+        // A hybrid model's cached prefixes each keep a recurrent-state slot (tens of MB for real
+        // models), so it caches at most 8 of them; they are usable whole only (see `usable_hit`).
         let recurrent = model.arch.recurrent().is_some();
-        let entries = if opts.prefix_cache && !recurrent { opts.prefix_cache_entries } else { 0 };
+        let entries = match (opts.prefix_cache, recurrent) {
+            (false, _) => 0,
+            (true, false) => opts.prefix_cache_entries,
+            (true, true) => opts.prefix_cache_entries.min(8),
+        };
         if max_seqs + entries > MAX_SEQ {
             return Err(EngineError::InvalidRequest(format!(
                 "max_seqs ({max_seqs}) + prefix_cache_entries ({entries}) exceed the {MAX_SEQ} sequences a cache tracks"
@@ -301,7 +306,7 @@ impl Engine {
                 n_ubatch: opts.n_batch,
                 kv_type: opts.kv_type,
                 flash_attn: opts.flash_attn,
-                n_seq_max: opts.max_seqs + 2,
+                n_seq_max: max_seqs + entries + 2,
             },
         )?;
         let shared = Arc::new(Shared {
@@ -466,11 +471,20 @@ impl Engine {
     /// Compute `tokens` (or take them from the prefix cache) and save their KV cells to a
     /// prompt-cache file (the seed's `prompt_cache_save`); they stay in the prefix cache too.
     pub fn save_prompt(self: &Arc<Self>, tokens: &[u32], path: &std::path::Path) -> Result<(), EngineError> {
+        self.refuse_recurrent_files(path)?;
         let mut seq = self.open_sequence(0)?;
         seq.decode(tokens, crate::session::Logits::Last)?;
         let id = seq.id;
         let data = self.call(|reply| ExtOp::Read { id, reply })?;
         crate::memory::state::save(path, &self.state_header(tokens.to_vec()), &data)?;
+        Ok(())
+    }
+
+    /// Prompt-cache files hold KV cells only, not a hybrid model's recurrent state.
+    fn refuse_recurrent_files(&self, path: &std::path::Path) -> Result<(), EngineError> {
+        if self.model.arch.recurrent().is_some() {
+            return Err(crate::memory::state::StateError::Recurrent { path: path.to_path_buf() }.into());
+        }
         Ok(())
     }
 
@@ -483,6 +497,7 @@ impl Engine {
                 "the prefix cache is off: a loaded prompt would be dropped".into(),
             ));
         }
+        self.refuse_recurrent_files(path)?;
         let expect = self.state_header(vec![]);
         let (tokens, data) = crate::memory::state::load(path, &expect, self.cell_bytes, self.max_seq_len)?;
         let t = tokens.clone();

@@ -196,6 +196,16 @@ impl Sched {
         });
     }
 
+    /// The cached prefix `tokens` can start from. A hybrid model's entry is only usable whole
+    /// (its recurrent state stands at its end) and with at least one token left to compute.
+    fn usable_hit(&self, tokens: &[u32]) -> Option<crate::engine::prefix::Hit> {
+        let h = self.prefix.lookup(tokens)?;
+        match self.runner.recurrent_pos(h.seq) {
+            None => Some(h),
+            Some(pos) => (h.len == pos as usize && h.len < tokens.len()).then_some(h),
+        }
+    }
+
     /// Free a sequence id and every cell only it holds.
     fn free_seq(&mut self, seq: SeqId) {
         self.runner.cells.seq_rm(seq, 0, u32::MAX);
@@ -224,7 +234,7 @@ impl Sched {
     fn admit(&mut self) {
         while self.active.len() < self.cfg.max_seqs && !self.free_ids.is_empty() {
             let Some(front) = self.waiting.front() else { break };
-            let hit = self.prefix.lookup(&front.pending);
+            let hit = self.usable_hit(&front.pending);
             // Reuse at most all but the last prompt token: its logits must be computed.
             let reuse = hit.map_or(0, |h| h.len.min(front.pending.len() - 1));
             let need = front.pending.len() - reuse;
@@ -241,8 +251,7 @@ impl Sched {
             r.admitted = self.admitted;
             let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
             match hit {
-                Some(h) if reuse > 0 => {
-                    self.runner.cells.seq_cp(h.seq, seq, 0, reuse as u32);
+                Some(h) if reuse > 0 && self.runner.share_prefix(h.seq, seq, reuse as u32).is_ok() => {
                     self.prefix.touch(h.entry);
                     r.cached = r.pending.drain(..reuse).collect();
                     if r.generated == 0 {
@@ -333,23 +342,32 @@ impl Sched {
                 };
                 if e.cached.is_empty() && !all {
                     // A fresh sequence may start from a cached prefix.
-                    if let Some(h) = self.prefix.lookup(&tokens) {
-                        let reuse = h.len.min(tokens.len() - 1);
-                        // Never fails: the prefix cache is off for models with recurrent state.
-                        let _ = self.runner.seq_cp(h.seq, e.seq, 0, reuse as u32);
-                        self.prefix.touch(h.entry);
-                        e.cached = tokens[..reuse].to_vec();
-                        e.pending = tokens[reuse..].to_vec();
-                        let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
-                        st.prefix_hits += 1;
-                        st.prefix_tokens_reused += reuse as u64;
-                    } else {
-                        e.pending = tokens;
-                        self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).prefix_misses += 1;
+                    let seq = e.seq;
+                    let hit = self.usable_hit(&tokens);
+                    let reuse = hit.map_or(0, |h| h.len.min(tokens.len() - 1));
+                    let shared = match hit {
+                        Some(h) if reuse > 0 => self.runner.share_prefix(h.seq, seq, reuse as u32).is_ok(),
+                        _ => false,
+                    };
+                    let e = self.ext.get_mut(&id).expect("checked above");
+                    match hit {
+                        Some(h) if shared => {
+                            self.prefix.touch(h.entry);
+                            e.cached = tokens[..reuse].to_vec();
+                            e.pending = tokens[reuse..].to_vec();
+                            let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+                            st.prefix_hits += 1;
+                            st.prefix_tokens_reused += reuse as u64;
+                        }
+                        _ => {
+                            e.pending = tokens;
+                            self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).prefix_misses += 1;
+                        }
                     }
                 } else {
                     e.pending = tokens;
                 }
+                let e = self.ext.get_mut(&id).expect("checked above");
                 e.all = all;
                 e.rows.clear();
                 e.reply = Some(reply);
