@@ -26,6 +26,9 @@ pub struct ModelOptions {
     pub gpu_layers: Option<usize>,
     /// Relative share of layers per device (default: each device's free memory)
     pub split: Vec<f64>,
+    /// Quantize the large matrices at load (Q8_0, Q4_0 or Q4_K); embeddings, routers and norms
+    /// stay as stored
+    pub quantize: Option<DType>,
 }
 
 impl Default for ModelOptions {
@@ -36,6 +39,7 @@ impl Default for ModelOptions {
             devices: vec![],
             gpu_layers: None,
             split: vec![],
+            quantize: None,
         }
     }
 }
@@ -78,6 +82,7 @@ impl Model {
         let md = ModelDir::open(dir)?;
         let (name, loader) = models::resolve(&md)?;
         let mut wb = WeightBuilder::new(&md, name)?;
+        wb.set_quantize(opts.quantize);
         let arch = loader(&md, &mut wb)?;
         let specs = opts.device_specs();
         let mut backends = Vec::with_capacity(specs.len() + 1);

@@ -43,8 +43,27 @@ pub struct ModelArgs {
     /// Fused flash attention: on, off, auto (= on)
     #[arg(long, default_value = "auto")]
     pub flash_attn: String,
+    /// Quantize the large matrices at load: q8_0, q4_0 or q4_k (embeddings, routers and norms stay
+    /// as stored)
+    #[arg(long)]
+    pub quantize: Option<String>,
     #[command(flatten)]
     pub dev: DeviceArgs,
+}
+
+impl ModelArgs {
+    /// Where and how to load the model.
+    fn model_options(&self, threads: Option<usize>) -> Result<ModelOptions> {
+        let mut opts = self.dev.model_options(threads)?;
+        opts.quantize = match self.quantize.as_deref() {
+            None => None,
+            Some("q8_0") => Some(DType::Q8_0),
+            Some("q4_0") => Some(DType::Q4_0),
+            Some("q4_k") => Some(DType::Q4_K),
+            Some(other) => bail!("--quantize must be q8_0, q4_0 or q4_k, got {other:?}"),
+        };
+        Ok(opts)
+    }
 }
 
 /// Where to compute.
@@ -389,7 +408,7 @@ fn memory_estimate(model: &Model, m: &ModelArgs) -> Result<serde_json::Value> {
 }
 
 fn open(m: &ModelArgs, min_ctx: usize) -> Result<Session> {
-    let opts = m.dev.model_options(m.threads)?;
+    let opts = m.model_options(m.threads)?;
     let model = Model::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))?;
     let kv_type = m.kv_type.as_deref().map(parse_kv_type).transpose()?;
     let n_ctx = m.ctx_size.unwrap_or_else(|| model.hparams().n_ctx_train.min(4096).max(min_ctx));
@@ -416,7 +435,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::OpCheck { dev, json } => opcheck::run(&dev, json)?,
         Command::Info { m } => {
-            let opts = m.dev.model_options(Some(m.threads.unwrap_or(1).max(1)))?;
+            let opts = m.model_options(Some(m.threads.unwrap_or(1).max(1)))?;
             let model = Model::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))?;
             let hp = model.hparams();
             let out = serde_json::json!({
@@ -619,7 +638,7 @@ fn bench_concurrent(m: &ModelArgs, ns: &[usize], prompt: usize, gen: usize, json
     if prompt == 0 || gen < 2 {
         bail!("--prompt must be at least 1 and --gen at least 2");
     }
-    let opts = m.dev.model_options(m.threads)?;
+    let opts = m.model_options(m.threads)?;
     let model = Arc::new(Model::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))?);
     let n_vocab = model.hparams().n_vocab as u32;
     for &n in ns {

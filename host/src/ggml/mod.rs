@@ -51,6 +51,9 @@ pub enum DType {
     I64,
     Q8_0,
     Q4_0,
+    /// 4-bit k-quant (super-blocks of 256 with 6-bit scales)
+    #[allow(non_camel_case_types)]
+    Q4_K,
 }
 
 impl DType {
@@ -63,6 +66,7 @@ impl DType {
             DType::I64 => sys::GGML_TYPE_I64,
             DType::Q8_0 => sys::GGML_TYPE_Q8_0,
             DType::Q4_0 => sys::GGML_TYPE_Q4_0,
+            DType::Q4_K => sys::GGML_TYPE_Q4_K,
         }
     }
 
@@ -75,6 +79,7 @@ impl DType {
             sys::GGML_TYPE_I64 => DType::I64,
             sys::GGML_TYPE_Q8_0 => DType::Q8_0,
             sys::GGML_TYPE_Q4_0 => DType::Q4_0,
+            sys::GGML_TYPE_Q4_K => DType::Q4_K,
             _ => return None,
         })
     }
@@ -89,12 +94,13 @@ impl DType {
             DType::I64 => "i64",
             DType::Q8_0 => "q8_0",
             DType::Q4_0 => "q4_0",
+            DType::Q4_K => "q4_k",
         }
     }
 
     /// Block-quantized types (elements come in blocks of `block_size`).
     pub fn is_quantized(self) -> bool {
-        matches!(self, DType::Q8_0 | DType::Q4_0)
+        matches!(self, DType::Q8_0 | DType::Q4_0 | DType::Q4_K)
     }
 
     /// Elements per block (1 for plain types).

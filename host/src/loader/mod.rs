@@ -226,6 +226,11 @@ pub struct WeightBuilder<'a> {
     from_file: Vec<Source>,
     /// (tensor, data) computed at load time (e.g. rope frequency factors)
     derived: Vec<(Tensor, Vec<f32>)>,
+    /// Quantize the large matrices to this type at load (`set_quantize`)
+    quantize: Option<DType>,
+    /// Matrices quantized, and kept as stored because their rows do not fit the blocks
+    quantized: usize,
+    not_quantized: usize,
 }
 
 /// A piece of a tensor read from the files: bytes `src` of the file tensor `name` (all of it when
@@ -261,7 +266,41 @@ impl<'a> WeightBuilder<'a> {
             used: BTreeSet::new(),
             from_file: Vec::new(),
             derived: Vec::new(),
+            quantize: None,
+            quantized: 0,
+            not_quantized: 0,
         })
+    }
+
+    /// Quantize the large matrices (projections, experts, an untied head; not embeddings, routers,
+    /// norms or conv kernels) to `dtype` as they load. A k-quant whose 256-element blocks do not
+    /// fit a matrix's rows falls back to Q4_0 there (as llama.cpp falls back to a legacy type);
+    /// rows that fit no block stay as stored.
+    pub fn set_quantize(&mut self, dtype: Option<DType>) {
+        self.quantize = dtype;
+    }
+
+    /// The type a matrix `name` with rows of `ne0` elements is stored in.
+    fn target_dtype(&mut self, name: &str, stored: DType, ne0: usize) -> DType {
+        let Some(q) = self.quantize else { return stored };
+        let skip = name.contains("embed_tokens")
+            || name.contains(".embeddings.")
+            || name.ends_with(".gate.weight")
+            || name.contains("conv1d");
+        if skip {
+            return stored;
+        }
+        let fits = |d: DType| ne0.is_multiple_of(d.block_size());
+        let t = if fits(q) {
+            q
+        } else if q == DType::Q4_K && fits(DType::Q4_0) {
+            DType::Q4_0
+        } else {
+            self.not_quantized += 1;
+            return stored;
+        };
+        self.quantized += 1;
+        t
     }
 
     /// A required weight with the given shape (PyTorch order).
@@ -300,7 +339,7 @@ impl<'a> WeightBuilder<'a> {
         }
         // Vectors (norm weights, biases) are kept in F32, as ggml's elementwise ops want F32
         // operands on every backend; they are a negligible share of the bytes.
-        let dtype = if shape.len() == 1 { DType::F32 } else { dtype };
+        let dtype = if shape.len() == 1 { DType::F32 } else { self.target_dtype(name, dtype, shape[shape.len() - 1]) };
         let ne: Vec<i64> = shape.iter().rev().map(|&d| d as i64).collect();
         let t = self.ctx.new_tensor(dtype, &ne, name);
         self.used.insert(name.to_string());
@@ -351,6 +390,7 @@ impl<'a> WeightBuilder<'a> {
             dtype = Some(d);
         }
         let dtype = dtype.unwrap_or(DType::F32);
+        let dtype = self.target_dtype(names.first().map_or("", |n| n.as_str()), dtype, shape[1]);
         let ne = [shape[1] as i64, shape[0] as i64, names.len().max(1) as i64];
         let t = self.ctx.new_tensor(dtype, &ne, &format!("{}#stacked", names.first().map_or("", |n| n.as_str())));
         let per = dtype.row_size(ne[0]) * shape[0];
@@ -376,7 +416,15 @@ impl<'a> WeightBuilder<'a> {
         };
         // `get_opt` declared the whole tensor; keep its checks, replace it by the parts.
         let src = self.from_file.pop().expect("just declared");
+        // The parts take the whole's type (quantized or not); the file's rows are the source.
         let dtype = whole.dtype().unwrap_or(DType::F32);
+        let (_, file_entry) = self.dir.entry(name).expect("declared above");
+        let stored = match file_entry.dtype {
+            StDtype::F16 => DType::F16,
+            StDtype::BF16 => DType::BF16,
+            _ => DType::F32,
+        };
+        let src_row = stored.row_size(shape[2] as i64);
         let row = dtype.row_size(shape[2] as i64);
         let [n, rows, cols] = shape;
         let mut out = Vec::with_capacity(parts.len());
@@ -387,7 +435,7 @@ impl<'a> WeightBuilder<'a> {
                     tensor: t,
                     name: src.name.clone(),
                     dst: e * len * row,
-                    src: Some(((e * rows + first) * row, len * row)),
+                    src: Some(((e * rows + first) * src_row, len * src_row)),
                 });
             }
             out.push(t);
@@ -413,6 +461,7 @@ impl<'a> WeightBuilder<'a> {
     pub fn get_f16_for_bf16(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
         let t = self.get(name, shape)?;
         if t.dtype() != Some(DType::BF16) {
+            // Quantized at load, or not BF16 in the files.
             return Ok(t);
         }
         let src = self.from_file.pop().expect("just declared");
@@ -546,6 +595,9 @@ impl<'a> WeightBuilder<'a> {
                 // Widened vectors are never stacked or split (those keep the files' dtype).
                 debug_assert_eq!(s.dst, 0);
                 s.tensor.write_f32(&to_f32(entry.dtype, bytes))?;
+            } else if let Some(q) = s.tensor.dtype().filter(|d| d.is_quantized()) {
+                let data = crate::ggml::convert_from_f32(q, &to_f32(entry.dtype, bytes), s.tensor.ne()[0] as usize)?;
+                s.tensor.write_bytes(&data, s.dst)?;
             } else if s.tensor.dtype() == Some(DType::F16) && entry.dtype == StDtype::BF16 {
                 let h: Vec<half::f16> = to_f32(entry.dtype, bytes).into_iter().map(half::f16::from_f32).collect();
                 s.tensor.write_f16(&h)?;
@@ -560,6 +612,14 @@ impl<'a> WeightBuilder<'a> {
             b.finish_and_clear();
         }
         tracing::info!(?per_backend, tensors = self.from_file.len(), "weights loaded");
+        if let Some(q) = self.quantize {
+            tracing::info!(
+                dtype = q.name(),
+                quantized = self.quantized,
+                kept = self.not_quantized,
+                "quantized at load"
+            );
+        }
         let n_params = self.from_file.iter().filter(|s| s.dst == 0).map(|s| s.tensor.nelements() as u64).sum();
         Ok(Weights { buffers, per_backend, n_params, ctx: self.ctx })
     }
