@@ -357,3 +357,22 @@ fn layer_split_and_offload_keep_the_logits() {
     let e = stllm_fails(&["info", "--model", m, "--devices", "cpu,cpu", "--split", "row"]);
     assert!(e.contains("--split must be layer or none"), "{e}");
 }
+
+/// `--quantize`: smaller weights in `info`, logits close to HF's, and a clear error for a type
+/// it does not offer.
+#[test]
+fn quantize_option() {
+    let dir = fixture("mixtral-f32");
+    let m = dir.to_str().unwrap();
+    let exp = Expected::load(&dir);
+    let tokens = csv(&exp.ids("tokens"));
+    let full = stllm(&["info", "--model", m])["weight_bytes"].as_u64().unwrap();
+    let q8 = stllm(&["info", "--model", m, "--quantize", "q8_0"])["weight_bytes"].as_u64().unwrap();
+    assert!(q8 * 2 < full, "{full} -> {q8}");
+    let v = stllm(&["logits", "--model", m, "--tokens", &tokens, "--threads", "2", "--quantize", "q8_0"]);
+    let rows: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
+    let err = rel_err(&rows, &exp.rows("logits"));
+    assert!(err < 0.1, "{err}");
+    let e = stllm_fails(&["info", "--model", m, "--quantize", "q3_k"]);
+    assert!(e.contains("--quantize must be q8_0, q4_0 or q4_k"), "{e}");
+}
