@@ -424,6 +424,8 @@ fn hybrid_model_requests_batch_and_match_alone() {
     assert!(engine.wait_idle(Duration::from_secs(10)));
     let st = engine.stats();
     assert!(st.steps < 6 * 10 + 20, "decode steps were shared: {} steps", st.steps);
+    // KV for the attention layer only, plus the Mamba layers' state slots, both reported.
+    assert!(st.memory.kv > 0 && st.memory.recurrent > 0, "{:?}", st.memory);
 
     // A fork continues from a copy of the state: both continuations equal a lone run.
     let p = &prompts[3];

@@ -166,21 +166,29 @@ impl Runner {
             counts[b] += 1;
         }
         let compute_need = compute_estimate(hp, n_cells, n_ubatch);
+        // Hybrid models: the recurrent state of every sequence slot too.
+        let shape = model.arch.recurrent();
+        let mut rs_need = vec![0usize; model.backends.len()];
+        if let Some(r) = &shape {
+            for &l in &r.layers {
+                rs_need[model.placement.layers[l]] += 4 * (r.conv_row + r.ssm_row) * opts.n_seq_max.max(1);
+            }
+        }
         for (b, backend) in model.backends.iter().enumerate() {
-            if counts[b] > 0 || b == model.placement.output {
+            if counts[b] > 0 || b == model.placement.output || rs_need[b] > 0 {
                 backend.check_fits(
                     &format!(
-                        "the KV cache ({n_cells} cells, {}, {} layers) and compute buffers",
+                        "the KV cache ({n_cells} cells, {}, {} layers), recurrent state and compute buffers",
                         kv_type.name(),
                         counts[b]
                     ),
-                    counts[b] * layer_kv + compute_need,
+                    counts[b] * layer_kv + rs_need[b] + compute_need,
                 )?;
             }
         }
         let backends = model.sched_backends();
         let kv = KvCache::new(&backends, &kv_backend, hp.n_embd_kv(), hp.n_embd_kv(), n_cells, kv_type)?;
-        let rs = match model.arch.recurrent() {
+        let rs = match shape {
             Some(shape) => {
                 let rs_backend: Vec<usize> = shape.layers.iter().map(|&l| model.placement.layers[l]).collect();
                 Some(RecurrentCache::new(&backends, &rs_backend, shape, opts.n_seq_max)?)
@@ -210,7 +218,8 @@ impl Runner {
                     name: backend.name(),
                     layers: m.placement.counts()[b],
                     weights: m.weight_bytes_per_backend()[b],
-                    kv: self.kv.bytes_per_backend()[b] + self.rs.as_ref().map_or(0, |r| r.bytes_per_backend()[b]),
+                    kv: self.kv.bytes_per_backend()[b],
+                    recurrent: self.rs.as_ref().map_or(0, |r| r.bytes_per_backend()[b]),
                     compute: self.sched.buffer_size(backend),
                     free,
                     total,
@@ -220,7 +229,8 @@ impl Runner {
         MemoryUsage {
             device: m.device_name(),
             weights: m.weight_bytes(),
-            kv: self.kv.bytes() + self.rs.as_ref().map_or(0, RecurrentCache::bytes),
+            kv: self.kv.bytes(),
+            recurrent: self.rs.as_ref().map_or(0, RecurrentCache::bytes),
             compute: backends.iter().map(|b| b.compute).sum(),
             device_free,
             device_total,
@@ -593,6 +603,8 @@ pub struct MemoryUsage {
     pub device: String,
     pub weights: usize,
     pub kv: usize,
+    /// Recurrent (Mamba) state of hybrid models: conv + SSM state per sequence slot
+    pub recurrent: usize,
     /// The scheduler's compute buffers (grow to the largest step so far, then stay: this is also
     /// their peak)
     pub compute: usize,
@@ -610,6 +622,7 @@ pub struct BackendMemory {
     pub layers: usize,
     pub weights: usize,
     pub kv: usize,
+    pub recurrent: usize,
     pub compute: usize,
     /// What the device reports (the CPU: system memory)
     pub free: usize,

@@ -377,32 +377,40 @@ fn memory_estimate(model: &Model, m: &ModelArgs) -> Result<serde_json::Value> {
         None if model.dtype == DType::F32 => DType::F32,
         None => DType::F16,
     };
-    let kv_per_token = 2 * hp.n_layer * kv_type.row_size(hp.n_embd_kv() as i64);
+    // Only attention layers hold KV; hybrid models add a recurrent state per sequence (one here).
+    let kv_layers = model.arch.kv_layers();
+    let layer_kv_per_token = 2 * kv_type.row_size(hp.n_embd_kv() as i64);
+    let kv_per_token = kv_layers.len() * layer_kv_per_token;
     let kv = kv_per_token * n_ctx;
+    let rs = model.arch.recurrent();
+    let rs_per_layer = rs.as_ref().map_or(0, |r| 4 * (r.conv_row + r.ssm_row));
+    let recurrent = rs.as_ref().map_or(0, |r| r.layers.len() * rs_per_layer);
     let compute = crate::runner::compute_estimate(hp, n_ctx, m.batch.max(1));
     let weights = model.weight_bytes();
     let (free, total) = model.device_memory();
-    // Per backend: its layers' weights and cache, and a compute buffer where any layer or the
-    // head runs.
+    // Per backend: its layers' weights, cache and state, and a compute buffer where any layer or
+    // the head runs.
     let counts = model.placement.counts();
-    let per_layer_kv = kv / hp.n_layer.max(1);
     let backends: Vec<serde_json::Value> = model
         .backend_memory()
         .into_iter()
         .enumerate()
         .map(|(b, (name, (free, total)))| {
             let w = model.weight_bytes_per_backend()[b];
-            let kv_b = counts[b] * per_layer_kv;
+            let on_b = |layers: &[usize]| layers.iter().filter(|&&l| model.placement.layers[l] == b).count();
+            let kv_b = on_b(&kv_layers) * layer_kv_per_token * n_ctx;
+            let rs_b = rs.as_ref().map_or(0, |r| on_b(&r.layers) * rs_per_layer);
             let c = if counts[b] > 0 || b == model.placement.output { compute } else { 0 };
             serde_json::json!({
-                "name": name, "layers": counts[b], "weights": w, "kv": kv_b, "compute_estimate": c,
-                "total": w + kv_b + c, "free": free, "device_total": total,
+                "name": name, "layers": counts[b], "weights": w, "kv": kv_b, "recurrent": rs_b, "compute_estimate": c,
+                "total": w + kv_b + rs_b + c, "free": free, "device_total": total,
             })
         })
         .collect();
     Ok(serde_json::json!({
         "ctx_size": n_ctx, "kv_type": kv_type.name(), "weights": weights, "kv_per_token": kv_per_token,
-        "kv": kv, "compute_estimate": compute, "total": weights + kv + compute,
+        "kv": kv, "recurrent_per_sequence": recurrent, "compute_estimate": compute,
+        "total": weights + kv + recurrent + compute,
         "device_free": free, "device_total": total, "backends": backends,
     }))
 }
