@@ -205,6 +205,16 @@ impl ModelDir {
     }
 }
 
+/// The ggml type of a safetensors element type we load (`None`: unsupported).
+fn stored_dtype(d: StDtype) -> Option<DType> {
+    match d {
+        StDtype::F32 => Some(DType::F32),
+        StDtype::F16 => Some(DType::F16),
+        StDtype::BF16 => Some(DType::BF16),
+        StDtype::Other(_) => None,
+    }
+}
+
 /// Widen little-endian F16/BF16 bytes to F32.
 fn to_f32(dtype: StDtype, bytes: &[u8]) -> Vec<f32> {
     let halves = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
@@ -303,32 +313,26 @@ impl<'a> WeightBuilder<'a> {
         t
     }
 
-    /// A required weight with the given shape (PyTorch order).
-    pub fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
-        self.get_opt(name, shape)?.ok_or_else(|| LoadError::MissingTensor {
-            name: name.to_string(),
-            arch: self.arch.clone(),
-            dir: self.dir.dir.clone(),
-        })
+    fn missing(&self, name: &str) -> LoadError {
+        LoadError::MissingTensor { name: name.to_string(), arch: self.arch.clone(), dir: self.dir.dir.clone() }
     }
 
-    /// An optional weight: `None` if the files do not have it, an error if they have it wrong.
-    pub fn get_opt(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>, LoadError> {
-        let Some((file, entry)) = self.dir.entry(name) else {
+    /// The files' entry for `name` with its element type, checked against `shape`; `None` when
+    /// the files lack it.
+    fn checked(
+        &self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Option<(&'a SafetensorsFile, &'a TensorEntry, DType)>, LoadError> {
+        let dir: &'a ModelDir = self.dir;
+        let Some((file, entry)) = dir.entry(name) else {
             return Ok(None);
         };
-        let dtype = match entry.dtype {
-            StDtype::F32 => DType::F32,
-            StDtype::F16 => DType::F16,
-            StDtype::BF16 => DType::BF16,
-            StDtype::Other(d) => {
-                return Err(LoadError::UnsupportedDtype {
-                    name: name.to_string(),
-                    file: file.path.clone(),
-                    dtype: d.to_string(),
-                })
-            }
-        };
+        let dtype = stored_dtype(entry.dtype).ok_or_else(|| LoadError::UnsupportedDtype {
+            name: name.to_string(),
+            file: file.path.clone(),
+            dtype: entry.dtype.name().to_string(),
+        })?;
         if entry.shape != shape {
             return Err(LoadError::ShapeMismatch {
                 name: name.to_string(),
@@ -337,6 +341,19 @@ impl<'a> WeightBuilder<'a> {
                 got: entry.shape.clone(),
             });
         }
+        Ok(Some((file, entry, dtype)))
+    }
+
+    /// A required weight with the given shape (PyTorch order).
+    pub fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
+        self.get_opt(name, shape)?.ok_or_else(|| self.missing(name))
+    }
+
+    /// An optional weight: `None` if the files do not have it, an error if they have it wrong.
+    pub fn get_opt(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>, LoadError> {
+        let Some((_, _, dtype)) = self.checked(name, shape)? else {
+            return Ok(None);
+        };
         // Vectors (norm weights, biases) are kept in F32, as ggml's elementwise ops want F32
         // operands on every backend; they are a negligible share of the bytes.
         let dtype = if shape.len() == 1 { DType::F32 } else { self.target_dtype(name, dtype, shape[shape.len() - 1]) };
@@ -353,33 +370,7 @@ impl<'a> WeightBuilder<'a> {
     pub fn get_stacked(&mut self, names: &[String], shape: [usize; 2]) -> Result<Tensor, LoadError> {
         let mut dtype: Option<DType> = None;
         for name in names {
-            let Some((file, entry)) = self.dir.entry(name) else {
-                return Err(LoadError::MissingTensor {
-                    name: name.clone(),
-                    arch: self.arch.clone(),
-                    dir: self.dir.dir.clone(),
-                });
-            };
-            if entry.shape != shape {
-                return Err(LoadError::ShapeMismatch {
-                    name: name.clone(),
-                    file: file.path.clone(),
-                    expected: shape.to_vec(),
-                    got: entry.shape.clone(),
-                });
-            }
-            let d = match entry.dtype {
-                StDtype::F32 => DType::F32,
-                StDtype::F16 => DType::F16,
-                StDtype::BF16 => DType::BF16,
-                StDtype::Other(d) => {
-                    return Err(LoadError::UnsupportedDtype {
-                        name: name.clone(),
-                        file: file.path.clone(),
-                        dtype: d.to_string(),
-                    })
-                }
-            };
+            let (file, _, d) = self.checked(name, &shape)?.ok_or_else(|| self.missing(name))?;
             if let Some(first) = dtype.filter(|&x| x != d) {
                 return Err(LoadError::UnsupportedDtype {
                     name: name.clone(),
@@ -419,11 +410,7 @@ impl<'a> WeightBuilder<'a> {
         // The parts take the whole's type (quantized or not); the file's rows are the source.
         let dtype = whole.dtype().unwrap_or(DType::F32);
         let (_, file_entry) = self.dir.entry(name).expect("declared above");
-        let stored = match file_entry.dtype {
-            StDtype::F16 => DType::F16,
-            StDtype::BF16 => DType::BF16,
-            _ => DType::F32,
-        };
+        let stored = stored_dtype(file_entry.dtype).expect("checked by get_opt");
         let src_row = stored.row_size(shape[2] as i64);
         let row = dtype.row_size(shape[2] as i64);
         let [n, rows, cols] = shape;
@@ -473,28 +460,7 @@ impl<'a> WeightBuilder<'a> {
 
     /// The values of a (small) weight, read now, as F32; it counts as used.
     pub fn read_f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
-        let Some((file, entry)) = self.dir.entry(name) else {
-            return Err(LoadError::MissingTensor {
-                name: name.into(),
-                arch: self.arch.clone(),
-                dir: self.dir.dir.clone(),
-            });
-        };
-        if entry.shape != shape {
-            return Err(LoadError::ShapeMismatch {
-                name: name.into(),
-                file: file.path.clone(),
-                expected: shape.to_vec(),
-                got: entry.shape.clone(),
-            });
-        }
-        if let StDtype::Other(d) = entry.dtype {
-            return Err(LoadError::UnsupportedDtype {
-                name: name.into(),
-                file: file.path.clone(),
-                dtype: d.to_string(),
-            });
-        }
+        let (file, entry, _) = self.checked(name, shape)?.ok_or_else(|| self.missing(name))?;
         let mut buf = Vec::new();
         file.read(name, entry, &mut buf)?;
         self.used.insert(name.to_string());

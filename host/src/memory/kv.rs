@@ -36,21 +36,12 @@ impl KvCache {
             k.push(ctx.new_tensor(dtype, &[n_embd_k as i64, n_cells as i64], &format!("cache_k_l{il}")));
             v.push(ctx.new_tensor(dtype, &[n_embd_v as i64, n_cells as i64], &format!("cache_v_l{il}")));
         }
-        let mut buffers = Vec::new();
-        let mut per_backend = vec![0; backends.len()];
-        for (b, backend) in backends.iter().enumerate() {
-            let tensors: Vec<Tensor> =
-                (0..n_layer).filter(|&il| layer_backend[il] == b).flat_map(|il| [k[il], v[il]]).collect();
-            if tensors.is_empty() {
-                continue;
-            }
-            let what = format!("the KV cache ({n_cells} cells, {}, {} layers)", dtype.name(), tensors.len() / 2);
-            let buffer = Buffer::alloc_tensors_on(backend, &tensors, &what)?;
-            // Zero it: masked cells must never hold NaN/Inf bit patterns (0 * NaN is NaN).
-            buffer.clear();
-            per_backend[b] = buffer.size();
-            buffers.push(buffer);
-        }
+        let (buffers, per_backend) = super::alloc_per_backend(
+            backends,
+            layer_backend,
+            |il| [k[il], v[il]],
+            |n| format!("the KV cache ({n_cells} cells, {}, {n} layers)", dtype.name()),
+        )?;
         Ok(KvCache { k, v, n_cells, dtype, buffers, per_backend, _ctx: ctx })
     }
 

@@ -52,20 +52,12 @@ impl RecurrentCache {
         let ssm: Vec<Tensor> = (0..n)
             .map(|i| ctx.new_tensor(DType::F32, &[shape.ssm_row as i64, n_slots as i64], &format!("rs_ssm_{i}")))
             .collect();
-        let mut buffers = Vec::new();
-        let mut per_backend = vec![0; backends.len()];
-        for (b, backend) in backends.iter().enumerate() {
-            let tensors: Vec<Tensor> =
-                (0..n).filter(|&i| layer_backend[i] == b).flat_map(|i| [conv[i], ssm[i]]).collect();
-            if tensors.is_empty() {
-                continue;
-            }
-            let what = format!("the recurrent state ({n_slots} sequences, {} layers)", tensors.len() / 2);
-            let buffer = Buffer::alloc_tensors_on(backend, &tensors, &what)?;
-            buffer.clear();
-            per_backend[b] = buffer.size();
-            buffers.push(buffer);
-        }
+        let (buffers, per_backend) = super::alloc_per_backend(
+            backends,
+            layer_backend,
+            |i| [conv[i], ssm[i]],
+            |n| format!("the recurrent state ({n_slots} sequences, {n} layers)"),
+        )?;
         let free = (0..n_slots as u32).rev().collect();
         Ok(RecurrentCache {
             conv,

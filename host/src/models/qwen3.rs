@@ -9,12 +9,18 @@ use crate::models::Architecture;
 
 pub fn load(dir: &ModelDir, w: &mut WeightBuilder) -> Result<Box<dyn Architecture>, LoadError> {
     let mut cfg = DecoderConfig::parse(dir)?;
+    let (opts, sliding) = attention(&mut cfg);
+    Ok(Box::new(DenseDecoder::load("qwen3", dir, w, &cfg, opts, sliding)?))
+}
+
+/// Qwen3's attention settings (shared with Qwen3-MoE): q/k norm, `attention_bias`, and the
+/// sliding window only with `use_sliding_window`, from `max_window_layers` on.
+pub fn attention(cfg: &mut DecoderConfig) -> (AttnOptions, Vec<bool>) {
     if !cfg.use_sliding_window.unwrap_or(false) {
         cfg.sliding_window = None;
     }
     let from = cfg.max_window_layers.unwrap_or(cfg.num_hidden_layers);
     let sliding = cfg.sliding_layers(|il| il >= from);
     let bias = cfg.attention_bias.unwrap_or(false);
-    let opts = AttnOptions { qkv_bias: bias, o_bias: bias, qk_norm: true };
-    Ok(Box::new(DenseDecoder::load("qwen3", dir, w, &cfg, opts, sliding)?))
+    (AttnOptions { qkv_bias: bias, o_bias: bias, qk_norm: true }, sliding)
 }

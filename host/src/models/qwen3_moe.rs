@@ -6,7 +6,6 @@
 
 use serde::Deserialize;
 
-use crate::graph::attention::AttnOptions;
 use crate::graph::decoder::{DecoderConfig, DenseDecoder};
 use crate::graph::ffn::{Ffn, SwigluMlp};
 use crate::graph::moe::{Moe, MoeConfig, MoeOptions, QWEN};
@@ -33,13 +32,7 @@ fn one() -> usize {
 pub fn load(dir: &ModelDir, w: &mut WeightBuilder) -> Result<Box<dyn Architecture>, LoadError> {
     let mut cfg = DecoderConfig::parse(dir)?;
     let q: Qwen3MoeConfig = MoeConfig::parse_full(dir)?;
-    if !cfg.use_sliding_window.unwrap_or(false) {
-        cfg.sliding_window = None;
-    }
-    let from = cfg.max_window_layers.unwrap_or(cfg.num_hidden_layers);
-    let sliding = cfg.sliding_layers(|il| il >= from);
-    let bias = cfg.attention_bias.unwrap_or(false);
-    let opts = AttnOptions { qkv_bias: bias, o_bias: bias, qk_norm: true };
+    let (opts, sliding) = crate::models::qwen3::attention(&mut cfg);
     if q.moe_intermediate_size == 0 || q.decoder_sparse_step == 0 {
         return Err(LoadError::InvalidConfig {
             file: dir.config_path.clone(),
