@@ -71,6 +71,32 @@ fn opts_runner() -> RunnerOptions {
 }
 
 #[test]
+fn device_argmax_equals_argmax_of_the_logits() {
+    // Greedy steps take the argmax in the graph; it must pick what the host picks from the
+    // logits, for a dense model and for a hybrid one (whose steps are split by sequence).
+    for name in ["qwen3-f32-sharded", "nemotron_h-f32"] {
+        let m = model(name);
+        let vocab = m.hparams().n_vocab as u32;
+        let batch = |seed: u32| {
+            let mut ub = UBatch::default();
+            for s in 0..3u32 {
+                for (i, &t) in prompt(seed + s, 5, vocab).iter().enumerate() {
+                    ub.push(t, i as u32, s, i >= 3);
+                }
+            }
+            ub
+        };
+        let mut a = Runner::new(m.clone(), &opts_runner()).unwrap();
+        let mut b = Runner::new(m.clone(), &opts_runner()).unwrap();
+        let rows = a.run(&batch(7), false, false).unwrap().rows;
+        let tokens = b.run_argmax(&batch(7)).unwrap();
+        let want: Vec<u32> = rows.iter().map(|r| stllm::sampling::argmax(r)).collect();
+        assert_eq!(tokens, want, "{name}");
+        assert_eq!(tokens.len(), 6);
+    }
+}
+
+#[test]
 fn seventy_sequences_in_one_step_stay_apart() {
     // 70 sequences prefill 3 tokens each in one ubatch, then decode one token each in one
     // ubatch: more rows than ggml's attention tile, so attention is split into segments.

@@ -89,7 +89,10 @@ impl UBatch {
 /// What a step returns.
 pub struct StepOut {
     /// One row per output token: logits (`n_vocab`) or, for embeddings, final hidden states
+    /// (empty for [`Runner::run_argmax`])
     pub rows: Vec<Vec<f32>>,
+    /// [`Runner::run_argmax`]: the most likely next token of each output row
+    pub tokens: Vec<u32>,
     /// With tracing: per layer (0 = embeddings), row-major `[n_tokens][n_embd]`
     pub hidden: Vec<Vec<Vec<f32>>>,
 }
@@ -120,6 +123,17 @@ struct StepGraph {
     _ctx: Context,
 }
 
+/// What a step returns per output row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    Logits,
+    /// The final normalised hidden states
+    Embeddings,
+    /// The index of the largest logit, taken on the device: greedy decoding reads back one
+    /// integer per row instead of `n_vocab` floats (19 MB a step at 32 rows of a 152k vocabulary).
+    Argmax,
+}
+
 /// What fixes a step graph: tokens, cells attended, logits rows, attention segments and mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct StepShape {
@@ -127,7 +141,7 @@ struct StepShape {
     n_kv: usize,
     n_out: usize,
     segments: Vec<(usize, usize)>,
-    embeddings: bool,
+    output: Output,
     /// Sequences of a recurrent step (1 otherwise)
     n_seqs: usize,
 }
@@ -323,6 +337,17 @@ impl Runner {
     /// Compute one ubatch: write its K/V into free cells (recording them for their sequences)
     /// and return the rows asked for. On error nothing is recorded.
     pub fn run(&mut self, ub: &UBatch, trace: bool, embeddings: bool) -> Result<StepOut, DecodeError> {
+        self.run_as(ub, trace, if embeddings { Output::Embeddings } else { Output::Logits })
+    }
+
+    /// [`Runner::run`] for greedy decoding: the argmax of each output row's logits, computed on
+    /// the device (ties may resolve to another index than [`crate::sampling::argmax`]).
+    pub fn run_argmax(&mut self, ub: &UBatch) -> Result<Vec<u32>, DecodeError> {
+        Ok(self.run_as(ub, false, Output::Argmax)?.tokens)
+    }
+
+    fn run_as(&mut self, ub: &UBatch, trace: bool, output: Output) -> Result<StepOut, DecodeError> {
+        let embeddings = output == Output::Embeddings;
         let n = ub.len();
         if n == 0 {
             return Err(DecodeError::Empty);
@@ -333,16 +358,16 @@ impl Runner {
         self.check_tokens(&ub.tokens)?;
         debug_assert!(ub.seq.iter().all(|&s| (s as usize) < MAX_SEQ));
         if self.rs.is_none() {
-            return self.run_one(ub, trace, embeddings, (1, n));
+            return self.run_one(ub, trace, output, (1, n));
         }
-        self.run_recurrent(ub, trace, embeddings)
+        self.run_recurrent(ub, trace, output)
     }
 
     /// A hybrid model's step: the Mamba layers need each computation to hold `n_seqs` sequences
     /// of equally many tokens, in sequence order, each continuing where its state stands. So the
     /// tokens are grouped by sequence: all one-token sequences (decoding) go together, longer
     /// runs (prompt chunks) one by one; the rows come back in the ubatch's order.
-    fn run_recurrent(&mut self, ub: &UBatch, trace: bool, embeddings: bool) -> Result<StepOut, DecodeError> {
+    fn run_recurrent(&mut self, ub: &UBatch, trace: bool, output: Output) -> Result<StepOut, DecodeError> {
         let rs = self.rs.as_mut().expect("recurrent");
         // Sequences whose cells are all gone (finished, reset) give their state back.
         for seq in rs.seqs() {
@@ -380,15 +405,17 @@ impl Runner {
             return Err(DecodeError::Options("a traced step must hold one sequence".into()));
         }
         let mut rows: Vec<(usize, Vec<f32>)> = Vec::new();
+        let mut tokens: Vec<(usize, u32)> = Vec::new();
         let mut hidden = Vec::new();
         for (n_seqs, idx) in parts {
             let mut sub = UBatch::default();
             for &i in &idx {
                 sub.push(ub.tokens[i], ub.pos[i], ub.seq[i], ub.out[i]);
             }
-            let out = self.run_one(&sub, trace, embeddings, (n_seqs, idx.len() / n_seqs))?;
+            let out = self.run_one(&sub, trace, output, (n_seqs, idx.len() / n_seqs))?;
             let outs = idx.iter().copied().filter(|&i| ub.out[i]);
-            rows.extend(outs.zip(out.rows));
+            rows.extend(outs.clone().zip(out.rows));
+            tokens.extend(outs.zip(out.tokens));
             hidden = out.hidden;
             let rs = self.rs.as_mut().expect("recurrent");
             for &i in &idx {
@@ -396,7 +423,12 @@ impl Runner {
             }
         }
         rows.sort_by_key(|(i, _)| *i);
-        Ok(StepOut { rows: rows.into_iter().map(|(_, r)| r).collect(), hidden })
+        tokens.sort_by_key(|(i, _)| *i);
+        Ok(StepOut {
+            rows: rows.into_iter().map(|(_, r)| r).collect(),
+            tokens: tokens.into_iter().map(|(_, t)| t).collect(),
+            hidden,
+        })
     }
 
     /// One computation; `(n_seqs, n_seq_tokens)`: its shape for the recurrent layers.
@@ -404,7 +436,7 @@ impl Runner {
         &mut self,
         ub: &UBatch,
         trace: bool,
-        embeddings: bool,
+        output: Output,
         seqs: (usize, usize),
     ) -> Result<StepOut, DecodeError> {
         let n = ub.len();
@@ -414,7 +446,7 @@ impl Runner {
         for (i, &slot) in slots.iter().enumerate() {
             self.cells.occupy(slot, ub.seq[i], ub.pos[i]);
         }
-        let r = self.compute(ub, &slots, trace, embeddings, seqs);
+        let r = self.compute(ub, &slots, trace, output, seqs);
         if r.is_err() {
             for &slot in &slots {
                 self.cells.release(slot);
@@ -428,7 +460,7 @@ impl Runner {
         ub: &UBatch,
         slots: &[u32],
         trace: bool,
-        embeddings: bool,
+        output: Output,
         (n_seqs, n_seq_tokens): (usize, usize),
     ) -> Result<StepOut, DecodeError> {
         let hp = self.model.hparams().clone();
@@ -439,7 +471,7 @@ impl Runner {
         let out: Vec<i32> = (0..n as i32).filter(|&i| ub.out[i as usize]).collect();
         let n_out = out.len().max(1);
         let shape =
-            StepShape { n_tokens: n, n_kv, n_out, segments: crate::graph::attn_segments(&ub.seq), embeddings, n_seqs };
+            StepShape { n_tokens: n, n_kv, n_out, segments: crate::graph::attn_segments(&ub.seq), output, n_seqs };
         // The state slot of each sequence of a recurrent step, in order.
         let rs_slots: Vec<i32> = match self.rs.as_mut() {
             Some(rs) => {
@@ -489,7 +521,7 @@ impl Runner {
                 n_kv,
                 n_tokens: n,
                 taps: trace.then(Vec::new),
-                embeddings,
+                embeddings: output == Output::Embeddings,
                 flash_attn: self.flash,
                 attn_segments: shape.segments.clone(),
                 rs: self.rs.as_ref().zip(inp.rs_ids).map(|(cache, ids)| crate::graph::RsInputs {
@@ -499,7 +531,11 @@ impl Runner {
                     n_seq_tokens,
                 }),
             };
-            let result = self.model.arch.build(&mut f).set_output();
+            let mut result = self.model.arch.build(&mut f);
+            if output == Output::Argmax {
+                result = ctx.argmax(result);
+            }
+            let result = result.set_output();
             taps = f.taps.take().unwrap_or_default();
             graph.expand(result);
             t_alloc = std::time::Instant::now();
@@ -524,9 +560,9 @@ impl Runner {
             write_input(ids, |t| t.write_i32(&rs_slots))?;
         }
         let who: Vec<(SeqId, u32)> = ub.seq.iter().copied().zip(ub.pos.iter().copied()).collect();
-        write_input(inp.mask, |t| write_mask(t, &self.cells.mask(&who, n_kv, None)))?;
+        write_input(inp.mask, |t| write_mask(t, &self.cells, &who, n_kv, None))?;
         if let Some(m) = inp.mask_swa {
-            write_input(m, |t| write_mask(t, &self.cells.mask(&who, n_kv, hp.sliding_window)))?;
+            write_input(m, |t| write_mask(t, &self.cells, &who, n_kv, hp.sliding_window))?;
         }
         let t_compute = std::time::Instant::now();
         self.sched.compute(&step.graph)?;
@@ -535,8 +571,13 @@ impl Runner {
         let rows = |t: Tensor, width: usize| -> Result<Vec<Vec<f32>>, GgmlError> {
             Ok(t.read_f32()?.chunks(width).map(<[f32]>::to_vec).collect())
         };
-        let width = if embeddings { hp.n_embd } else { hp.n_vocab };
-        let rows_out = if out.is_empty() { vec![] } else { rows(result, width)? };
+        let (mut rows_out, mut tokens) = (vec![], vec![]);
+        match output {
+            _ if out.is_empty() => {}
+            Output::Argmax => tokens = result.read_i32()?.into_iter().map(|t| t as u32).collect(),
+            Output::Embeddings => rows_out = rows(result, hp.n_embd)?,
+            Output::Logits => rows_out = rows(result, hp.n_vocab)?,
+        }
         let hidden = taps.into_iter().map(|t| rows(t, hp.n_embd)).collect::<Result<Vec<_>, _>>()?;
         if trace {
             // Taps are outputs of this graph alone: the next step builds a plain one.
@@ -554,7 +595,7 @@ impl Runner {
             compute_us = (t_read - t_compute).as_micros() as u64,
             read_us = t_read.elapsed().as_micros() as u64,
         );
-        Ok(StepOut { rows: rows_out, hidden })
+        Ok(StepOut { rows: rows_out, tokens, hidden })
     }
 
     /// The tokens' cells of `seq`, in position order, as bytes (for a prompt-cache file).
@@ -587,11 +628,17 @@ fn write_input(t: Tensor, f: impl FnOnce(Tensor) -> Result<(), GgmlError>) -> Re
     }
 }
 
-fn write_mask(t: Tensor, m: &[f32]) -> Result<(), GgmlError> {
+fn write_mask(
+    t: Tensor,
+    cells: &KvCells,
+    who: &[(SeqId, u32)],
+    n_kv: usize,
+    window: Option<usize>,
+) -> Result<(), GgmlError> {
     if t.dtype() == Some(DType::F16) {
-        t.write_f16(&m.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>())
+        t.write_f16(&cells.mask_as(who, n_kv, window, half::f16::ZERO, half::f16::NEG_INFINITY))
     } else {
-        t.write_f32(m)
+        t.write_f32(&cells.mask(who, n_kv, window))
     }
 }
 

@@ -314,6 +314,22 @@ fn moe_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
                 .collect()
         }),
     });
+    // Greedy decoding's device-side argmax over a vocabulary-wide row (odd width: tail handling).
+    let (width, n_rows) = (32_771i64, 7i64);
+    cases.push(Case {
+        op: "argmax",
+        what: format!("f32 [{width}x{n_rows}], the largest value picked with get_rows"),
+        tol: 1e-6,
+        device_tol: None,
+        inputs: vec![Input::floats(DType::F32, &[width, n_rows], rng.vec((width * n_rows) as usize, 4.0))],
+        build: Box::new(move |c, t| {
+            let best = c.reshape_2d(c.argmax(t[0]), 1, n_rows);
+            c.get_rows(c.reshape_3d(t[0], 1, width, n_rows), best)
+        }),
+        reference: Box::new(move |v| {
+            v[0].chunks(width as usize).map(|r| r.iter().copied().fold(f64::NEG_INFINITY, f64::max)).collect()
+        }),
+    });
     cases.push(Case {
         op: "sum_rows+div",
         what: format!("f32 [{ne}x{rows}] / its row sums"),

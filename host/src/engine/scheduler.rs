@@ -534,11 +534,23 @@ impl Sched {
         if ub.is_empty() {
             return;
         }
+        // Greedy rows only (no penalties, no external caller wanting logits): the argmax is taken
+        // on the device and one integer per row comes back instead of a logits row.
+        let greedy = parts.iter().all(|&(who, _, completes)| match who {
+            Who::Gen(i) => {
+                !completes || self.active[i].sampler.params.greedy() && !self.active[i].sampler.params.has_penalties()
+            }
+            Who::Ext(_) => false,
+        });
         let t0 = Instant::now();
-        let out = self.runner.run(&ub, false, false);
+        let out = if greedy {
+            self.runner.run_argmax(&ub).map(|t| (vec![], t))
+        } else {
+            self.runner.run(&ub, false, false).map(|o| (o.rows, vec![]))
+        };
         let dt = t0.elapsed();
-        let rows = match out {
-            Ok(o) => o.rows,
+        let (rows, tokens) = match out {
+            Ok(o) => o,
             Err(e) => {
                 // The step failed as a whole: fail the requests in it, keep serving the rest.
                 tracing::error!(error = %e, "step failed");
@@ -558,6 +570,7 @@ impl Sched {
             }
         };
         let mut rows = rows.into_iter();
+        let mut tokens = tokens.into_iter();
         let mut finished: Vec<(usize, FinishReason)> = Vec::new();
         let (mut n_prompt, mut n_gen) = (0u64, 0u64);
         for (who, take, completes) in parts {
@@ -589,8 +602,12 @@ impl Sched {
             if !completes {
                 continue;
             }
-            let logits = rows.next().expect("one row per completing sequence");
-            let t = sample_logits(&mut r.sampler, &logits, &r.history);
+            let t = if greedy {
+                tokens.next().expect("one token per completing sequence")
+            } else {
+                let logits = rows.next().expect("one row per completing sequence");
+                sample_logits(&mut r.sampler, &logits, &r.history)
+            };
             r.history.push(t);
             r.generated += 1;
             n_gen += 1;

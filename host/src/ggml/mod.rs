@@ -537,6 +537,17 @@ impl Tensor {
         Ok(out)
     }
 
+    /// Read an I32 tensor (contiguous) back from its backend.
+    pub fn read_i32(&self) -> Result<Vec<i32>, GgmlError> {
+        self.expect_dtype(DType::I32)?;
+        let n = self.nelements() as usize;
+        let mut out = vec![0i32; n];
+        self.check_bytes(n * 4, 0)?;
+        // SAFETY: `out` has exactly nbytes of room (contiguous I32).
+        unsafe { sys::ggml_backend_tensor_get(self.raw(), out.as_mut_ptr().cast(), 0, n * 4) };
+        Ok(out)
+    }
+
     /// Copy another tensor's data (same shape and type) into this one, across backends if needed.
     pub fn copy_from(&self, src: Tensor) -> Result<(), GgmlError> {
         if src.ne() != self.ne() || src.dtype() != self.dtype() || !src.has_memory() || !self.has_memory() {

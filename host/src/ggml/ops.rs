@@ -159,6 +159,11 @@ impl Context {
         Tensor::from_raw(unsafe { sys::ggml_mul_mat_id(self.c(), as_.raw(), b.raw(), ids.raw()) })
     }
 
+    /// Index (I32) of the largest value of each row: [n0, n1] -> [n1].
+    pub fn argmax(&self, a: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_argmax(self.c(), a.raw()) })
+    }
+
     /// Indices (I32) of the `k` largest values of each row of `a`, largest first.
     pub fn argsort_top_k(&self, a: Tensor, k: i32) -> Tensor {
         Tensor::from_raw(unsafe { sys::ggml_argsort_top_k(self.c(), a.raw(), k) })

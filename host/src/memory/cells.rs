@@ -168,13 +168,28 @@ impl KvCells {
     /// sequence at a position `<= pos` (and, with a window `w`, `> pos - w`); 0 where it may
     /// attend, -inf elsewhere. Sequences never see each other's cells unless they share them.
     pub fn mask(&self, tokens: &[(SeqId, u32)], n_kv: usize, window: Option<usize>) -> Vec<f32> {
-        let mut m = vec![f32::NEG_INFINITY; n_kv * tokens.len()];
-        for (i, &(seq, pos)) in tokens.iter().enumerate() {
-            let row = &mut m[i * n_kv..(i + 1) * n_kv];
-            for (j, c) in self.cells[..n_kv].iter().enumerate() {
-                let visible = c.seqs.has(seq) && c.pos <= pos && window.is_none_or(|w| (pos - c.pos) < w as u32);
-                if visible {
-                    row[j] = 0.0;
+        self.mask_as(tokens, n_kv, window, 0.0, f32::NEG_INFINITY)
+    }
+
+    /// [`KvCells::mask`] written as any element type (`visible`, `hidden`: its 0 and -inf), so an
+    /// F16 mask is built without an F32 copy. Each row reads only its own sequence's word of
+    /// every cell's set.
+    pub fn mask_as<T: Copy>(
+        &self,
+        tokens: &[(SeqId, u32)],
+        n_kv: usize,
+        window: Option<usize>,
+        visible: T,
+        hidden: T,
+    ) -> Vec<T> {
+        let mut m = vec![hidden; n_kv * tokens.len()];
+        let cells = &self.cells[..n_kv];
+        for (row, &(seq, pos)) in m.chunks_exact_mut(n_kv).zip(tokens) {
+            let (word, bit) = (seq as usize / 64, seq % 64);
+            let w = window.map_or(u32::MAX, |w| w.min(u32::MAX as usize) as u32);
+            for (x, c) in row.iter_mut().zip(cells) {
+                if c.seqs.0[word] >> bit & 1 == 1 && c.pos <= pos && pos - c.pos < w {
+                    *x = visible;
                 }
             }
         }
