@@ -35,7 +35,9 @@ def main():
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.set_num_threads(a.threads)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    model = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).to(a.device)
+    # On a GPU the weights go straight to it (a 63 GB model need not pass through host memory).
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        a.model, dtype=dtype, device_map=a.device if a.device.startswith("cuda") else None).to(a.device)
     model.eval()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)

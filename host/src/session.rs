@@ -191,6 +191,21 @@ impl Session {
         Ok(rows)
     }
 
+    /// Append `tokens` and return the most likely next token, the argmax taken on the device
+    /// (one integer read back instead of a logits row; what greedy decoding needs).
+    pub fn decode_greedy(&mut self, tokens: &[u32]) -> Result<u32, DecodeError> {
+        self.check(tokens)?;
+        let chunks: Vec<&[u32]> = tokens.chunks(self.n_batch).collect();
+        let (last, init) = chunks.split_last().expect("checked: not empty");
+        for chunk in init {
+            self.step(chunk, &[], false, false)?;
+        }
+        let ub = self.ubatch(last, &[last.len() as i32 - 1]);
+        let t = self.runner.run_argmax(&ub)?;
+        self.tokens.extend_from_slice(last);
+        t.first().copied().ok_or(DecodeError::Empty)
+    }
+
     /// Like `decode(.., Logits::All)` in one graph, also returning every layer's hidden states.
     pub fn decode_traced(&mut self, tokens: &[u32]) -> Result<Traced, DecodeError> {
         self.check(tokens)?;
@@ -212,6 +227,18 @@ impl Session {
         let mut out = Vec::new();
         if max_tokens == 0 {
             return Ok(out);
+        }
+        if sampler.params.greedy() && !sampler.params.has_penalties() {
+            // Greedy: the argmax is taken on the device.
+            let mut t = self.decode_greedy(prompt)?;
+            loop {
+                out.push(t);
+                on_token(t);
+                if out.len() >= max_tokens || stop.contains(&t) {
+                    return Ok(out);
+                }
+                t = self.decode_greedy(&[t])?;
+            }
         }
         let mut logits = self.decode(prompt, Logits::Last)?.pop().ok_or(DecodeError::Empty)?;
         // Prompt and output so far, for the penalties.
@@ -238,14 +265,22 @@ impl Session {
         trace: bool,
         embeddings: bool,
     ) -> Result<(Vec<Vec<f32>>, Vec<Vec<Vec<f32>>>), DecodeError> {
+        let ub = self.ubatch(tokens, out);
+        let r = self.runner.run(&ub, trace, embeddings)?;
+        self.tokens.extend_from_slice(tokens);
+        Ok((r.rows, r.hidden))
+    }
+}
+
+impl Session {
+    /// `tokens` appended after the sequence so far; rows `out` produce output.
+    fn ubatch(&self, tokens: &[u32], out: &[i32]) -> UBatch {
         let n_past = self.tokens.len() as u32;
         let mut ub = UBatch::default();
         for (i, &t) in tokens.iter().enumerate() {
             ub.push(t, n_past + i as u32, SEQ, out.contains(&(i as i32)));
         }
-        let r = self.runner.run(&ub, trace, embeddings)?;
-        self.tokens.extend_from_slice(tokens);
-        Ok((r.rows, r.hidden))
+        ub
     }
 }
 

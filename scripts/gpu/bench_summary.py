@@ -22,7 +22,7 @@ def fmt(v, nd=1):
 
 
 def main():
-    rows, engines = {}, {}
+    rows, engines, long = {}, {}, []
     with open(sys.argv[1]) as f:
         for line in f:
             try:
@@ -54,6 +54,8 @@ def main():
                         r["tg"] = d["avg_ts"]
                 else:
                     r["ttft"], r["tg"] = d.get("ttft_ms"), d.get("decode_tok_s")
+            elif step.startswith("long-") and "prefill_tok_s" in d:
+                long.append((shape, peer, d))
             elif step == "concurrent":
                 if "pl" in d:  # llama-batched-bench
                     r[f"c{d['pl']}"] = d["speed_tg"]
@@ -66,6 +68,16 @@ def main():
         name = peer + (f" (failed: {', '.join(r['failed'])})" if r.get("failed") else "")
         print(f"| {name} | {shape} | {fmt(r.get('ttft'), 2)} | {fmt(r.get('tg'))} | {fmt(r.get('c1'))} | "
               f"{fmt(r.get('c8'))} | {fmt(r.get('c32'))} | {fmt(r.get('smi'), 0)} | {fmt(r.get('self'), 0)} |")
+    if long:
+        mib = 1 / 2**20
+        print("\n| engine | shape | context | prefill tok/s | prefill s | decode tok/s at depth | KV MiB "
+              "| recurrent MiB | compute MiB | weights MiB |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for shape, peer, d in long:
+            m = d.get("memory", {})
+            print(f"| {peer} | {shape} | {d['prompt']} | {fmt(d['prefill_tok_s'])} | {fmt(d['ttft_ms'] / 1e3, 2)} | "
+                  f"{fmt(d.get('decode_tok_s'))} | {fmt(m.get('kv', 0) * mib, 0)} | {fmt(m.get('recurrent', 0) * mib, 0)} "
+                  f"| {fmt(m.get('compute', 0) * mib, 0)} | {fmt(m.get('weights', 0) * mib, 0)} |")
     for peer, e in sorted(engines.items()):
         print(f"\n{peer}: {e}")
 

@@ -12,13 +12,9 @@ g=scratch/gpu
 work=${WORK:-/tmp/stllm-gpu}
 out=${OUT:-/tmp/stllm-out}
 mkdir -p "$work" "$out"
-# prepare.sh ships stllm xz-compressed: unpack it beside its libraries (xz, else Python's lzma).
-if [ -f "$g/bin/stllm.xz" ] && [ ! "$g/bin/stllm" -nt "$g/bin/stllm.xz" ]; then
-  if command -v xz >/dev/null; then xz -dc "$g/bin/stllm.xz"
-  else python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$g/bin/stllm.xz"
-  fi > "$g/bin/stllm.tmp"
-  chmod +x "$g/bin/stllm.tmp" && mv "$g/bin/stllm.tmp" "$g/bin/stllm"
-fi
+# shellcheck source=lib.sh
+. scripts/gpu/lib.sh
+unpack_stllm
 if [ ! -f "$work/backends/libggml-cuda.so" ] || [ ! -x "$work/llama/llama-batched-bench" ]; then
   t0=$(date +%s)
   gen=Ninja; command -v ninja >/dev/null || gen="Unix Makefiles"

@@ -172,9 +172,11 @@ impl KvCells {
     }
 
     /// [`KvCells::mask`] written as any element type (`visible`, `hidden`: its 0 and -inf), so an
-    /// F16 mask is built without an F32 copy. Each row reads only its own sequence's word of
-    /// every cell's set.
-    pub fn mask_as<T: Copy>(
+    /// F16 mask is built without an F32 copy. Per sequence of the step, each cell's position is
+    /// looked up once (`u32::MAX` where the sequence does not hold the cell); a row is then one
+    /// compare per cell. Large masks (long contexts: `n_kv` x ubatch rows) are filled by several
+    /// threads.
+    pub fn mask_as<T: Copy + Send + Sync>(
         &self,
         tokens: &[(SeqId, u32)],
         n_kv: usize,
@@ -182,17 +184,36 @@ impl KvCells {
         visible: T,
         hidden: T,
     ) -> Vec<T> {
-        let mut m = vec![hidden; n_kv * tokens.len()];
         let cells = &self.cells[..n_kv];
-        for (row, &(seq, pos)) in m.chunks_exact_mut(n_kv).zip(tokens) {
-            let (word, bit) = (seq as usize / 64, seq % 64);
-            let w = window.map_or(u32::MAX, |w| w.min(u32::MAX as usize) as u32);
-            for (x, c) in row.iter_mut().zip(cells) {
-                if c.seqs.0[word] >> bit & 1 == 1 && c.pos <= pos && pos - c.pos < w {
-                    *x = visible;
+        let mut seqs: Vec<SeqId> = tokens.iter().map(|t| t.0).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        let seen: Vec<Vec<u32>> = seqs
+            .iter()
+            .map(|&s| cells.iter().map(|c| if c.seqs.has(s) { c.pos } else { u32::MAX }).collect())
+            .collect();
+        let w = window.map_or(u32::MAX, |w| w.min(u32::MAX as usize) as u32);
+        let fill = |rows: &mut [T], toks: &[(SeqId, u32)]| {
+            for (row, &(seq, pos)) in rows.chunks_exact_mut(n_kv).zip(toks) {
+                let held = &seen[seqs.binary_search(&seq).expect("listed above")];
+                for (x, &p) in row.iter_mut().zip(held) {
+                    *x = if p <= pos && pos - p < w { visible } else { hidden };
                 }
             }
+        };
+        let mut m = vec![hidden; n_kv * tokens.len()];
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16);
+        if threads < 2 || m.len() < 1 << 22 {
+            fill(&mut m, tokens);
+            return m;
         }
+        let per = tokens.len().div_ceil(threads);
+        let fill = &fill;
+        std::thread::scope(|sc| {
+            for (rows, toks) in m.chunks_mut(per * n_kv).zip(tokens.chunks(per)) {
+                sc.spawn(move || fill(rows, toks));
+            }
+        });
         m
     }
 }
@@ -221,6 +242,27 @@ mod tests {
         assert_eq!(&m[10..15], &[inf, inf, inf, 0.0, inf]);
         let w = c.mask(&[(0, 2)], 5, Some(2));
         assert_eq!(w, vec![inf, 0.0, 0.0, inf, inf]);
+    }
+
+    #[test]
+    fn a_large_mask_built_by_threads_equals_the_cell_by_cell_rule() {
+        // Three sequences interleaved over 8192 cells, one shared prefix, 600 rows: past the
+        // size where the rows are split over threads.
+        let mut c = KvCells::new(8192);
+        for i in 0..8000u32 {
+            c.occupy(i, i % 3, i / 3);
+        }
+        c.seq_cp(0, 3, 0, 100);
+        let tokens: Vec<(SeqId, u32)> = (0..600u32).map(|r| (r % 4, 2000 + r)).collect();
+        for window in [None, Some(700)] {
+            let m = c.mask(&tokens, 8192, window);
+            for (r, &(seq, pos)) in tokens.iter().enumerate() {
+                for (j, cell) in c.cells.iter().enumerate() {
+                    let vis = cell.seqs.has(seq) && cell.pos <= pos && window.is_none_or(|w| pos - cell.pos < w as u32);
+                    assert_eq!(m[r * 8192 + j] == 0.0, vis, "row {r} cell {j} window {window:?}");
+                }
+            }
+        }
     }
 
     #[test]

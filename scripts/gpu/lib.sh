@@ -1,0 +1,43 @@
+# Shared by bench.sh and nano.sh (sourced; expects $out and $work): tag JSON lines and measure a
+# command with nvidia-smi memory sampling; unpack the xz-compressed stllm prepare.sh ships.
+
+# unpack_stllm: scratch/gpu/bin/stllm.xz -> scratch/gpu/bin/stllm beside its libraries (xz, else
+# Python's lzma), unless already unpacked from this archive.
+unpack_stllm() {
+  local g=scratch/gpu
+  if [ -f "$g/bin/stllm.xz" ] && [ ! "$g/bin/stllm" -nt "$g/bin/stllm.xz" ]; then
+    if command -v xz >/dev/null; then xz -dc "$g/bin/stllm.xz"
+    else python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$g/bin/stllm.xz"
+    fi > "$g/bin/stllm.tmp" && chmod +x "$g/bin/stllm.tmp" && mv "$g/bin/stllm.tmp" "$g/bin/stllm"
+  fi
+}
+
+# tag PEER SHAPE STEP: keep the JSON lines of stdin, add the three keys, append to bench.jsonl.
+tag() {
+  python3 -c 'import json, sys
+for line in sys.stdin:
+    try:
+        d = json.loads(line)
+    except ValueError:
+        continue
+    if isinstance(d, dict):
+        print(json.dumps({"peer": sys.argv[1], "shape": sys.argv[2], "step": sys.argv[3], **d}), flush=True)' "$@" \
+    | tee -a "$out/bench.jsonl"
+}
+# measure PEER SHAPE STEP CMD...: run CMD (stderr to $OUT/PEER-SHAPE-STEP.log) with nvidia-smi
+# sampling memory.used every 0.2 s; its JSON lines and then a {"bench": "vram"} line are tagged.
+measure() {
+  local peer=$1 shape=$2 step=$3; shift 3
+  local log="$out/$peer-$shape-$step.log" smi="$work/smi-$peer-$step.txt"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "${GPU:-0}" -lms 200 >"$smi" 2>/dev/null &
+  local smi_pid=$!
+  local t0=$SECONDS
+  "$@" 2>"$log" | tag "$peer" "$shape" "$step"
+  local rc=${PIPESTATUS[0]}
+  kill "$smi_pid" 2>/dev/null; wait "$smi_pid" 2>/dev/null
+  local peak; peak=$(sort -n "$smi" | tail -1)
+  echo "{\"bench\": \"vram\", \"smi_peak_mib\": ${peak:-null}, \"rc\": $rc, \"seconds\": $((SECONDS - t0))}" \
+    | tag "$peer" "$shape" "$step" >/dev/null
+  [ "$rc" = 0 ] || { echo "$peer $step on $shape failed (rc $rc), last lines of $log:"; tail -5 "$log"; }
+}
+

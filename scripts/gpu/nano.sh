@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# On the GPU machine, after run.sh: Nemotron 3 Nano's real shapes (random weights, 31.6B
+# parameters, ~63 GB BF16; make_model.py nemotron-3-nano, made once per machine into $WORK) next
+# to HF transformers. llama.cpp is not run: hf_to_gguf.py converts llama and qwen3 only.
+# Steps (arguments, in any order; default: make stllm):
+#   make          make the model (on the GPU, saved as BF16 safetensors: ~1-3 min)
+#   stllm         single stream (prefill 512 = TTFT, decode 128 at depth
+#                 512, best of 2) and 1 / 8 concurrent sequences (prompt 128 + 64 generated)
+#   hf            the same two through HF transformers (decode 32 tokens: it runs at ~9 tok/s)
+#   long:N        stllm prefill of N tokens (chunks of --batch 2048) then decode 32 at depth N:
+#                 prefill speed, decode speed and memory (KV, recurrent state, compute) at depth
+#   2gpu          stllm single stream with the layers split over two GPUs
+# Devices: $DEV (default "--device cuda"). JSON lines go to $OUT/bench.jsonl as in bench.sh.
+# The device tool allows 10 minutes a command: "make stllm" in one call, "hf long:131072" in the
+# next on the same warm machine.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+g=scratch/gpu
+work=${WORK:-/tmp/stllm-gpu}
+out=${OUT:-/tmp/stllm-out}
+mkdir -p "$out"
+# shellcheck source=lib.sh
+. scripts/gpu/lib.sh
+unpack_stllm
+stllm=$g/bin/stllm
+shape=nemotron-3-nano
+dir="$work/models/$shape"
+read -r -a dev <<<"${DEV:---device cuda}"
+be=(--backend-dir "$work/backends")
+
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(make stllm)
+for step in "${steps[@]}"; do
+  t0=$SECONDS
+  echo "== $shape $step"
+  case $step in
+    make)
+      python3 scripts/gpu/make_model.py "$shape" "$dir" >>"$out/make-$shape.log" 2>&1 \
+        || { echo "make_model failed:"; tail -5 "$out/make-$shape.log"; exit 1; }
+      du -sh "$dir"
+      ;;
+    stllm)
+      measure stllm "$shape" single "$stllm" bench --model "$dir" --prompt 512 --gen 128 --repeat 2 --json \
+        "${dev[@]}" "${be[@]}"
+      measure stllm "$shape" concurrent "$stllm" bench --model "$dir" "${dev[@]}" "${be[@]}" \
+        --concurrent 1,8 --prompt 128 --gen 64 --json
+      ;;
+    hf)
+      measure hf "$shape" single python3 benches/hf_cpu_bench.py "$dir" --prompt 512 --gen 32 --repeat 1 \
+        --device cuda
+      measure hf "$shape" concurrent python3 benches/hf_batched_bench.py "$dir" --seqs 1,8 --prompt 128 --gen 32 \
+        --repeat 1 --system 0 --device cuda
+      ;;
+    long:*)
+      n=${step#long:}
+      measure stllm "$shape" "long-$n" "$stllm" bench --model "$dir" --prompt "$n" --gen 32 --batch 2048 --json \
+        "${dev[@]}" "${be[@]}"
+      ;;
+    2gpu)
+      measure stllm-2gpu "$shape" single "$stllm" bench --model "$dir" --prompt 512 --gen 128 --repeat 2 --json \
+        --devices cuda:0,cuda:1 "${be[@]}"
+      ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+  echo "   ($step: $((SECONDS - t0)) s)"
+done
+python3 scripts/gpu/bench_summary.py "$out/bench.jsonl" | tee "$out/summary.md"
