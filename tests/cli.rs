@@ -376,3 +376,45 @@ fn quantize_option() {
     let e = stllm_fails(&["info", "--model", m, "--quantize", "q3_k"]);
     assert!(e.contains("--quantize must be q8_0, q4_0 or q4_k"), "{e}");
 }
+
+/// `--lora DIR[:WEIGHT]` on logits and generate: the PEFT-merged model's logits and greedy
+/// tokens; a weighted pair equals the weighted merge; an adapter that does not fit the model
+/// fails clearly.
+#[test]
+fn lora_option() {
+    let m = fixture("llama-f32");
+    let m = m.to_str().unwrap();
+    let a = fixture("lora").join("llama-a");
+    let exp = Expected::load(&a);
+    let tokens = csv(&exp.ids("tokens"));
+    let v = stllm(&["logits", "--model", m, "--tokens", &tokens, "--threads", "2", "--lora", a.to_str().unwrap()]);
+    let rows: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
+    let err = rel_err(&rows, &exp.rows("logits"));
+    assert!(err < 2e-3, "{err}");
+    let v = stllm(&[
+        "generate",
+        "--model",
+        m,
+        "--tokens",
+        &tokens,
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--json",
+        "--lora",
+        a.to_str().unwrap(),
+    ]);
+    let got: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert_eq!(got, exp.ids("greedy"));
+    let mix = Expected::load(&fixture("lora").join("mix"));
+    let b = fixture("lora").join("llama-b");
+    let (wa, wb) = (format!("{}:0.5", a.display()), format!("{}:1", b.display()));
+    let v = stllm(&["logits", "--model", m, "--tokens", &tokens, "--threads", "2", "--lora", &wa, "--lora", &wb]);
+    let rows: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
+    let err = rel_err(&rows, &mix.rows("logits"));
+    assert!(err < 2e-3, "weighted: {err}");
+    let other = fixture("lora").join("nemotron");
+    let e = stllm_fails(&["logits", "--model", m, "--tokens", "1,2", "--lora", other.to_str().unwrap()]);
+    assert!(e.contains("--lora") && e.contains("has no matrix"), "{e}");
+}

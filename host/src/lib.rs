@@ -13,6 +13,7 @@ pub mod engine;
 pub mod ggml;
 pub mod graph;
 pub mod loader;
+pub mod lora;
 pub mod memory;
 pub mod model;
 pub mod models;

@@ -2,7 +2,7 @@
 //! backend that computes on them.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::ggml::{self, Backend, DType};
 use crate::loader::{LoadError, ModelDir, WeightBuilder, Weights};
@@ -61,7 +61,7 @@ impl ModelOptions {
 
 pub struct Model {
     pub(crate) arch: Box<dyn Architecture>,
-    weights: Weights,
+    pub(crate) weights: Weights,
     pub dir: PathBuf,
     /// dtype holding most of the weight bytes
     pub dtype: DType,
@@ -71,6 +71,8 @@ pub struct Model {
     pub(crate) compute_lock: Mutex<()>,
     /// Which backend holds each layer, the embedding and the head
     pub placement: Placement,
+    /// LoRA adapters loaded for this model (their buffers are on the backends below)
+    lora: crate::lora::LoraRegistry,
     // Declared last: freed after the weights that live on them. The devices in split order,
     // then the CPU (always there: the scheduler runs what a device cannot on it).
     pub(crate) backends: Vec<Backend>,
@@ -130,7 +132,27 @@ impl Model {
             compute_lock: Mutex::new(()),
             placement,
             backends,
+            lora: Default::default(),
         })
+    }
+
+    /// The LoRA adapters loaded for this model.
+    pub fn adapters(&self) -> &crate::lora::LoraRegistry {
+        &self.lora
+    }
+
+    /// Load (or replace) LoRA adapter `name` from a PEFT folder.
+    pub fn load_adapter(
+        &self,
+        name: &str,
+        dir: &Path,
+    ) -> Result<Arc<crate::lora::LoraAdapter>, crate::lora::LoraError> {
+        self.lora.load(self, name, dir)
+    }
+
+    /// The current version of adapter `name` (read again first if its files changed on disk).
+    pub fn adapter(&self, name: &str) -> Result<Arc<crate::lora::LoraAdapter>, crate::lora::LoraError> {
+        self.lora.get(self, name)
     }
 
     pub fn hparams(&self) -> &HParams {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::ggml::{Context, DType, GgmlError, Graph, Sched, Tensor};
 use crate::graph::{Forward, StepInputs};
+use crate::lora::{ActiveLora, AdapterList, LoraAdapter};
 use crate::memory::cells::{KvCells, SeqId, MAX_SEQ};
 use crate::memory::kv::KvCache;
 use crate::memory::recurrent::RecurrentCache;
@@ -108,6 +109,8 @@ pub struct Runner {
     flash: bool,
     /// The last step's graph, allocated on the scheduler, reused while steps keep its shape
     step: Option<StepGraph>,
+    /// LoRA adapters per sequence (none: the base model)
+    adapters: std::collections::HashMap<SeqId, AdapterList>,
     model: Arc<Model>,
 }
 
@@ -119,6 +122,8 @@ struct StepGraph {
     graph: Graph,
     inp: StepInputs,
     result: Tensor,
+    /// Per active adapter: its per-token weight row (input), and the adapter kept alive
+    lora: Vec<(Tensor, Arc<LoraAdapter>)>,
     // Owns the tensor headers and the graph above; declared last.
     _ctx: Context,
 }
@@ -144,6 +149,8 @@ struct StepShape {
     output: Output,
     /// Sequences of a recurrent step (1 otherwise)
     n_seqs: usize,
+    /// Version ids of the LoRA adapters active in the step
+    adapters: Vec<u64>,
 }
 
 impl Runner {
@@ -211,7 +218,17 @@ impl Runner {
         };
         let sched = Sched::new(&model.sched_backends(), graph_size(hp.n_layer, n_ubatch))?;
         tracing::debug!(n_cells, kv_bytes = kv.bytes(), kv_type = kv_type.name(), "KV cache allocated");
-        Ok(Runner { sched, kv, cells: KvCells::new(n_cells), rs, n_ubatch, flash, step: None, model })
+        Ok(Runner {
+            sched,
+            kv,
+            cells: KvCells::new(n_cells),
+            rs,
+            n_ubatch,
+            flash,
+            step: None,
+            adapters: Default::default(),
+            model,
+        })
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -332,6 +349,22 @@ impl Runner {
             Some(&token) => Err(DecodeError::TokenOutOfRange { token, n_vocab }),
             None => Ok(()),
         }
+    }
+
+    /// The LoRA adapters (each with its weight) sequence `seq`'s tokens are computed with from now
+    /// on; empty: the base model. The caller keeps a sequence's adapters fixed while its cells
+    /// are reused (its cached K/V were computed with them).
+    pub fn set_adapters(&mut self, seq: SeqId, adapters: AdapterList) {
+        if adapters.is_empty() {
+            self.adapters.remove(&seq);
+        } else {
+            self.adapters.insert(seq, adapters);
+        }
+    }
+
+    /// The adapters of `seq`.
+    pub fn adapters(&self, seq: SeqId) -> &[(Arc<LoraAdapter>, f32)] {
+        self.adapters.get(&seq).map_or(&[], |v| v.as_slice())
     }
 
     /// Compute one ubatch: write its K/V into free cells (recording them for their sequences)
@@ -470,8 +503,34 @@ impl Runner {
         let n_kv = self.cells.n_kv().next_multiple_of(KV_PAD).min(self.cells.n_cells());
         let out: Vec<i32> = (0..n as i32).filter(|&i| ub.out[i as usize]).collect();
         let n_out = out.len().max(1);
-        let shape =
-            StepShape { n_tokens: n, n_kv, n_out, segments: crate::graph::attn_segments(&ub.seq), output, n_seqs };
+        // The adapters of the step's sequences, by version, and each one's weight per token.
+        let mut active: Vec<Arc<LoraAdapter>> = Vec::new();
+        for &seq in &ub.seq {
+            for (a, _) in self.adapters(seq) {
+                if !active.iter().any(|x| x.id() == a.id()) {
+                    active.push(a.clone());
+                }
+            }
+        }
+        active.sort_by_key(|a| a.id());
+        let lora_w: Vec<Vec<f32>> = active
+            .iter()
+            .map(|a| {
+                ub.seq
+                    .iter()
+                    .map(|&seq| self.adapters(seq).iter().filter(|(x, _)| x.id() == a.id()).map(|(_, w)| w).sum())
+                    .collect()
+            })
+            .collect();
+        let shape = StepShape {
+            n_tokens: n,
+            n_kv,
+            n_out,
+            segments: crate::graph::attn_segments(&ub.seq),
+            output,
+            n_seqs,
+            adapters: active.iter().map(|a| a.id()).collect(),
+        };
         // The state slot of each sequence of a recurrent step, in order.
         let rs_slots: Vec<i32> = match self.rs.as_mut() {
             Some(rs) => {
@@ -513,6 +572,14 @@ impl Runner {
                     .as_ref()
                     .map(|_| ctx.new_tensor(DType::I32, &[n_seqs as i64], "inp_rs_ids").set_input()),
             };
+            let lora_inputs: Vec<Tensor> = (0..active.len())
+                .map(|k| ctx.new_tensor(DType::F32, &[1, n as i64], &format!("inp_lora_w{k}")).set_input())
+                .collect();
+            let lora: Vec<ActiveLora> = active
+                .iter()
+                .zip(&lora_inputs)
+                .map(|(a, &w)| ActiveLora { adapter: a, w_tokens: w, w_out: ctx.get_rows(w, inp.out_ids) })
+                .collect();
             let mut f = Forward {
                 ctx: &ctx,
                 graph: &mut graph,
@@ -530,6 +597,7 @@ impl Runner {
                     n_seqs,
                     n_seq_tokens,
                 }),
+                lora: &lora,
             };
             let mut result = self.model.arch.build(&mut f);
             if output == Output::Argmax {
@@ -541,7 +609,8 @@ impl Runner {
             t_alloc = std::time::Instant::now();
             self.sched.reset();
             self.sched.alloc(&graph)?;
-            self.step = Some(StepGraph { shape, graph, inp, result, _ctx: ctx });
+            let lora = lora_inputs.into_iter().zip(active.iter().cloned()).collect();
+            self.step = Some(StepGraph { shape, graph, inp, result, lora, _ctx: ctx });
         } else {
             t_alloc = std::time::Instant::now();
         }
@@ -558,6 +627,9 @@ impl Runner {
         write_input(inp.kv_idxs, |t| t.write_i64(&idxs))?;
         if let Some(ids) = inp.rs_ids {
             write_input(ids, |t| t.write_i32(&rs_slots))?;
+        }
+        for ((t, _), w) in step.lora.iter().zip(&lora_w) {
+            write_input(*t, |t| t.write_f32(w))?;
         }
         let who: Vec<(SeqId, u32)> = ub.seq.iter().copied().zip(ub.pos.iter().copied()).collect();
         write_input(inp.mask, |t| write_mask(t, &self.cells, &who, n_kv, None))?;

@@ -154,6 +154,13 @@ impl Session {
         self.runner.kv().bytes()
     }
 
+    /// The LoRA adapters (with weights) this session's tokens are computed with from now on;
+    /// empty: the base model. Set them before decoding (or after [`Session::reset`]): tokens
+    /// already in the cache keep what they were computed with.
+    pub fn set_adapters(&mut self, adapters: crate::lora::AdapterList) {
+        self.runner.set_adapters(SEQ, adapters);
+    }
+
     /// Forget the sequence (its cells are freed).
     pub fn reset(&mut self) {
         self.runner.cells.seq_rm(SEQ, 0, u32::MAX);

@@ -47,6 +47,11 @@ pub struct ModelArgs {
     /// as stored)
     #[arg(long)]
     pub quantize: Option<String>,
+    /// A LoRA adapter folder as peft saves it, with an optional weight (default 1): DIR or
+    /// DIR:WEIGHT. Repeatable: the adapters apply together (bench --concurrent: request i uses
+    /// the i-th modulo their number)
+    #[arg(long = "lora", value_name = "DIR[:WEIGHT]")]
+    pub lora: Vec<String>,
     #[command(flatten)]
     pub dev: DeviceArgs,
 }
@@ -63,6 +68,25 @@ impl ModelArgs {
             Some(other) => bail!("--quantize must be q8_0, q4_0 or q4_k, got {other:?}"),
         };
         Ok(opts)
+    }
+}
+
+impl ModelArgs {
+    /// Load the --lora adapters into `model` (each named by its folder as given); returns the
+    /// names with their weights.
+    fn load_adapters(&self, model: &Model) -> Result<Vec<(String, f32)>> {
+        self.lora
+            .iter()
+            .map(|spec| {
+                // DIR:WEIGHT when what follows the last ':' is a number (a folder may contain ':').
+                let (dir, w) = match spec.rsplit_once(':').map(|(d, w)| (d, w.parse::<f32>())) {
+                    Some((d, Ok(w))) if w.is_finite() => (d, w),
+                    _ => (spec.as_str(), 1.0),
+                };
+                model.load_adapter(dir, std::path::Path::new(dir)).with_context(|| format!("--lora {spec}"))?;
+                Ok((dir.to_string(), w))
+            })
+            .collect()
     }
 }
 
@@ -419,6 +443,7 @@ fn open(m: &ModelArgs, min_ctx: usize) -> Result<Session> {
     let opts = m.model_options(m.threads)?;
     let model = Model::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))?;
     let kv_type = m.kv_type.as_deref().map(parse_kv_type).transpose()?;
+    let adapters = m.load_adapters(&model)?;
     let n_ctx = m.ctx_size.unwrap_or_else(|| model.hparams().n_ctx_train.min(4096).max(min_ctx));
     let sopts = SessionOptions {
         n_ctx: Some(n_ctx),
@@ -431,7 +456,13 @@ fn open(m: &ModelArgs, min_ctx: usize) -> Result<Session> {
             other => bail!("--flash-attn must be on, off or auto, got {other:?}"),
         },
     };
-    Ok(Session::new(Arc::new(model), &sopts)?)
+    let mut s = Session::new(Arc::new(model), &sopts)?;
+    let list = adapters
+        .iter()
+        .map(|(name, w)| Ok((s.model().adapter(name)?, *w)))
+        .collect::<Result<Vec<_>, crate::lora::LoraError>>()?;
+    s.set_adapters(list);
+    Ok(s)
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -647,6 +678,7 @@ fn bench_concurrent(m: &ModelArgs, ns: &[usize], prompt: usize, gen: usize, json
     }
     let opts = m.model_options(m.threads)?;
     let model = Arc::new(Model::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))?);
+    let adapter_names = m.load_adapters(&model)?;
     let n_vocab = model.hparams().n_vocab as u32;
     for &n in ns {
         if n == 0 {
@@ -685,6 +717,11 @@ fn bench_concurrent(m: &ModelArgs, ns: &[usize], prompt: usize, gen: usize, json
             .map(|i| {
                 let req = GenerateRequest {
                     stop_tokens: Some(vec![]),
+                    // With --lora: request i uses adapter i mod (number of adapters).
+                    adapters: adapter_names
+                        .get(i % adapter_names.len().max(1))
+                        .map(|(name, w)| vec![(name.clone(), *w)])
+                        .unwrap_or_default(),
                     ..GenerateRequest::greedy(random_tokens(i as u64 + 1, prompt, n_vocab), gen)
                 };
                 engine.generate(req)

@@ -82,12 +82,16 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Tokens that end the generation (included in the output); `None`: the model's EOS tokens
     pub stop_tokens: Option<Vec<u32>>,
+    /// LoRA adapters (names loaded with [`Model::load_adapter`](crate::Model::load_adapter)) and
+    /// their weights; empty: the base model. Resolved when the request is submitted: a reload
+    /// afterwards does not change this request.
+    pub adapters: Vec<(String, f32)>,
 }
 
 impl GenerateRequest {
     /// Greedy decoding of up to `max_tokens` after `prompt`, stopping at the model's EOS.
     pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
-        GenerateRequest { prompt, max_tokens, sampling: SamplingParams::default(), stop_tokens: None }
+        GenerateRequest { prompt, max_tokens, sampling: SamplingParams::default(), stop_tokens: None, adapters: vec![] }
     }
 }
 
@@ -152,6 +156,8 @@ pub enum EngineError {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     State(#[from] crate::memory::state::StateError),
+    #[error(transparent)]
+    Lora(#[from] crate::lora::LoraError),
 }
 
 /// A snapshot of the engine's state and counters.
@@ -194,6 +200,8 @@ struct Submit {
     id: u64,
     req: GenerateRequest,
     stop: Vec<u32>,
+    /// The request's adapters, resolved to the versions current at submission
+    adapters: crate::lora::AdapterList,
     tx: std::sync::mpsc::Sender<Event>,
     cancel: Arc<AtomicBool>,
     submitted: Instant,
@@ -364,6 +372,13 @@ impl Engine {
             return Err(EngineError::PromptTooLong { prompt: req.prompt.len(), max: self.max_seq_len });
         }
         req.sampling.validate().map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        let mut adapters = Vec::with_capacity(req.adapters.len());
+        for (name, w) in &req.adapters {
+            if !w.is_finite() {
+                return Err(EngineError::InvalidRequest(format!("adapter {name:?}: weight {w} is not finite")));
+            }
+            adapters.push((self.model.adapter(name)?, *w));
+        }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -378,7 +393,7 @@ impl Engine {
                 return Err(EngineError::Stopped(why.clone()));
             }
             self.shared.cancels.lock().unwrap_or_else(|p| p.into_inner()).insert(id, cancel.clone());
-            inbox.new.push(Submit { id, req, stop, tx, cancel: cancel.clone(), submitted: Instant::now() });
+            inbox.new.push(Submit { id, req, stop, adapters, tx, cancel: cancel.clone(), submitted: Instant::now() });
             self.shared.wake.notify_all();
         }
         Ok(Generation { id, rx, cancel, shared: self.shared.clone(), done: false })

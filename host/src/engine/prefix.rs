@@ -6,6 +6,10 @@
 //! Block `i` of a token list hashes the hash of block `i-1` with its own tokens, so one hash
 //! names a whole prefix; a hit is verified token by token (a hash collision costs a miss, never
 //! a wrong answer) and extended token by token past the last whole block.
+//!
+//! K/V depend on more than the tokens when LoRA adapters are active: every entry carries a
+//! `salt` naming what computed it (0: the base model; see `adapters_salt` in the scheduler),
+//! which seeds its hash chain and must match for a hit.
 
 use std::collections::HashMap;
 
@@ -16,6 +20,7 @@ pub const BLOCK: usize = 16;
 
 struct Entry {
     seq: SeqId,
+    salt: u64,
     tokens: Vec<u32>,
     hashes: Vec<u64>,
     last_used: u64,
@@ -38,8 +43,8 @@ pub struct PrefixCache {
     clock: u64,
 }
 
-fn block_hashes(tokens: &[u32]) -> Vec<u64> {
-    let mut h: u64 = 0xcbf29ce484222325;
+fn block_hashes(salt: u64, tokens: &[u32]) -> Vec<u64> {
+    let mut h: u64 = 0xcbf29ce484222325 ^ salt.wrapping_mul(0x9e3779b97f4a7c15);
     tokens
         .chunks_exact(BLOCK)
         .map(|b| {
@@ -67,10 +72,11 @@ impl PrefixCache {
         self.entries.is_empty()
     }
 
-    /// The entry sharing the longest prefix with `tokens` (at least one whole block).
-    pub fn lookup(&self, tokens: &[u32]) -> Option<Hit> {
+    /// The entry computed under `salt` sharing the longest prefix with `tokens` (at least one
+    /// whole block).
+    pub fn lookup(&self, salt: u64, tokens: &[u32]) -> Option<Hit> {
         let mut best: Option<&Vec<u64>> = None;
-        for h in block_hashes(tokens) {
+        for h in block_hashes(salt, tokens) {
             match self.index.get(&h) {
                 Some(ids) => best = Some(ids),
                 None => break,
@@ -79,6 +85,7 @@ impl PrefixCache {
         best?
             .iter()
             .map(|id| (id, &self.entries[id]))
+            .filter(|(_, e)| e.salt == salt)
             .map(|(&id, e)| Hit { entry: id, seq: e.seq, len: common_prefix(&e.tokens, tokens) })
             .filter(|h| h.len >= BLOCK)
             .max_by_key(|h| (h.len, self.entries[&h.entry].last_used))
@@ -95,25 +102,25 @@ impl PrefixCache {
     /// Cache `tokens` held by `seq`. Returns the sequences whose cells the caller must free:
     /// `seq` itself when an entry already covers `tokens` (or they are shorter than a block),
     /// and entries the new one makes redundant (their tokens are a prefix of `tokens`).
-    pub fn insert(&mut self, seq: SeqId, tokens: Vec<u32>) -> Vec<SeqId> {
-        if tokens.len() < BLOCK || self.lookup(&tokens).is_some_and(|h| h.len == tokens.len()) {
+    pub fn insert(&mut self, seq: SeqId, salt: u64, tokens: Vec<u32>) -> Vec<SeqId> {
+        if tokens.len() < BLOCK || self.lookup(salt, &tokens).is_some_and(|h| h.len == tokens.len()) {
             return vec![seq];
         }
         let covered: Vec<u64> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens))
+            .filter(|(_, e)| e.salt == salt && e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens))
             .map(|(&id, _)| id)
             .collect();
         let mut freed: Vec<SeqId> = covered.into_iter().filter_map(|id| self.remove(id)).collect();
         let id = self.next_id;
         self.next_id += 1;
         self.clock += 1;
-        let hashes = block_hashes(&tokens);
+        let hashes = block_hashes(salt, &tokens);
         for &h in &hashes {
             self.index.entry(h).or_default().push(id);
         }
-        self.entries.insert(id, Entry { seq, tokens, hashes, last_used: self.clock });
+        self.entries.insert(id, Entry { seq, salt, tokens, hashes, last_used: self.clock });
         freed.sort_unstable();
         freed
     }
@@ -161,26 +168,30 @@ mod tests {
     fn longest_prefix_wins_and_extends_past_the_last_block() {
         let mut c = PrefixCache::default();
         let a = toks(40, 0);
-        assert!(c.insert(1, a.clone()).is_empty());
+        assert!(c.insert(1, 0, a.clone()).is_empty());
         let mut q = a[..37].to_vec();
         q.extend([9999, 9998]);
-        assert_eq!(c.lookup(&q), Some(Hit { entry: 0, seq: 1, len: 37 }));
-        assert_eq!(c.lookup(&toks(40, 1)), None, "different tokens miss");
-        assert_eq!(c.lookup(&a[..10]), None, "less than a block is not worth sharing");
+        assert_eq!(c.lookup(0, &q), Some(Hit { entry: 0, seq: 1, len: 37 }));
+        assert_eq!(c.lookup(0, &toks(40, 1)), None, "different tokens miss");
+        assert_eq!(c.lookup(0, &a[..10]), None, "less than a block is not worth sharing");
+        assert_eq!(c.lookup(7, &q), None, "K/V computed under other adapters miss");
+        assert!(c.insert(2, 7, a.clone()).is_empty(), "the same tokens under another salt are another entry");
+        assert_eq!(c.lookup(7, &q).map(|h| h.seq), Some(2));
+        assert_eq!(c.lookup(0, &q).map(|h| h.seq), Some(1));
     }
 
     #[test]
     fn redundant_entries_are_dropped_and_lru_evicts_oldest() {
         let mut c = PrefixCache::default();
         let a = toks(20, 0);
-        c.insert(1, a.clone());
-        assert_eq!(c.insert(2, a[..18].to_vec()), vec![2], "already covered");
+        c.insert(1, 0, a.clone());
+        assert_eq!(c.insert(2, 0, a[..18].to_vec()), vec![2], "already covered");
         let mut longer = a.clone();
         longer.extend(toks(20, 3));
-        assert_eq!(c.insert(3, longer), vec![1], "the shorter entry is covered by the longer");
-        c.insert(4, toks(32, 5));
+        assert_eq!(c.insert(3, 0, longer), vec![1], "the shorter entry is covered by the longer");
+        c.insert(4, 0, toks(32, 5));
         assert_eq!(c.len(), 2);
-        c.touch(c.lookup(&a).unwrap().entry);
+        c.touch(c.lookup(0, &a).unwrap().entry);
         assert_eq!(c.evict_lru(None), Some(4));
         assert_eq!(c.evict_lru(None), Some(3));
         assert_eq!(c.evict_lru(None), None);

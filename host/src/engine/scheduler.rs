@@ -196,10 +196,11 @@ impl Sched {
         });
     }
 
-    /// The cached prefix `tokens` can start from. A hybrid model's entry is only usable whole
-    /// (its recurrent state stands at its end) and with at least one token left to compute.
-    fn usable_hit(&self, tokens: &[u32]) -> Option<crate::engine::prefix::Hit> {
-        let h = self.prefix.lookup(tokens)?;
+    /// The cached prefix `tokens` can start from, computed under the same adapters (`salt`). A
+    /// hybrid model's entry is only usable whole (its recurrent state stands at its end) and
+    /// with at least one token left to compute.
+    fn usable_hit(&self, salt: u64, tokens: &[u32]) -> Option<crate::engine::prefix::Hit> {
+        let h = self.prefix.lookup(salt, tokens)?;
         match self.runner.recurrent_pos(h.seq) {
             None => Some(h),
             Some(pos) => (h.len == pos as usize && h.len < tokens.len()).then_some(h),
@@ -209,6 +210,7 @@ impl Sched {
     /// Free a sequence id and every cell only it holds.
     fn free_seq(&mut self, seq: SeqId) {
         self.runner.cells.seq_rm(seq, 0, u32::MAX);
+        self.runner.set_adapters(seq, vec![]);
         self.free_ids.push(seq);
     }
 
@@ -217,7 +219,9 @@ impl Sched {
         r.finish(reason);
         self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).requests_finished += 1;
         let Some(seq) = r.seq.take() else { return };
-        self.cache_or_free(seq, std::mem::take(&mut r.cached));
+        let salt = adapters_salt(&r.sub.adapters);
+        self.runner.set_adapters(seq, vec![]);
+        self.cache_or_free(seq, salt, std::mem::take(&mut r.cached));
     }
 
     /// Evict the least recently used cached prefix; false if there is none.
@@ -234,7 +238,8 @@ impl Sched {
     fn admit(&mut self) {
         while self.active.len() < self.cfg.max_seqs && !self.free_ids.is_empty() {
             let Some(front) = self.waiting.front() else { break };
-            let hit = self.usable_hit(&front.pending);
+            let salt = adapters_salt(&front.sub.adapters);
+            let hit = self.usable_hit(salt, &front.pending);
             // Reuse at most all but the last prompt token: its logits must be computed.
             let reuse = hit.map_or(0, |h| h.len.min(front.pending.len() - 1));
             let need = front.pending.len() - reuse;
@@ -247,6 +252,7 @@ impl Sched {
             let mut r = self.waiting.pop_front().expect("front exists");
             let seq = self.free_ids.pop().expect("checked");
             r.seq = Some(seq);
+            self.runner.set_adapters(seq, r.sub.adapters.clone());
             self.admitted += 1;
             r.admitted = self.admitted;
             let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -343,7 +349,7 @@ impl Sched {
                 if e.cached.is_empty() && !all {
                     // A fresh sequence may start from a cached prefix.
                     let seq = e.seq;
-                    let hit = self.usable_hit(&tokens);
+                    let hit = self.usable_hit(0, &tokens);
                     let reuse = hit.map_or(0, |h| h.len.min(tokens.len() - 1));
                     let shared = match hit {
                         Some(h) if reuse > 0 => self.runner.share_prefix(h.seq, seq, reuse as u32).is_ok(),
@@ -385,7 +391,7 @@ impl Sched {
                 let r = match self.take_id() {
                     Some(seq) => match self.runner.write_seq(seq, n, &data) {
                         Ok(()) => {
-                            self.cache_or_free(seq, tokens);
+                            self.cache_or_free(seq, 0, tokens);
                             Ok(())
                         }
                         Err(e) => {
@@ -402,14 +408,14 @@ impl Sched {
                     if let Some(tx) = e.reply {
                         let _ = tx.send(Err(DecodeError::Options("sequence closed".into())));
                     }
-                    self.cache_or_free(e.seq, e.cached);
+                    self.cache_or_free(e.seq, 0, e.cached);
                 }
             }
         }
     }
 
     /// Keep a finished sequence's cells as a cached prefix (when the cache is on) or free them.
-    fn cache_or_free(&mut self, seq: SeqId, tokens: Vec<u32>) {
+    fn cache_or_free(&mut self, seq: SeqId, salt: u64, tokens: Vec<u32>) {
         if self.cfg.prefix_entries == 0 {
             self.free_seq(seq);
             return;
@@ -420,7 +426,7 @@ impl Sched {
                 None => break,
             }
         }
-        for s in self.prefix.insert(seq, tokens) {
+        for s in self.prefix.insert(seq, salt, tokens) {
             self.free_seq(s);
         }
     }
@@ -674,4 +680,12 @@ fn new_req(sub: Submit) -> Req {
         admitted: 0,
         sub,
     }
+}
+
+/// What names the K/V a request's adapters compute, for the prefix cache: 0 for the base model,
+/// else a hash of the adapter versions and weights (a reloaded adapter is another salt).
+fn adapters_salt(adapters: &crate::lora::AdapterList) -> u64 {
+    adapters.iter().fold(0, |h: u64, (a, w)| {
+        (h ^ a.id().wrapping_mul(0x9e3779b97f4a7c15) ^ (w.to_bits() as u64) << 17).wrapping_mul(0x100000001b3).max(1)
+    })
 }

@@ -403,6 +403,11 @@ impl Tensor {
         unsafe { self.ptr.as_ref() }
     }
 
+    /// The tensor header's address: an identity for the tensor while its context lives.
+    pub fn addr(&self) -> usize {
+        self.raw() as usize
+    }
+
     pub fn ne(&self) -> [i64; 4] {
         self.inner().ne
     }

@@ -104,7 +104,7 @@ impl Attention {
 
 /// `w x (+ b)`
 fn linear(f: &Forward, w: Tensor, b: Option<Tensor>, x: Tensor) -> Tensor {
-    let y = f.ctx.mul_mat(w, x);
+    let y = f.mm(w, x);
     match b {
         Some(b) => f.ctx.add(y, b),
         None => y,

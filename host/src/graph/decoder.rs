@@ -257,6 +257,6 @@ impl Architecture for DenseDecoder {
         if f.embeddings {
             return x;
         }
-        f.ctx.mul_mat(self.lm_head, x)
+        f.mm(self.lm_head, x)
     }
 }

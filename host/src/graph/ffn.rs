@@ -23,10 +23,10 @@ impl SwigluMlp {
     }
 
     pub fn forward(&self, f: &Forward, x: Tensor) -> Tensor {
-        let g = f.ctx.mul_mat(self.gate, x);
-        let u = f.ctx.mul_mat(self.up, x);
+        let g = f.mm(self.gate, x);
+        let u = f.mm(self.up, x);
         let h = f.ctx.swiglu_split(g, u);
-        f.ctx.mul_mat(self.down, h)
+        f.mm(self.down, h)
     }
 }
 

@@ -96,7 +96,7 @@ impl Mamba2 {
         let ssm_all = rs.cache.ssm(ir);
         let ids = rs.ids;
 
-        let mut zxbcdt = c.mul_mat(self.in_proj, x);
+        let mut zxbcdt = f.mm(self.in_proj, x);
         if let Some(b) = self.in_bias {
             zxbcdt = c.add(zxbcdt, b);
         }
@@ -147,7 +147,7 @@ impl Mamba2 {
         let y = c.reshape_3d(y, d_inner / ng, ng, l * s);
         let y = c.rms_norm(y, self.eps);
         let y = c.mul(c.reshape_2d(y, d_inner, l * s), self.norm);
-        let mut out = c.mul_mat(self.out_proj, y);
+        let mut out = f.mm(self.out_proj, y);
         if let Some(b) = self.out_bias {
             out = c.add(out, b);
         }

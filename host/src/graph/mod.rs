@@ -64,6 +64,8 @@ pub struct Forward<'a> {
     pub attn_segments: Vec<(usize, usize)>,
     /// Recurrent state inputs, for models with Mamba layers
     pub rs: Option<RsInputs<'a>>,
+    /// LoRA adapters active in this step (see [`crate::lora`])
+    pub lora: &'a [crate::lora::ActiveLora<'a>],
 }
 
 /// How to split a batch's rows for flash attention. ggml's CPU kernel tiles 64 query rows at a
@@ -111,6 +113,17 @@ pub fn attn_segments(seqs: &[u32]) -> Vec<(usize, usize)> {
 }
 
 impl Forward<'_> {
+    /// A projection `w x` (`w` a weight matrix as loaded), plus the low-rank updates of the
+    /// step's active LoRA adapters that adapt `w`. Every dense projection of every architecture
+    /// goes through here.
+    pub fn mm(&self, w: Tensor, x: Tensor) -> Tensor {
+        let y = self.ctx.mul_mat(w, x);
+        if self.lora.is_empty() {
+            return y;
+        }
+        crate::lora::apply(self.ctx, self.lora, self.n_tokens, w, x, y)
+    }
+
     /// Record a hidden state for read-back when taps are on.
     pub fn tap(&mut self, t: Tensor) {
         if let Some(taps) = &mut self.taps {

@@ -266,7 +266,7 @@ impl Moe {
             out = c.cont(out);
         }
         if let Some((up, down)) = self.shared {
-            out = c.add(out, c.mul_mat(down, c.sqr(c.relu(c.mul_mat(up, x)))));
+            out = c.add(out, f.mm(down, c.sqr(c.relu(f.mm(up, x)))));
         }
         out
     }

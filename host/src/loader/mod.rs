@@ -216,7 +216,7 @@ fn stored_dtype(d: StDtype) -> Option<DType> {
 }
 
 /// Widen little-endian F16/BF16 bytes to F32.
-fn to_f32(dtype: StDtype, bytes: &[u8]) -> Vec<f32> {
+pub(crate) fn to_f32(dtype: StDtype, bytes: &[u8]) -> Vec<f32> {
     let halves = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
     match dtype {
         StDtype::BF16 => halves.map(|h| f32::from_bits((h as u32) << 16)).collect(),
@@ -262,6 +262,9 @@ pub struct Weights {
     pub per_backend: Vec<usize>,
     /// Elements of the weights read from the files
     pub n_params: u64,
+    /// The matrices read whole from one file tensor (projections), by checkpoint name, with the
+    /// backend index holding them: what a LoRA adapter can attach to
+    pub matrices: std::collections::HashMap<String, (Tensor, usize)>,
     // Owns the tensor headers; dropped after the buffer.
     pub ctx: Context,
 }
@@ -512,10 +515,23 @@ impl<'a> WeightBuilder<'a> {
             .filter(|s| s.dst == 0)
             .map(|s| (s.tensor, s.name.as_str()))
             .chain(self.derived.iter().map(|(t, _)| (*t, "")));
+        // Tensors filled by exactly one whole file tensor (not stacked, not split).
+        let mut sources: std::collections::HashMap<usize, (usize, bool)> = std::collections::HashMap::new();
+        for s in &self.from_file {
+            let e = sources.entry(s.tensor.addr()).or_insert((0, true));
+            e.0 += 1;
+            e.1 &= s.src.is_none();
+        }
+        let mut matrices = std::collections::HashMap::new();
         let mut groups: Vec<Vec<Tensor>> = vec![Vec::new(); backends.len()];
         for (t, name) in all {
+            let whole = !name.is_empty() && sources.get(&t.addr()) == Some(&(1, true));
             let name = if name.is_empty() { t.name() } else { name.to_string() };
-            groups[placement.of_tensor(&name, tied).min(backends.len() - 1)].push(t);
+            let b = placement.of_tensor(&name, tied).min(backends.len() - 1);
+            if whole && t.ne()[2] == 1 && t.ne()[3] == 1 && t.ne()[1] > 1 {
+                matrices.insert(name, (t, b));
+            }
+            groups[b].push(t);
         }
         let mut buffers = Vec::new();
         let mut per_backend = vec![0; backends.len()];
@@ -587,7 +603,7 @@ impl<'a> WeightBuilder<'a> {
             );
         }
         let n_params = self.from_file.iter().filter(|s| s.dst == 0).map(|s| s.tensor.nelements() as u64).sum();
-        Ok(Weights { buffers, per_backend, n_params, ctx: self.ctx })
+        Ok(Weights { buffers, per_backend, n_params, matrices, ctx: self.ctx })
     }
 }
 

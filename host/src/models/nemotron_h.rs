@@ -330,7 +330,7 @@ impl Architecture for NemotronH {
                 Mixer::Mamba(m, ir) => m.forward(f, *ir, h),
                 Mixer::Attention(a, ikv) => a.forward(f, *ikv, h, None, false),
                 Mixer::Moe(m) => m.forward(f, h),
-                Mixer::Mlp { up, down } => f.ctx.mul_mat(*down, f.ctx.sqr(f.ctx.relu(f.ctx.mul_mat(*up, h)))),
+                Mixer::Mlp { up, down } => f.mm(*down, f.ctx.sqr(f.ctx.relu(f.mm(*up, h)))),
             };
             x = f.ctx.add(x, h);
             f.tap(x);
@@ -340,6 +340,6 @@ impl Architecture for NemotronH {
         if f.embeddings {
             return x;
         }
-        f.ctx.mul_mat(self.lm_head, x)
+        f.mm(self.lm_head, x)
     }
 }

@@ -1,0 +1,427 @@
+//! LoRA adapters as `peft` saves them (`adapter_config.json` + `adapter_model.safetensors`),
+//! applied **unmerged**: a projection computes `W x + Σ_a w_a · s_a · B_a (A_a x)` over the
+//! adapters active for the row's sequence, so several adapters stay loaded, each sequence picks
+//! none, one or a weighted list, and sequences with different adapters share one step (each
+//! adapter's low-rank product runs over the whole step; a per-token weight row, zero for tokens
+//! of other sequences, selects it).
+//!
+//! An adapter is immutable once loaded; the [`LoraRegistry`] maps names to the current version.
+//! Replacing or reloading a name installs a new version, and requests keep the `Arc` of the
+//! version they started with, so in-flight sequences finish on it. The registry also notices
+//! when an adapter's files change on disk ([`LoraRegistry::get`] compares their stamps).
+//!
+//! What is read: `r`, `lora_alpha`, `use_rslora` (scale `alpha/√r` instead of `alpha/r`),
+//! `rank_pattern` / `alpha_pattern` (per-module overrides, matched as PEFT does on the module
+//! name's suffix), `fan_in_fan_out` (PEFT resets it for `nn.Linear` bases, which all supported
+//! architectures have; ignored with a warning), tensors `base_model.model.<module>.lora_{A,B}.weight`.
+//! Refused with a clear error: DoRA, trained biases, embedding adapters, `modules_to_save`
+//! (whole replaced modules), and modules stllm does not hold as one matrix (experts stacked at
+//! load, fused projections split at load).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use crate::ggml::{Buffer, Context, DType, GgmlError, Tensor};
+use crate::loader::safetensors::SafetensorsFile;
+use crate::loader::{read_json, to_f32, LoadError};
+use crate::model::Model;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Ggml(#[from] GgmlError),
+    #[error("{}: {msg}", dir.display())]
+    Invalid { dir: PathBuf, msg: String },
+    #[error("{}: {msg} (not supported)", dir.display())]
+    Unsupported { dir: PathBuf, msg: String },
+    #[error(
+        "{}: module {module} has no matrix {} in the model (the model's projections: {examples}{})",
+        dir.display(), tried.join(" or "), if *stacked { "; experts and fused projections are stacked or split at load, so adapters cannot target them" } else { "" }
+    )]
+    UnknownModule { dir: PathBuf, module: String, tried: Vec<String>, examples: String, stacked: bool },
+    #[error("{}: {module}: lora_A is {a:?} and lora_B {b:?}, the base matrix is [{out}, {inp}] (in PyTorch order)", dir.display())]
+    Shape { dir: PathBuf, module: String, a: Vec<usize>, b: Vec<usize>, out: usize, inp: usize },
+    #[error("no LoRA adapter named {0:?} is loaded")]
+    NotLoaded(String),
+}
+
+/// One adapted projection: `A` ggml `[in, r]`, `B` ggml `[r, out]` with the scale folded in.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoraPair {
+    pub a: Tensor,
+    pub b: Tensor,
+}
+
+/// A loaded adapter version. Its tensors live on the backends of the matrices they adapt.
+pub struct LoraAdapter {
+    name: String,
+    dir: PathBuf,
+    /// Unique over the process: what a step graph is keyed by
+    id: u64,
+    stamp: Vec<(PathBuf, Option<SystemTime>, u64)>,
+    /// By the adapted matrix's tensor address
+    pairs: HashMap<usize, LoraPair>,
+    rank: usize,
+    bytes: usize,
+    // The tensor data, then the headers; the model whose matrices they adapt outlives neither
+    // concern (they are only used in graphs together with it).
+    _buffers: Vec<Buffer>,
+    _ctx: Context,
+}
+
+impl std::fmt::Debug for LoraAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoraAdapter")
+            .field("name", &self.name)
+            .field("dir", &self.dir)
+            .field("id", &self.id)
+            .field("modules", &self.pairs.len())
+            .field("rank", &self.rank)
+            .finish()
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+const FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+
+fn stamp(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    FILES
+        .iter()
+        .map(|f| {
+            let p = dir.join(f);
+            let m = std::fs::metadata(&p).ok();
+            (p, m.as_ref().and_then(|m| m.modified().ok()), m.map_or(0, |m| m.len()))
+        })
+        .collect()
+}
+
+/// PEFT's pattern match: the key equals the module name or is a dotted suffix of it.
+fn pattern<'a>(
+    map: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    module: &str,
+) -> Option<&'a serde_json::Value> {
+    map?.iter().find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}"))).map(|(_, v)| v)
+}
+
+impl LoraAdapter {
+    /// Read a PEFT adapter folder and place its matrices beside the model's.
+    pub fn load(model: &Model, name: &str, dir: &Path) -> Result<LoraAdapter, LoraError> {
+        let invalid = |msg: String| LoraError::Invalid { dir: dir.to_path_buf(), msg };
+        let unsupported = |msg: String| LoraError::Unsupported { dir: dir.to_path_buf(), msg };
+        let stamp = stamp(dir);
+        let cfg_path = dir.join(FILES[0]);
+        let cfg = read_json(&cfg_path)?;
+        let cfg = cfg.as_object().ok_or_else(|| invalid(format!("{} is not a JSON object", FILES[0])))?;
+        let get = |k: &str| cfg.get(k).filter(|v| !v.is_null());
+        if let Some(t) = get("peft_type").and_then(|v| v.as_str()) {
+            if !t.eq_ignore_ascii_case("lora") {
+                return Err(unsupported(format!("peft_type {t:?}: only LORA adapters load")));
+            }
+        }
+        if get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
+            return Err(unsupported("use_dora: DoRA adapters".into()));
+        }
+        if let Some(b) = get("bias").and_then(|v| v.as_str()).filter(|b| *b != "none") {
+            return Err(unsupported(format!("bias {b:?}: trained biases")));
+        }
+        if get("lora_bias").and_then(|v| v.as_bool()) == Some(true) {
+            return Err(unsupported("lora_bias: a bias on lora_B".into()));
+        }
+        if let Some(m) = get("modules_to_save").and_then(|v| v.as_array()).filter(|m| !m.is_empty()) {
+            return Err(unsupported(format!("modules_to_save {m:?}: whole modules replaced by the adapter")));
+        }
+        if get("fan_in_fan_out").and_then(|v| v.as_bool()) == Some(true) {
+            tracing::warn!(dir = %dir.display(), "fan_in_fan_out is for Conv1D bases; the model's projections are Linear (as PEFT does, ignored)");
+        }
+        let num = |v: Option<&serde_json::Value>, what: &str| -> Result<Option<f64>, LoraError> {
+            match v {
+                None => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| invalid(format!("{what} must be a number, got {v}"))),
+            }
+        };
+        let r_default = num(get("r"), "r")?.ok_or_else(|| invalid("adapter_config.json has no r".into()))?;
+        let alpha_default = num(get("lora_alpha"), "lora_alpha")?.unwrap_or(8.0);
+        let rslora = get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
+        let rank_pattern = get("rank_pattern").and_then(|v| v.as_object());
+        let alpha_pattern = get("alpha_pattern").and_then(|v| v.as_object());
+
+        let st = SafetensorsFile::open(&dir.join(FILES[1]))?;
+        // module -> (A entry name, B entry name)
+        let mut modules: HashMap<String, [Option<String>; 2]> = HashMap::new();
+        for key in st.tensors.keys() {
+            let k = key.strip_prefix("base_model.model.").unwrap_or(key);
+            let (module, which) = if let Some(m) = k.strip_suffix(".lora_A.weight") {
+                (m, 0)
+            } else if let Some(m) = k.strip_suffix(".lora_B.weight") {
+                (m, 1)
+            } else if let Some(m) = k.strip_suffix(".lora_A.default.weight") {
+                (m, 0)
+            } else if let Some(m) = k.strip_suffix(".lora_B.default.weight") {
+                (m, 1)
+            } else if k.contains("lora_embedding") {
+                return Err(unsupported(format!("{key}: adapters on embeddings")));
+            } else if k.contains("lora_magnitude") {
+                return Err(unsupported(format!("{key}: DoRA magnitudes")));
+            } else {
+                return Err(unsupported(format!("tensor {key}: only lora_A / lora_B matrices load")));
+            };
+            modules.entry(module.to_string()).or_default()[which] = Some(key.clone());
+        }
+        if modules.is_empty() {
+            return Err(invalid(format!("{} holds no lora_A / lora_B tensors", FILES[1])));
+        }
+        let ctx = Context::new(2 * modules.len() + 8, 0)?;
+        let n_backends = model.backends.len();
+        let mut groups: Vec<Vec<Tensor>> = vec![Vec::new(); n_backends];
+        let mut pairs = HashMap::new();
+        let mut data: Vec<(Tensor, Vec<f32>)> = Vec::new();
+        let mut rank = 0;
+        let mut buf = Vec::new();
+        let mut names: Vec<&String> = modules.keys().collect();
+        names.sort();
+        for module in names {
+            let [Some(a_name), Some(b_name)] = &modules[module] else {
+                return Err(invalid(format!("module {module} has only one of lora_A / lora_B")));
+            };
+            let tried = base_names(module);
+            let Some(&(w, backend)) = tried.iter().find_map(|n| model.weights.matrices.get(n)) else {
+                let mut ex: Vec<&String> = model.weights.matrices.keys().filter(|k| k.contains("layers.0.")).collect();
+                ex.sort();
+                let examples = ex.iter().take(8).map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+                let stacked = module.contains("experts") || module.contains("gate_up");
+                return Err(LoraError::UnknownModule {
+                    dir: dir.to_path_buf(),
+                    module: module.clone(),
+                    tried,
+                    examples,
+                    stacked,
+                });
+            };
+            let (inp, out) = (w.ne()[0] as usize, w.ne()[1] as usize);
+            let (ae, be) = (&st.tensors[a_name], &st.tensors[b_name]);
+            let r = ae.shape.first().copied().unwrap_or(0);
+            if ae.shape != [r, inp] || be.shape != [out, r] || r == 0 {
+                return Err(LoraError::Shape {
+                    dir: dir.to_path_buf(),
+                    module: module.clone(),
+                    a: ae.shape.clone(),
+                    b: be.shape.clone(),
+                    out,
+                    inp,
+                });
+            }
+            let r_cfg = num(pattern(rank_pattern, module), "rank_pattern")?.unwrap_or(r_default);
+            if r_cfg as usize != r {
+                tracing::warn!(module, r, r_cfg, "lora_A's rank differs from the config's; the tensor's is used");
+            }
+            let alpha = num(pattern(alpha_pattern, module), "alpha_pattern")?.unwrap_or(alpha_default);
+            let scale = if rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 } as f32;
+            let read = |name: &str, buf: &mut Vec<u8>| -> Result<Vec<f32>, LoraError> {
+                let e = &st.tensors[name];
+                match e.dtype {
+                    crate::loader::safetensors::StDtype::Other(d) => {
+                        return Err(invalid(format!("tensor {name} has dtype {d}, supported: F32, F16, BF16")))
+                    }
+                    _ => st.read(name, e, buf)?,
+                }
+                Ok(to_f32(e.dtype, buf))
+            };
+            let a_data = read(a_name, &mut buf)?;
+            let b_data: Vec<f32> = read(b_name, &mut buf)?.into_iter().map(|x| x * scale).collect();
+            let a = ctx.new_tensor(DType::F32, &[inp as i64, r as i64], &format!("lora_a.{module}"));
+            let b = ctx.new_tensor(DType::F32, &[r as i64, out as i64], &format!("lora_b.{module}"));
+            groups[backend].extend([a, b]);
+            data.push((a, a_data));
+            data.push((b, b_data));
+            pairs.insert(w.addr(), LoraPair { a, b });
+            rank = rank.max(r);
+        }
+        let mut buffers = Vec::new();
+        let mut bytes = 0;
+        for (b, tensors) in groups.iter().enumerate() {
+            if tensors.is_empty() {
+                continue;
+            }
+            let what = format!("LoRA adapter {name} ({} tensors)", tensors.len());
+            let buffer = Buffer::alloc_tensors_on(&model.backends[b], tensors, &what)?;
+            bytes += buffer.size();
+            buffers.push(buffer);
+        }
+        for (t, d) in &data {
+            t.write_f32(d)?;
+        }
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(name, dir = %dir.display(), modules = pairs.len(), rank, bytes, id, "LoRA adapter loaded");
+        Ok(LoraAdapter {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            id,
+            stamp,
+            pairs,
+            rank,
+            bytes,
+            _buffers: buffers,
+            _ctx: ctx,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// This version's identity (a reload gets a new one).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Matrices adapted
+    pub fn modules(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// The largest rank
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Backend bytes of its matrices
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub(crate) fn pair(&self, w: Tensor) -> Option<LoraPair> {
+        self.pairs.get(&w.addr()).copied()
+    }
+
+    /// Whether the files on disk differ from those this version was read from.
+    pub fn changed_on_disk(&self) -> bool {
+        stamp(&self.dir) != self.stamp
+    }
+}
+
+/// Checkpoint names a PEFT module path may refer to: `<module>.weight`, and for models whose
+/// checkpoints name the trunk `backbone` (NemotronH) while transformers' modules call it `model`,
+/// that spelling too.
+fn base_names(module: &str) -> Vec<String> {
+    let mut v = vec![format!("{module}.weight")];
+    if let Some(rest) = module.strip_prefix("model.") {
+        v.push(format!("backbone.{rest}.weight"));
+    }
+    if let Some(rest) = module.strip_prefix("backbone.") {
+        v.push(format!("model.{rest}.weight"));
+    }
+    v
+}
+
+/// A sequence's adapters: each with its weight (1.0 = as trained).
+pub type AdapterList = Vec<(Arc<LoraAdapter>, f32)>;
+
+/// The adapters loaded for one model, by name; shared by everything serving the model.
+#[derive(Default)]
+pub struct LoraRegistry {
+    adapters: Mutex<HashMap<String, Arc<LoraAdapter>>>,
+}
+
+impl std::fmt::Debug for LoraRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.list()).finish()
+    }
+}
+
+impl LoraRegistry {
+    /// Load (or replace) the adapter `name` from `dir`. A replaced version stays alive for the
+    /// sequences using it.
+    pub fn load(&self, model: &Model, name: &str, dir: &Path) -> Result<Arc<LoraAdapter>, LoraError> {
+        let a = Arc::new(LoraAdapter::load(model, name, dir)?);
+        self.lock().insert(name.to_string(), a.clone());
+        Ok(a)
+    }
+
+    /// Read `name`'s folder again (explicitly), installing the new version.
+    pub fn reload(&self, model: &Model, name: &str) -> Result<Arc<LoraAdapter>, LoraError> {
+        let dir = self.lock().get(name).map(|a| a.dir.clone()).ok_or_else(|| LoraError::NotLoaded(name.into()))?;
+        self.load(model, name, &dir)
+    }
+
+    /// Forget `name` (sequences using it keep their version); whether it was loaded.
+    pub fn unload(&self, name: &str) -> bool {
+        self.lock().remove(name).is_some()
+    }
+
+    /// The current version of `name`; when its files changed on disk since it was read, it is
+    /// read again first (hot reload). A reload that fails keeps the loaded version and logs why.
+    pub fn get(&self, model: &Model, name: &str) -> Result<Arc<LoraAdapter>, LoraError> {
+        let cur = self.lock().get(name).cloned().ok_or_else(|| LoraError::NotLoaded(name.into()))?;
+        if !cur.changed_on_disk() {
+            return Ok(cur);
+        }
+        match LoraAdapter::load(model, name, &cur.dir) {
+            Ok(new) => {
+                let new = Arc::new(new);
+                let mut map = self.lock();
+                // Another caller may have reloaded meanwhile: keep the newest.
+                match map.get(name) {
+                    Some(a) if a.id > new.id => Ok(a.clone()),
+                    _ => {
+                        map.insert(name.to_string(), new.clone());
+                        tracing::info!(name, id = new.id, "LoRA adapter reloaded (files changed)");
+                        Ok(new)
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(name, error = %e, "LoRA adapter files changed but do not load; keeping the loaded version");
+                Ok(cur)
+            }
+        }
+    }
+
+    /// Loaded adapters: (name, folder, version id, modules, rank).
+    pub fn list(&self) -> Vec<(String, PathBuf, u64, usize, usize)> {
+        let mut v: Vec<_> =
+            self.lock().values().map(|a| (a.name.clone(), a.dir.clone(), a.id, a.pairs.len(), a.rank)).collect();
+        v.sort();
+        v
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LoraAdapter>>> {
+        self.adapters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// An adapter active in a step being built: its per-token weight rows (`F32 [1, n_tokens]`,
+/// input; and the same gathered to the output rows, for layers that run on those only).
+#[derive(Clone, Copy)]
+pub struct ActiveLora<'a> {
+    pub adapter: &'a LoraAdapter,
+    pub w_tokens: Tensor,
+    pub w_out: Tensor,
+}
+
+/// `y = w x` plus each active adapter's `B (A x)` weighted per token (see the module docs).
+pub(crate) fn apply(ctx: &Context, active: &[ActiveLora], n_tokens: usize, w: Tensor, x: Tensor, y: Tensor) -> Tensor {
+    let mut y = y;
+    for act in active {
+        let Some(p) = act.adapter.pair(w) else { continue };
+        let ne = x.ne();
+        let rows = ne[1] * ne[2] * ne[3];
+        let x2 = if ne[2] * ne[3] > 1 { ctx.reshape_2d(ctx.cont(x), ne[0], rows) } else { x };
+        let wt = if rows as usize == n_tokens { act.w_tokens } else { act.w_out };
+        debug_assert_eq!(wt.ne()[1], rows, "a projection over neither all tokens nor the output rows");
+        let d = ctx.mul(ctx.mul_mat(p.b, ctx.mul_mat(p.a, x2)), wt);
+        let yn = y.ne();
+        let d = if yn[2] * yn[3] > 1 { ctx.reshape_4d(d, yn[0], yn[1], yn[2], yn[3]) } else { d };
+        y = ctx.add(y, d);
+    }
+    y
+}
