@@ -54,6 +54,9 @@ fn adapters_match_the_peft_merged_model() {
         eprintln!("{name} over {base}: {} modules, rank {}, rel err {e:.2e}", a.modules(), a.rank());
         assert!(e < TOL, "{name}: {e}");
         assert_eq!(greedy, exp.ids("greedy"), "{name}: greedy tokens");
+        // Its matrices are counted in the memory breakdown: r x (in + out) F32 per module (r >= 1).
+        assert!(a.bytes() >= a.modules() * 4 * 2 * 48);
+        assert_eq!(session(&m, vec![]).memory().lora, a.bytes());
         // Without the adapter the model is the base again (the adapter moves logits by ~5 std).
         let (base_rows, _) = run(&m, vec![], &exp.ids("tokens"));
         let base_exp = Expected::load(&fixture(base));
@@ -280,4 +283,38 @@ fn adapters_that_cannot_load_say_why() {
     common::write_safetensors(&st, &t);
     let e = load_err("llama-f32", dir).to_string();
     assert!(e.contains("q_proj: lora_A is") && e.contains("the base matrix is"), "{e}");
+}
+
+/// More distinct adapters than one step computes (`MAX_STEP_ADAPTERS`): the engine spreads the
+/// requests over steps and every one gets its adapter's answer; a request listing too many is
+/// refused.
+#[test]
+fn more_adapters_than_a_step_holds() {
+    let m = model("llama-f32", None);
+    let n = stllm::lora::MAX_STEP_ADAPTERS + 3;
+    for i in 0..n {
+        // The same files under several names: distinct versions, the same weights.
+        m.load_adapter(&format!("a{i}"), &adapter("llama-a")).unwrap();
+    }
+    let engine = Engine::new(m.clone(), EngineOptions { n_cells: 2048, max_seqs: 16, ..Default::default() }).unwrap();
+    let exp = Expected::load(&adapter("llama-a"));
+    let gens: Vec<_> = (0..n)
+        .map(|i| {
+            let req = GenerateRequest {
+                stop_tokens: Some(vec![]),
+                adapters: vec![(format!("a{i}"), 1.0)],
+                ..GenerateRequest::greedy(exp.ids("tokens"), 8)
+            };
+            engine.generate(req).unwrap()
+        })
+        .collect();
+    for g in gens {
+        assert_eq!(g.wait().0, exp.ids("greedy"));
+    }
+    let too_many = GenerateRequest {
+        adapters: (0..n).map(|i| (format!("a{i}"), 0.1)).collect(),
+        ..GenerateRequest::greedy(exp.ids("tokens"), 2)
+    };
+    let e = engine.generate(too_many).unwrap_err().to_string();
+    assert!(e.contains("adapters in one request; at most"), "{e}");
 }

@@ -50,6 +50,10 @@ pub enum LoraError {
     NotLoaded(String),
 }
 
+/// Distinct adapters one step computes at most (graphs are sized for it; the engine's scheduler
+/// leaves sequences that would exceed it for a later step).
+pub const MAX_STEP_ADAPTERS: usize = 8;
+
 /// One adapted projection: `A` ggml `[in, r]`, `B` ggml `[r, out]` with the scale folded in.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LoraPair {
@@ -384,6 +388,11 @@ impl LoraRegistry {
                 Ok(cur)
             }
         }
+    }
+
+    /// Backend bytes of the current versions.
+    pub fn bytes(&self) -> usize {
+        self.lock().values().map(|a| a.bytes).sum()
     }
 
     /// Loaded adapters: (name, folder, version id, modules, rank).

@@ -262,6 +262,7 @@ impl Runner {
             weights: m.weight_bytes(),
             kv: self.kv.bytes(),
             recurrent: self.rs.as_ref().map_or(0, RecurrentCache::bytes),
+            lora: m.adapters().bytes(),
             compute: backends.iter().map(|b| b.compute).sum(),
             device_free,
             device_total,
@@ -513,6 +514,13 @@ impl Runner {
             }
         }
         active.sort_by_key(|a| a.id());
+        if active.len() > crate::lora::MAX_STEP_ADAPTERS {
+            return Err(DecodeError::Options(format!(
+                "{} LoRA adapters in one step; at most {} (the engine spreads more over several steps)",
+                active.len(),
+                crate::lora::MAX_STEP_ADAPTERS
+            )));
+        }
         let lora_w: Vec<Vec<f32>> = active
             .iter()
             .map(|a| {
@@ -724,6 +732,8 @@ pub struct MemoryUsage {
     pub kv: usize,
     /// Recurrent (Mamba) state of hybrid models: conv + SSM state per sequence slot
     pub recurrent: usize,
+    /// LoRA adapters loaded (current versions; replaced ones live until their requests end)
+    pub lora: usize,
     /// The scheduler's compute buffers (grow to the largest step so far, then stay: this is also
     /// their peak)
     pub compute: usize,
@@ -761,8 +771,10 @@ const KV_PAD: usize = 256;
 
 /// Graph nodes needed for a model of `n_layer` layers and ubatches of `n_ubatch` tokens
 /// (generous; nodes are cheap). Attention split into segments (`graph::attn_segments`: at most
-/// about one per 32 rows) adds a few nodes per segment and layer.
+/// about one per 32 rows) adds a few nodes per segment and layer; each active LoRA adapter four
+/// per adapted projection (at most a dozen a layer).
 fn graph_size(n_layer: usize, n_ubatch: usize) -> usize {
     let segments = n_ubatch / 32 + 2;
-    (n_layer * (64 + 6 * segments) + 512).max(2048)
+    let lora = 12 * 4 * crate::lora::MAX_STEP_ADAPTERS;
+    (n_layer * (64 + 6 * segments + lora) + 512).max(2048)
 }

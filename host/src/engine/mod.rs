@@ -372,6 +372,13 @@ impl Engine {
             return Err(EngineError::PromptTooLong { prompt: req.prompt.len(), max: self.max_seq_len });
         }
         req.sampling.validate().map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        if req.adapters.len() > crate::lora::MAX_STEP_ADAPTERS {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} adapters in one request; at most {}",
+                req.adapters.len(),
+                crate::lora::MAX_STEP_ADAPTERS
+            )));
+        }
         let mut adapters = Vec::with_capacity(req.adapters.len());
         for (name, w) in &req.adapters {
             if !w.is_finite() {

@@ -515,10 +515,21 @@ impl Sched {
         let mut ub = UBatch::default();
         // (who, tokens taken, whether its pending tokens are all taken)
         let mut parts: Vec<(Who, usize, bool)> = Vec::new();
+        // LoRA adapter versions in the step: a sequence that would bring it past the most one
+        // graph computes waits for a later step.
+        let mut step_adapters: Vec<u64> = Vec::new();
         for (who, _, _, _) in order {
             let room = budget - ub.len();
             if room == 0 {
                 break;
+            }
+            if let Who::Gen(i) = who {
+                let ids = self.active[i].sub.adapters.iter().map(|(a, _)| a.id());
+                let new: Vec<u64> = ids.filter(|id| !step_adapters.contains(id)).collect();
+                if step_adapters.len() + new.len() > crate::lora::MAX_STEP_ADAPTERS && !parts.is_empty() {
+                    continue;
+                }
+                step_adapters.extend(new);
             }
             let (seq, cached, pending, all) = match who {
                 Who::Gen(i) => {
