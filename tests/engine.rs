@@ -509,6 +509,62 @@ fn hybrid_prefix_cache_continues_a_conversation() {
     assert_eq!(f3.cached_tokens, 0);
 }
 
+/// Hybrid models keep state snapshots every `SNAPSHOT_EVERY` prompt tokens: a prompt that shares
+/// a long prefix with an earlier one (a system prompt, a document) but not its tail resumes from
+/// the last snapshot inside the shared part, with the output of a lone run.
+#[test]
+fn hybrid_prefix_resumes_from_a_snapshot() {
+    use stllm::engine::SNAPSHOT_EVERY;
+    let m = model("nemotron_h-f32");
+    let vocab = m.hparams().n_vocab as u32;
+    let engine = Engine::new(
+        m.clone(),
+        EngineOptions { n_cells: 4096, max_seqs: 4, max_seq_len: Some(1024), ..Default::default() },
+    )
+    .unwrap();
+    let lone = |p: &[u32]| {
+        let mut s = Session::new(m.clone(), &SessionOptions { n_ctx: Some(1024), ..Default::default() }).unwrap();
+        let mut sampler = stllm::sampling::Sampler::new(Default::default());
+        s.generate(p, 6, &mut sampler, &[], |_| {}).unwrap()
+    };
+    let shared = prompt(600, 2 * SNAPSHOT_EVERY + 100, vocab);
+    let with = |tail: u32, n: usize| {
+        let mut p = shared[..n].to_vec();
+        p.extend(prompt(tail, 12, vocab));
+        p
+    };
+    let a = with(601, shared.len());
+    let (ta, fa) = engine.generate(no_stop(a.clone(), 6)).unwrap().wait();
+    assert_eq!(ta, lone(&a));
+    assert_eq!(fa.cached_tokens, 0);
+    // Another tail after the whole shared part: resumes at the second snapshot.
+    let b = with(602, shared.len());
+    let (tb, fb) = engine.generate(no_stop(b.clone(), 6)).unwrap().wait();
+    assert_eq!(tb, lone(&b));
+    assert_eq!(fb.cached_tokens, 2 * SNAPSHOT_EVERY);
+    // Sharing only 300 tokens: the first snapshot.
+    let c = with(603, 300);
+    let (tc, fc) = engine.generate(no_stop(c.clone(), 6)).unwrap().wait();
+    assert_eq!(tc, lone(&c));
+    assert_eq!(fc.cached_tokens, SNAPSHOT_EVERY);
+
+    // A prompt with more boundaries than the cache has entries (8 for hybrids): once full, each
+    // new snapshot replaces the prompt's previous one, so the deepest stays.
+    let engine = Engine::new(
+        m.clone(),
+        EngineOptions { n_cells: 8192, max_seqs: 2, max_seq_len: Some(4096), ..Default::default() },
+    )
+    .unwrap();
+    let long = prompt(610, 12 * SNAPSHOT_EVERY + 30, vocab);
+    let mut d = long.clone();
+    d.extend(prompt(611, 5, vocab));
+    engine.generate(no_stop(d, 2)).unwrap().wait();
+    let mut e = long.clone();
+    e.extend(prompt(612, 5, vocab));
+    let (_, fe) = engine.generate(no_stop(e, 2)).unwrap().wait();
+    assert_eq!(fe.cached_tokens, 12 * SNAPSHOT_EVERY);
+}
+
 /// Positions far past any context-size default (and past i32): a hybrid model without RoPE
 /// (Nemotron-H: the Mamba layers carry order, attention has no positional encoding) gives the same
 /// logits for a sequence starting at position 3,000,000,000 as at 0, through both the KV cells

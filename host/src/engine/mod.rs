@@ -23,6 +23,8 @@
 pub mod prefix;
 mod scheduler;
 
+pub use scheduler::SNAPSHOT_EVERY;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};

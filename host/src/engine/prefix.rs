@@ -36,6 +36,9 @@ pub struct Hit {
 
 #[derive(Default)]
 pub struct PrefixCache {
+    /// Entries are usable only whole (hybrid models: an entry's recurrent state stands at its
+    /// end), so an entry that is a prefix of another is not redundant (see [`PrefixCache::nested`])
+    nested: bool,
     entries: HashMap<u64, Entry>,
     /// Block-chain hash -> entries having that prefix
     index: HashMap<u64, Vec<u64>>,
@@ -64,6 +67,37 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 }
 
 impl PrefixCache {
+    /// A cache for hybrid models: entries are used whole ([`PrefixCache::lookup_whole`]) and one
+    /// that is a prefix of another is kept (a state snapshot on the way to the longer one).
+    pub fn nested() -> PrefixCache {
+        PrefixCache { nested: true, ..Default::default() }
+    }
+
+    /// The longest entry computed under `salt` whose tokens are all a prefix of `tokens` and
+    /// shorter than `below` (at least one whole block).
+    pub fn lookup_whole(&self, salt: u64, tokens: &[u32], below: usize) -> Option<Hit> {
+        let mut best: Option<Hit> = None;
+        for h in block_hashes(salt, tokens) {
+            let Some(ids) = self.index.get(&h) else { break };
+            for &id in ids {
+                let e = &self.entries[&id];
+                let len = e.tokens.len();
+                if e.salt == salt && len < below && tokens.starts_with(&e.tokens) {
+                    let better = best.is_none_or(|b| (len, e.last_used) > (b.len, self.entries[&b.entry].last_used));
+                    if better {
+                        best = Some(Hit { entry: id, seq: e.seq, len });
+                    }
+                }
+            }
+        }
+        best
+    }
+
+    /// Whether this is a [`PrefixCache::nested`] cache.
+    pub fn is_nested(&self) -> bool {
+        self.nested
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -103,12 +137,18 @@ impl PrefixCache {
     /// `seq` itself when an entry already covers `tokens` (or they are shorter than a block),
     /// and entries the new one makes redundant (their tokens are a prefix of `tokens`).
     pub fn insert(&mut self, seq: SeqId, salt: u64, tokens: Vec<u32>) -> Vec<SeqId> {
-        if tokens.len() < BLOCK || self.lookup(salt, &tokens).is_some_and(|h| h.len == tokens.len()) {
+        let exists = if self.nested {
+            self.lookup_whole(salt, &tokens, tokens.len() + 1).is_some_and(|h| h.len == tokens.len())
+        } else {
+            self.lookup(salt, &tokens).is_some_and(|h| h.len == tokens.len())
+        };
+        if tokens.len() < BLOCK || exists {
             return vec![seq];
         }
         let covered: Vec<u64> = self
             .entries
             .iter()
+            .filter(|_| !self.nested)
             .filter(|(_, e)| e.salt == salt && e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens))
             .map(|(&id, _)| id)
             .collect();
@@ -178,6 +218,25 @@ mod tests {
         assert!(c.insert(2, 7, a.clone()).is_empty(), "the same tokens under another salt are another entry");
         assert_eq!(c.lookup(7, &q).map(|h| h.seq), Some(2));
         assert_eq!(c.lookup(0, &q).map(|h| h.seq), Some(1));
+    }
+
+    #[test]
+    fn nested_entries_are_kept_and_used_whole() {
+        let mut c = PrefixCache::nested();
+        let a = toks(64, 0);
+        assert!(c.insert(1, 0, a[..32].to_vec()).is_empty());
+        assert!(c.insert(2, 0, a.clone()).is_empty(), "the shorter entry stays");
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.insert(3, 0, a[..32].to_vec()), vec![3], "the same tokens again");
+        let mut q = a[..50].to_vec();
+        q.push(9999);
+        // The longer entry shares 50 tokens but is not whole inside the query: the snapshot is.
+        assert_eq!(c.lookup_whole(0, &q, q.len()), Some(Hit { entry: 0, seq: 1, len: 32 }));
+        let mut q = a.clone();
+        q.push(5);
+        assert_eq!(c.lookup_whole(0, &q, q.len()).map(|h| h.seq), Some(2));
+        assert_eq!(c.lookup_whole(0, &a, a.len()).map(|h| h.seq), Some(1), "at least one token left to compute");
+        assert_eq!(c.lookup_whole(1, &q, q.len()), None, "another salt");
     }
 
     #[test]

@@ -101,14 +101,20 @@ struct Sched {
     ext: HashMap<u64, Ext>,
 }
 
+/// Hybrid models: a prompt's recurrent state is snapshotted (kept as a prefix-cache entry) every
+/// this many tokens of prefill, so a later prompt sharing a long prefix resumes from the last
+/// snapshot inside it; prompt chunks are cut to end on these boundaries.
+pub const SNAPSHOT_EVERY: usize = 256;
+
 pub(super) fn run(runner: Runner, cfg: Config, shared: Arc<Shared>) {
+    let nested = runner.is_recurrent();
     let mut s = Sched {
         runner,
         cfg,
         shared: shared.clone(),
         waiting: VecDeque::new(),
         active: Vec::new(),
-        prefix: PrefixCache::default(),
+        prefix: if nested { PrefixCache::nested() } else { PrefixCache::default() },
         free_ids: (0..MAX_SEQ as SeqId).rev().collect(),
         admitted: 0,
         ext: HashMap::new(),
@@ -200,10 +206,41 @@ impl Sched {
     /// hybrid model's entry is only usable whole (its recurrent state stands at its end) and
     /// with at least one token left to compute.
     fn usable_hit(&self, salt: u64, tokens: &[u32]) -> Option<crate::engine::prefix::Hit> {
-        let h = self.prefix.lookup(salt, tokens)?;
-        match self.runner.recurrent_pos(h.seq) {
-            None => Some(h),
-            Some(pos) => (h.len == pos as usize && h.len < tokens.len()).then_some(h),
+        if !self.runner.is_recurrent() {
+            return self.prefix.lookup(salt, tokens);
+        }
+        let h = self.prefix.lookup_whole(salt, tokens, tokens.len())?;
+        (self.runner.recurrent_pos(h.seq) == Some(h.len as u32)).then_some(h)
+    }
+
+    /// Hybrid models: keep `seq`'s state at `tokens` (its cells shared, its state slot copied)
+    /// as a prefix-cache entry. A snapshot takes a free entry and id; when none is free it only
+    /// replaces the previous snapshot of the same prompt (so a long prompt keeps its early
+    /// boundaries and its latest one), and never evicts anything else.
+    fn snapshot(&mut self, seq: SeqId, salt: u64, tokens: Vec<u32>) {
+        if self.prefix.lookup_whole(salt, &tokens, tokens.len() + 1).is_some_and(|h| h.len == tokens.len()) {
+            return;
+        }
+        if self.prefix.len() >= self.cfg.prefix_entries || self.free_ids.is_empty() {
+            let prev = tokens.len() - SNAPSHOT_EVERY;
+            match self.prefix.lookup_whole(salt, &tokens, tokens.len()) {
+                Some(h) if h.len == prev && prev > 0 => {
+                    if let Some(old) = self.prefix.remove(h.entry) {
+                        self.free_seq(old);
+                    }
+                }
+                _ => return,
+            }
+        }
+        let id = self.free_ids.pop().expect("checked");
+        if self.runner.seq_cp(seq, id, 0, u32::MAX).is_err() {
+            self.runner.cells.seq_rm(id, 0, u32::MAX);
+            self.free_ids.push(id);
+            return;
+        }
+        tracing::debug!(seq, snapshot = id, tokens = tokens.len(), "recurrent state snapshot");
+        for s in self.prefix.insert(id, salt, tokens) {
+            self.free_seq(s);
         }
     }
 
@@ -541,7 +578,12 @@ impl Sched {
                     (e.seq, e.cached.len(), &e.pending, e.all)
                 }
             };
-            let take = pending.len().min(room);
+            let mut take = pending.len().min(room);
+            // A hybrid's prompt chunks end on every snapshot boundary.
+            let prefill = matches!(who, Who::Gen(i) if self.active[i].generated == 0);
+            if self.prefix.is_nested() && self.cfg.prefix_entries > 0 && prefill {
+                take = take.min(SNAPSHOT_EVERY - cached % SNAPSHOT_EVERY);
+            }
             let completes = take == pending.len();
             for (j, &t) in pending[..take].iter().enumerate() {
                 ub.push(t, (cached + j) as u32, seq, all || (completes && j + 1 == take));
@@ -588,6 +630,7 @@ impl Sched {
         };
         let mut rows = rows.into_iter();
         let mut tokens = tokens.into_iter();
+        let mut snapshots: Vec<(SeqId, u64, Vec<u32>)> = Vec::new();
         let mut finished: Vec<(usize, FinishReason)> = Vec::new();
         let (mut n_prompt, mut n_gen) = (0u64, 0u64);
         for (who, take, completes) in parts {
@@ -617,6 +660,9 @@ impl Sched {
             }
             r.cached.extend(computed);
             if !completes {
+                if self.prefix.is_nested() && r.generated == 0 && r.cached.len().is_multiple_of(SNAPSHOT_EVERY) {
+                    snapshots.push((r.seq.expect("active"), adapters_salt(&r.sub.adapters), r.cached.clone()));
+                }
                 continue;
             }
             let t = if greedy {
@@ -647,6 +693,11 @@ impl Sched {
             st.busy += dt;
             st.prompt_tokens_computed += n_prompt;
             st.tokens_generated += n_gen;
+        }
+        if self.cfg.prefix_entries > 0 {
+            for (seq, salt, tokens) in snapshots {
+                self.snapshot(seq, salt, tokens);
+            }
         }
         finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
