@@ -45,7 +45,12 @@ const TOL: f64 = 2e-3;
 
 #[test]
 fn adapters_match_the_peft_merged_model() {
-    for (base, name) in [("llama-f32", "llama-a"), ("llama-f32", "llama-b"), ("nemotron_h-f32", "nemotron")] {
+    for (base, name) in [
+        ("llama-f32", "llama-a"),
+        ("llama-f32", "llama-b"),
+        ("llama-f32", "llama-save"),
+        ("nemotron_h-f32", "nemotron"),
+    ] {
         let m = model(base, None);
         let a = m.load_adapter(name, &adapter(name)).unwrap();
         let exp = Expected::load(&adapter(name));
@@ -81,7 +86,8 @@ fn a_weighted_list_equals_the_weighted_merge() {
 /// computed alone; for a dense model and for the hybrid (whose steps split by sequence).
 #[test]
 fn different_adapters_batch_together() {
-    for (base, names) in [("llama-f32", ["llama-a", "llama-b"]), ("nemotron_h-f32", ["nemotron", "nemotron"])] {
+    // llama-save replaces the head (modules_to_save), which runs on the output rows only.
+    for (base, names) in [("llama-f32", ["llama-a", "llama-save"]), ("nemotron_h-f32", ["nemotron", "nemotron"])] {
         let m = model(base, None);
         let a = m.load_adapter("a", &adapter(names[0])).unwrap();
         let b = m.load_adapter("b", &adapter(names[1])).unwrap();
@@ -249,14 +255,14 @@ fn adapters_that_cannot_load_say_why() {
     // Modules the model does not have (another architecture's adapter).
     let e = load_err("llama-f32", &adapter("nemotron")).to_string();
     assert!(e.contains("module model.layers.0.mixer.in_proj has no matrix"), "{e}");
-    // DoRA, trained biases, modules_to_save.
+    // DoRA, trained biases, replacing an embedding (modules_to_save), another PEFT type.
     put(&adapter("llama-a"), dir);
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
     for (key, value, says) in [
         ("use_dora", serde_json::json!(true), "DoRA"),
         ("bias", serde_json::json!("all"), "trained biases"),
-        ("modules_to_save", serde_json::json!(["lm_head"]), "modules_to_save"),
+        ("modules_to_save", serde_json::json!(["embed_tokens"]), "replacing an embedding"),
         ("peft_type", serde_json::json!("IA3"), "only LORA"),
     ] {
         let mut c = cfg.clone();

@@ -14,9 +14,12 @@
 //! `rank_pattern` / `alpha_pattern` (per-module overrides, matched as PEFT does on the module
 //! name's suffix), `fan_in_fan_out` (PEFT resets it for `nn.Linear` bases, which all supported
 //! architectures have; ignored with a warning), tensors `base_model.model.<module>.lora_{A,B}.weight`.
+//! `modules_to_save` naming linear modules (e.g. `lm_head`): the adapter's copy of the whole
+//! matrix replaces the base's for the sequences using the adapter (computed as
+//! `y + w·(W' x − W x)`, so other sequences in the step keep the base).
 //! Refused with a clear error: DoRA, trained biases, embedding adapters, `modules_to_save`
-//! (whole replaced modules), and modules stllm does not hold as one matrix (experts stacked at
-//! load, fused projections split at load).
+//! naming an embedding or a module that is not one matrix, and modules stllm does not hold as one
+//! matrix (experts stacked at load, fused projections split at load).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,11 +57,13 @@ pub enum LoraError {
 /// leaves sequences that would exceed it for a later step).
 pub const MAX_STEP_ADAPTERS: usize = 8;
 
-/// One adapted projection: `A` ggml `[in, r]`, `B` ggml `[r, out]` with the scale folded in.
+/// One adapted projection.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct LoraPair {
-    pub a: Tensor,
-    pub b: Tensor,
+pub(crate) enum LoraPair {
+    /// Low rank: `A` ggml `[in, r]`, `B` ggml `[r, out]` with the scale folded in
+    LowRank { a: Tensor, b: Tensor },
+    /// `modules_to_save`: the whole replacement matrix, shaped as the base
+    Full(Tensor),
 }
 
 /// A loaded adapter version. Its tensors live on the backends of the matrices they adapt.
@@ -137,8 +142,12 @@ impl LoraAdapter {
         if get("lora_bias").and_then(|v| v.as_bool()) == Some(true) {
             return Err(unsupported("lora_bias: a bias on lora_B".into()));
         }
-        if let Some(m) = get("modules_to_save").and_then(|v| v.as_array()).filter(|m| !m.is_empty()) {
-            return Err(unsupported(format!("modules_to_save {m:?}: whole modules replaced by the adapter")));
+        let to_save: Vec<String> = get("modules_to_save")
+            .and_then(|v| v.as_array())
+            .map(|m| m.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        if let Some(e) = to_save.iter().find(|m| m.contains("embed") || m.contains("wte")) {
+            return Err(unsupported(format!("modules_to_save {e:?}: replacing an embedding")));
         }
         if get("fan_in_fan_out").and_then(|v| v.as_bool()) == Some(true) {
             tracing::warn!(dir = %dir.display(), "fan_in_fan_out is for Conv1D bases; the model's projections are Linear (as PEFT does, ignored)");
@@ -158,8 +167,18 @@ impl LoraAdapter {
         let st = SafetensorsFile::open(&dir.join(FILES[1]))?;
         // module -> (A entry name, B entry name)
         let mut modules: HashMap<String, [Option<String>; 2]> = HashMap::new();
+        // module -> entry name of its replacement (modules_to_save)
+        let mut saved: Vec<(String, String)> = Vec::new();
         for key in st.tensors.keys() {
             let k = key.strip_prefix("base_model.model.").unwrap_or(key);
+            let k = k.replace(".modules_to_save.default.", ".");
+            if let Some(m) = k
+                .strip_suffix(".weight")
+                .filter(|m| to_save.iter().any(|s| *m == s.as_str() || m.ends_with(&format!(".{s}"))))
+            {
+                saved.push((m.to_string(), key.clone()));
+                continue;
+            }
             let (module, which) = if let Some(m) = k.strip_suffix(".lora_A.weight") {
                 (m, 0)
             } else if let Some(m) = k.strip_suffix(".lora_B.weight") {
@@ -177,14 +196,15 @@ impl LoraAdapter {
             };
             modules.entry(module.to_string()).or_default()[which] = Some(key.clone());
         }
-        if modules.is_empty() {
+        if modules.is_empty() && saved.is_empty() {
             return Err(invalid(format!("{} holds no lora_A / lora_B tensors", FILES[1])));
         }
-        let ctx = Context::new(2 * modules.len() + 8, 0)?;
+        let ctx = Context::new(2 * modules.len() + saved.len() + 8, 0)?;
         let n_backends = model.backends.len();
         let mut groups: Vec<Vec<Tensor>> = vec![Vec::new(); n_backends];
         let mut pairs = HashMap::new();
         let mut data: Vec<(Tensor, Vec<f32>)> = Vec::new();
+        let mut data_full: Vec<(Tensor, Vec<f32>)> = Vec::new();
         let mut rank = 0;
         let mut buf = Vec::new();
         let mut names: Vec<&String> = modules.keys().collect();
@@ -243,8 +263,39 @@ impl LoraAdapter {
             groups[backend].extend([a, b]);
             data.push((a, a_data));
             data.push((b, b_data));
-            pairs.insert(w.addr(), LoraPair { a, b });
+            pairs.insert(w.addr(), LoraPair::LowRank { a, b });
             rank = rank.max(r);
+        }
+        for (module, key) in &saved {
+            let tried = base_names(module);
+            let Some(&(w, backend)) = tried.iter().find_map(|n| model.weights.matrices.get(n)) else {
+                return Err(unsupported(format!(
+                    "modules_to_save {module:?}: the model holds no single matrix {} (embeddings, tied heads, \
+                     stacked or fused weights cannot be replaced)",
+                    tried.join(" or ")
+                )));
+            };
+            let (inp, out) = (w.ne()[0] as usize, w.ne()[1] as usize);
+            let e = &st.tensors[key];
+            if e.shape != [out, inp] {
+                return Err(invalid(format!("{key} has shape {:?}, the base matrix is [{out}, {inp}]", e.shape)));
+            }
+            if pairs.contains_key(&w.addr()) {
+                return Err(invalid(format!("{module} is both adapted (lora_A/B) and saved whole")));
+            }
+            let data = match e.dtype {
+                crate::loader::safetensors::StDtype::Other(d) => {
+                    return Err(invalid(format!("tensor {key} has dtype {d}, supported: F32, F16, BF16")))
+                }
+                _ => {
+                    st.read(key, e, &mut buf)?;
+                    to_f32(e.dtype, &buf)
+                }
+            };
+            let t = ctx.new_tensor(DType::F32, &[inp as i64, out as i64], &format!("lora_full.{module}"));
+            groups[backend].push(t);
+            data_full.push((t, data));
+            pairs.insert(w.addr(), LoraPair::Full(t));
         }
         let mut buffers = Vec::new();
         let mut bytes = 0;
@@ -257,7 +308,7 @@ impl LoraAdapter {
             bytes += buffer.size();
             buffers.push(buffer);
         }
-        for (t, d) in &data {
+        for (t, d) in data.iter().chain(&data_full) {
             t.write_f32(d)?;
         }
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -419,6 +470,7 @@ pub struct ActiveLora<'a> {
 
 /// `y = w x` plus each active adapter's `B (A x)` weighted per token (see the module docs).
 pub(crate) fn apply(ctx: &Context, active: &[ActiveLora], n_tokens: usize, w: Tensor, x: Tensor, y: Tensor) -> Tensor {
+    let base = y;
     let mut y = y;
     for act in active {
         let Some(p) = act.adapter.pair(w) else { continue };
@@ -427,7 +479,15 @@ pub(crate) fn apply(ctx: &Context, active: &[ActiveLora], n_tokens: usize, w: Te
         let x2 = if ne[2] * ne[3] > 1 { ctx.reshape_2d(ctx.cont(x), ne[0], rows) } else { x };
         let wt = if rows as usize == n_tokens { act.w_tokens } else { act.w_out };
         debug_assert_eq!(wt.ne()[1], rows, "a projection over neither all tokens nor the output rows");
-        let d = ctx.mul(ctx.mul_mat(p.b, ctx.mul_mat(p.a, x2)), wt);
+        let d = match p {
+            LoraPair::LowRank { a, b } => ctx.mul_mat(b, ctx.mul_mat(a, x2)),
+            LoraPair::Full(w2) => {
+                let yn = base.ne();
+                let base2 = if yn[2] * yn[3] > 1 { ctx.reshape_2d(ctx.cont(base), yn[0], rows) } else { base };
+                ctx.sub(ctx.mul_mat(w2, x2), base2)
+            }
+        };
+        let d = ctx.mul(d, wt);
         let yn = y.ne();
         let d = if yn[2] * yn[3] > 1 { ctx.reshape_4d(d, yn[0], yn[1], yn[2], yn[3]) } else { d };
         y = ctx.add(y, d);

@@ -47,6 +47,10 @@ impl Context {
         Tensor::from_raw(unsafe { sys::ggml_add(self.c(), a.raw(), b.raw()) })
     }
 
+    pub fn sub(&self, a: Tensor, b: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_sub(self.c(), a.raw(), b.raw()) })
+    }
+
     pub fn mul(&self, a: Tensor, b: Tensor) -> Tensor {
         Tensor::from_raw(unsafe { sys::ggml_mul(self.c(), a.raw(), b.raw()) })
     }
