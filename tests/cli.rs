@@ -417,4 +417,15 @@ fn lora_option() {
     let other = fixture("lora").join("nemotron");
     let e = stllm_fails(&["logits", "--model", m, "--tokens", "1,2", "--lora", other.to_str().unwrap()]);
     assert!(e.contains("--lora") && e.contains("has no matrix"), "{e}");
+    // Text generation through the policy component: every sequence uses the adapter.
+    let run = |extra: &[&str]| -> Vec<u32> {
+        let mut args = vec!["run", "--model", m, "--prompt", "hello world", "--raw", "--max-tokens", "6"];
+        args.extend(["--temperature", "0", "--ignore-eos", "--json"]);
+        args.extend(extra);
+        serde_json::from_value(stllm(&args)["tokens"].clone()).unwrap()
+    };
+    let plain = run(&[]);
+    let adapted = run(&["--lora", a.to_str().unwrap()]);
+    assert_eq!(plain.len(), 6);
+    assert_ne!(plain, adapted, "run --lora must change the output");
 }

@@ -324,3 +324,35 @@ fn more_adapters_than_a_step_holds() {
     let e = engine.generate(too_many).unwrap_err().to_string();
     assert!(e.contains("adapters in one request; at most"), "{e}");
 }
+
+/// Engine-wide adapters (`EngineOptions::adapters`, what `stllm run --lora` sets): requests that
+/// name none and caller-driven sequences (the WIT `engine`'s) are computed with them; a request
+/// naming its own list uses that instead.
+#[test]
+fn engine_default_adapters_apply_to_plain_requests_and_sequences() {
+    let m = model("llama-f32", None);
+    m.load_adapter("a", &adapter("llama-a")).unwrap();
+    m.load_adapter("b", &adapter("llama-b")).unwrap();
+    let engine = Arc::new(
+        Engine::new(m.clone(), EngineOptions { adapters: vec![("a".into(), 1.0)], ..Default::default() }).unwrap(),
+    );
+    let exp = Expected::load(&adapter("llama-a"));
+    let req = |adapters: Vec<(String, f32)>| GenerateRequest {
+        stop_tokens: Some(vec![]),
+        adapters,
+        ..GenerateRequest::greedy(exp.ids("tokens"), 8)
+    };
+    assert_eq!(engine.generate(req(vec![])).unwrap().wait().0, exp.ids("greedy"));
+    let b = Expected::load(&adapter("llama-b"));
+    assert_eq!(engine.generate(req(vec![("b".into(), 1.0)])).unwrap().wait().0, b.ids("greedy"));
+    let mut seq = engine.open_sequence(0).unwrap();
+    let rows = seq.decode(&exp.ids("tokens"), Logits::All).unwrap();
+    let e = rel_err(&rows, &exp.rows("logits"));
+    assert!(e < TOL, "caller-driven sequence: {e}");
+    let fork = seq.fork().unwrap();
+    drop(seq);
+    drop(fork);
+    // An engine naming an adapter that is not loaded is refused.
+    let err = Engine::new(m.clone(), EngineOptions { adapters: vec![("zzz".into(), 1.0)], ..Default::default() });
+    assert!(err.unwrap_err().to_string().contains("no LoRA adapter named \"zzz\""));
+}

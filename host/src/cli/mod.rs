@@ -75,16 +75,21 @@ impl ModelArgs {
     /// Load the --lora adapters into `model` (each named by its folder as given); returns the
     /// names with their weights.
     fn load_adapters(&self, model: &Model) -> Result<Vec<(String, f32)>> {
+        let specs = self.adapter_specs();
+        for ((dir, _), spec) in specs.iter().zip(&self.lora) {
+            model.load_adapter(dir, std::path::Path::new(dir)).with_context(|| format!("--lora {spec}"))?;
+        }
+        Ok(specs)
+    }
+
+    /// The --lora folders with their weights: DIR:WEIGHT when what follows the last ':' is a
+    /// number (a folder may contain ':'), else DIR with weight 1.
+    fn adapter_specs(&self) -> Vec<(String, f32)> {
         self.lora
             .iter()
-            .map(|spec| {
-                // DIR:WEIGHT when what follows the last ':' is a number (a folder may contain ':').
-                let (dir, w) = match spec.rsplit_once(':').map(|(d, w)| (d, w.parse::<f32>())) {
-                    Some((d, Ok(w))) if w.is_finite() => (d, w),
-                    _ => (spec.as_str(), 1.0),
-                };
-                model.load_adapter(dir, std::path::Path::new(dir)).with_context(|| format!("--lora {spec}"))?;
-                Ok((dir.to_string(), w))
+            .map(|spec| match spec.rsplit_once(':').map(|(d, w)| (d, w.parse::<f32>())) {
+                Some((d, Ok(w))) if w.is_finite() => (d.to_string(), w),
+                _ => (spec.clone(), 1.0),
             })
             .collect()
     }
@@ -797,6 +802,8 @@ fn runtime_with_model(m: &ModelArgs, p: &PolicyArgs) -> Result<(Runtime, bool)> 
     }
     // The guests' sequences share one engine; its cache holds --ctx-size cells.
     handle.engine_options.n_cells = n_cells;
+    // --lora (loaded into the model by `open`): every sequence of the guests uses them.
+    handle.engine_options.adapters = m.adapter_specs();
     handle.engine_options.kv_type = m.kv_type.as_deref().map(parse_kv_type).transpose()?;
     handle.engine_options.n_batch = m.batch;
     handle.engine_options.flash_attn = match m.flash_attn.as_str() {

@@ -58,6 +58,9 @@ pub struct EngineOptions {
     pub prefix_cache: bool,
     /// Most cached prefixes kept (each is a sequence id of the cache)
     pub prefix_cache_entries: usize,
+    /// LoRA adapters (loaded names, weights) for requests that name none and for caller-driven
+    /// sequences (the WIT `engine`'s); resolved at each submission / opening
+    pub adapters: Vec<(String, f32)>,
 }
 
 impl Default for EngineOptions {
@@ -71,6 +74,7 @@ impl Default for EngineOptions {
             flash_attn: None,
             prefix_cache: true,
             prefix_cache_entries: 64,
+            adapters: vec![],
         }
     }
 }
@@ -215,6 +219,7 @@ type Reply<T> = std::sync::mpsc::Sender<Result<T, DecodeError>>;
 enum ExtOp {
     Open {
         id: u64,
+        adapters: crate::lora::AdapterList,
         reply: Reply<()>,
     },
     Fork {
@@ -286,6 +291,8 @@ pub struct Engine {
     cell_bytes: usize,
     prefix_cache: bool,
     eos: Vec<u32>,
+    /// Adapters of requests that name none ([`EngineOptions::adapters`])
+    default_adapters: Vec<(String, f32)>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -306,6 +313,9 @@ impl Engine {
             return Err(EngineError::InvalidRequest(format!(
                 "max_seqs ({max_seqs}) + prefix_cache_entries ({entries}) exceed the {MAX_SEQ} sequences a cache tracks"
             )));
+        }
+        for (name, _) in &opts.adapters {
+            model.adapter(name)?;
         }
         let n_cells = opts.n_cells.max(1);
         let max_seq_len = opts.max_seq_len.unwrap_or(hp.n_ctx_train).min(n_cells);
@@ -348,12 +358,26 @@ impl Engine {
             cell_bytes,
             prefix_cache: entries > 0,
             eos,
+            default_adapters: opts.adapters,
             worker: Some(worker),
         })
     }
 
     pub fn model(&self) -> &Arc<Model> {
         &self.model
+    }
+
+    /// The current versions of adapters named with weights (hot reload happens here).
+    fn resolve(&self, names: &[(String, f32)]) -> Result<crate::lora::AdapterList, EngineError> {
+        names
+            .iter()
+            .map(|(name, w)| {
+                if !w.is_finite() {
+                    return Err(EngineError::InvalidRequest(format!("adapter {name:?}: weight {w} is not finite")));
+                }
+                Ok((self.model.adapter(name)?, *w))
+            })
+            .collect()
     }
 
     /// Longest sequence (prompt + output) a request may reach.
@@ -374,20 +398,15 @@ impl Engine {
             return Err(EngineError::PromptTooLong { prompt: req.prompt.len(), max: self.max_seq_len });
         }
         req.sampling.validate().map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
-        if req.adapters.len() > crate::lora::MAX_STEP_ADAPTERS {
+        let names = if req.adapters.is_empty() { &self.default_adapters } else { &req.adapters };
+        if names.len() > crate::lora::MAX_STEP_ADAPTERS {
             return Err(EngineError::InvalidRequest(format!(
                 "{} adapters in one request; at most {}",
-                req.adapters.len(),
+                names.len(),
                 crate::lora::MAX_STEP_ADAPTERS
             )));
         }
-        let mut adapters = Vec::with_capacity(req.adapters.len());
-        for (name, w) in &req.adapters {
-            if !w.is_finite() {
-                return Err(EngineError::InvalidRequest(format!("adapter {name:?}: weight {w} is not finite")));
-            }
-            adapters.push((self.model.adapter(name)?, *w));
-        }
+        let adapters = self.resolve(names)?;
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -466,7 +485,8 @@ impl Engine {
     /// positions (0: the engine's limit).
     pub fn open_sequence(self: &Arc<Self>, max_len: usize) -> Result<Sequence, DecodeError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        self.call(|reply| ExtOp::Open { id, reply })?;
+        let adapters = self.resolve(&self.default_adapters).map_err(|e| DecodeError::Options(e.to_string()))?;
+        self.call(|reply| ExtOp::Open { id, adapters, reply })?;
         let max_len = if max_len == 0 { self.max_seq_len } else { max_len.min(self.max_seq_len) };
         Ok(Sequence { id, engine: self.clone(), len: 0, max_len })
     }

@@ -80,6 +80,8 @@ struct Ext {
     rows: Vec<Vec<f32>>,
     reply: Option<std::sync::mpsc::Sender<Result<Vec<Vec<f32>>, DecodeError>>>,
     admitted: u64,
+    /// LoRA adapters its tokens are computed with (fixed for its life; a fork inherits them)
+    adapters: crate::lora::AdapterList,
 }
 
 /// Who a part of a ubatch belongs to.
@@ -336,7 +338,13 @@ impl Sched {
     }
 
     /// Register caller-driven sequence `id`, sharing every cell of `from` (a fork) when given.
-    fn open_ext(&mut self, id: u64, from: Option<SeqId>, cached: Vec<u32>) -> Result<(), DecodeError> {
+    fn open_ext(
+        &mut self,
+        id: u64,
+        from: Option<SeqId>,
+        cached: Vec<u32>,
+        adapters: crate::lora::AdapterList,
+    ) -> Result<(), DecodeError> {
         let seq = self.take_id().ok_or_else(|| DecodeError::Options(format!("all {MAX_SEQ} sequences are in use")))?;
         if let Some(src) = from {
             if let Err(e) = self.runner.seq_cp(src, seq, 0, u32::MAX) {
@@ -346,19 +354,29 @@ impl Sched {
             }
         }
         self.admitted += 1;
-        let e = Ext { seq, cached, pending: vec![], all: false, rows: vec![], reply: None, admitted: self.admitted };
+        self.runner.set_adapters(seq, adapters.clone());
+        let e = Ext {
+            seq,
+            cached,
+            pending: vec![],
+            all: false,
+            rows: vec![],
+            reply: None,
+            admitted: self.admitted,
+            adapters,
+        };
         self.ext.insert(id, e);
         Ok(())
     }
 
     fn ext_op(&mut self, op: ExtOp) {
         match op {
-            ExtOp::Open { id, reply } => {
-                let _ = reply.send(self.open_ext(id, None, vec![]));
+            ExtOp::Open { id, adapters, reply } => {
+                let _ = reply.send(self.open_ext(id, None, vec![], adapters));
             }
             ExtOp::Fork { src, id, reply } => {
-                let r = match self.ext.get(&src).map(|e| (e.seq, e.cached.clone())) {
-                    Some((src_seq, cached)) => self.open_ext(id, Some(src_seq), cached),
+                let r = match self.ext.get(&src).map(|e| (e.seq, e.cached.clone(), e.adapters.clone())) {
+                    Some((src_seq, cached, adapters)) => self.open_ext(id, Some(src_seq), cached, adapters),
                     None => Err(DecodeError::Options("fork of a closed sequence".into())),
                 };
                 let _ = reply.send(r);
@@ -385,8 +403,8 @@ impl Sched {
                 };
                 if e.cached.is_empty() && !all {
                     // A fresh sequence may start from a cached prefix.
-                    let seq = e.seq;
-                    let hit = self.usable_hit(0, &tokens);
+                    let (seq, salt) = (e.seq, adapters_salt(&e.adapters));
+                    let hit = self.usable_hit(salt, &tokens);
                     let reuse = hit.map_or(0, |h| h.len.min(tokens.len() - 1));
                     let shared = match hit {
                         Some(h) if reuse > 0 => self.runner.share_prefix(h.seq, seq, reuse as u32).is_ok(),
@@ -445,7 +463,9 @@ impl Sched {
                     if let Some(tx) = e.reply {
                         let _ = tx.send(Err(DecodeError::Options("sequence closed".into())));
                     }
-                    self.cache_or_free(e.seq, 0, e.cached);
+                    let salt = adapters_salt(&e.adapters);
+                    self.runner.set_adapters(e.seq, vec![]);
+                    self.cache_or_free(e.seq, salt, e.cached);
                 }
             }
         }
