@@ -36,7 +36,9 @@ def main():
     ap.add_argument("--extra", default="", help="more stllm arguments for both runs, e.g. '--flash-attn off'")
     ap.add_argument("--device-extra", default="",
                     help="more stllm arguments for the device run only, e.g. '--devices cuda:0,cuda:1'")
+    ap.add_argument("--only", default="", help="comma-separated fixture names (default: all)")
     a = ap.parse_args()
+    only = [x for x in a.only.split(",") if x]
     extra = a.extra.split()
     dev = ["--device", a.device] + (["--backend-dir", a.backend_dir] if a.backend_dir else []) + extra \
         + a.device_extra.split()
@@ -45,6 +47,8 @@ def main():
     print(f"{'fixture':<20} {'dtype':<5} {'cpu vs HF':>10} {a.device + ' vs HF':>12} {a.device + ' vs cpu':>13} {'tol':>7}")
     for d in sorted(glob.glob(os.path.join(root, "*"))):
         if not os.path.isfile(os.path.join(d, "expected.safetensors")):
+            continue
+        if only and os.path.basename(d) not in only:
             continue
         exp = load_file(os.path.join(d, "expected.safetensors"))
         tokens = exp["tokens"].tolist()
