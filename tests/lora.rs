@@ -154,10 +154,13 @@ fn adapters_over_a_quantized_base() {
     assert!(e < 0.15 && e_plain > 1.0, "{e} {e_plain}");
 }
 
-/// Copy an adapter folder's two files into `dir`.
+/// Copy an adapter folder's two files into `dir`, each written beside its place and renamed
+/// over it (how a new version should be deployed: a reader never sees half a file).
 fn put(src: &Path, dir: &Path) {
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        let tmp = dir.join(format!(".{f}.new"));
+        std::fs::copy(src.join(f), &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join(f)).unwrap();
     }
 }
 

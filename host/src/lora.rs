@@ -72,7 +72,7 @@ pub struct LoraAdapter {
     dir: PathBuf,
     /// Unique over the process: what a step graph is keyed by
     id: u64,
-    stamp: Vec<(PathBuf, Option<SystemTime>, u64)>,
+    stamp: Vec<Stamp>,
     /// By the adapted matrix's tensor address
     pairs: HashMap<usize, LoraPair>,
     rank: usize,
@@ -99,13 +99,22 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 const FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
 
-fn stamp(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+/// What identifies a version of an adapter file on disk: path, modification time, size and (on
+/// Unix) inode, so a new version renamed into place is noticed even within the file system's
+/// timestamp granularity.
+type Stamp = (PathBuf, Option<SystemTime>, u64, u64);
+
+fn stamp(dir: &Path) -> Vec<Stamp> {
     FILES
         .iter()
         .map(|f| {
             let p = dir.join(f);
             let m = std::fs::metadata(&p).ok();
-            (p, m.as_ref().and_then(|m| m.modified().ok()), m.map_or(0, |m| m.len()))
+            #[cfg(unix)]
+            let ino = m.as_ref().map_or(0, std::os::unix::fs::MetadataExt::ino);
+            #[cfg(not(unix))]
+            let ino = 0;
+            (p, m.as_ref().and_then(|m| m.modified().ok()), m.map_or(0, |m| m.len()), ino)
         })
         .collect()
 }
