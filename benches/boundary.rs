@@ -71,6 +71,7 @@ fn main() {
             stop: vec![],
             ignore_eos: true,
             sampling,
+            adapters: None,
         };
         let mut best_wasm = f64::MAX;
         let mut best_native = f64::MAX;

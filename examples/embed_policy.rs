@@ -65,6 +65,7 @@ fn main() -> wasmtime::Result<()> {
             stop: vec![],
             ignore_eos: false,
             sampling: Sampling::default(), // greedy
+            adapters: None,
         };
         let rep = sink.rep();
         let out = policy.stllm_inference_policy().call_generate(&mut store, &req, Resource::new_borrow(rep)).await?;

@@ -31,7 +31,7 @@ fn greedy() -> Sampling {
 }
 
 fn request(prompt: Prompt, max_tokens: u32, sampling: Sampling) -> GenerateRequest {
-    GenerateRequest { prompt, tools_json: None, max_tokens, stop: vec![], ignore_eos: true, sampling }
+    GenerateRequest { prompt, tools_json: None, max_tokens, stop: vec![], ignore_eos: true, sampling, adapters: None }
 }
 
 fn no_cancel() -> Arc<AtomicBool> {
@@ -275,4 +275,36 @@ fn concurrent_requests_on_one_runtime() {
     for r in results {
         assert_eq!(r, want);
     }
+}
+
+/// Per-request LoRA adapters through the WIT boundary: the policy passes the request's list to
+/// `new-sequence-with`; the guest's tokens equal the PEFT-merged model's greedy tokens; `none`
+/// keeps the host's default (here the base), and a name that is not loaded is the guest's
+/// invalid input.
+#[test]
+fn per_request_adapters_through_the_guest() {
+    let trt = tokio::runtime::Runtime::new().unwrap();
+    let m = model("llama-f32");
+    let dir = fixture("lora").join("llama-a");
+    m.load_adapter("a", &dir).unwrap();
+    let rt = Runtime::new(
+        Arc::new(ModelHandle::from_dir(&fixture("llama-f32"), Some(m)).unwrap()),
+        RuntimeConfig::default(),
+    )
+    .unwrap();
+    let exp = Expected::load(&dir);
+    let base = Expected::load(&fixture("llama-f32"));
+    let with = |adapters| GenerateRequest { adapters, ..request(Prompt::Tokens(exp.ids("tokens")), 8, greedy()) };
+    let adapter = |name: &str, weight| stllm::runtime::Adapter { name: name.into(), weight };
+    let r = trt.block_on(rt.generate(&with(Some(vec![adapter("a", 1.0)])), |_, _| true, no_cancel())).unwrap();
+    assert_eq!(r.tokens, exp.ids("greedy"), "with the adapter");
+    let r = trt.block_on(rt.generate(&with(None), |_, _| true, no_cancel())).unwrap();
+    assert_eq!(r.tokens, base.ids("greedy"), "the default: the base model");
+    let r = trt.block_on(rt.generate(&with(Some(vec![])), |_, _| true, no_cancel())).unwrap();
+    assert_eq!(r.tokens, base.ids("greedy"), "an empty list: the base model");
+    let e = trt.block_on(rt.generate(&with(Some(vec![adapter("nope", 1.0)])), |_, _| true, no_cancel())).unwrap_err();
+    assert!(e.to_string().contains("no LoRA adapter named \"nope\""), "{e}");
+    // The runtime goes on.
+    let r = trt.block_on(rt.generate(&with(Some(vec![adapter("a", 1.0)])), |_, _| true, no_cancel())).unwrap();
+    assert_eq!(r.tokens, exp.ids("greedy"));
 }

@@ -131,7 +131,7 @@ impl wit_policy::Guest for Policy {
         let model = engine::current_model();
         let eos = model.special_tokens().eos;
         let max_len = (prompt.len() as u64 + req.max_tokens as u64).min(u32::MAX as u64) as u32;
-        let mut seq = Seq(model.new_sequence(max_len)?);
+        let mut seq = Seq(model.new_sequence_with(max_len, req.adapters.as_deref())?);
         let s = &req.sampling;
         let request = Request {
             max_tokens: req.max_tokens,

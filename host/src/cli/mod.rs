@@ -859,6 +859,7 @@ async fn run_one(rt: &Runtime, prompt: Prompt, g: &GenArgs, stream: bool) -> Res
         stop: g.stop.clone(),
         ignore_eos: g.ignore_eos,
         sampling: sampling(rt, g),
+        adapters: None, // the engine's (--lora)
     };
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let r = rt

@@ -484,8 +484,26 @@ impl Engine {
     /// resources are: its steps are batched with every other request's. `max_len` caps its
     /// positions (0: the engine's limit).
     pub fn open_sequence(self: &Arc<Self>, max_len: usize) -> Result<Sequence, DecodeError> {
+        self.open_sequence_with(max_len, None)
+    }
+
+    /// [`Engine::open_sequence`] computed with LoRA `adapters` (loaded names and weights; `None`:
+    /// [`EngineOptions::adapters`], empty: the base model).
+    pub fn open_sequence_with(
+        self: &Arc<Self>,
+        max_len: usize,
+        adapters: Option<&[(String, f32)]>,
+    ) -> Result<Sequence, DecodeError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let adapters = self.resolve(&self.default_adapters).map_err(|e| DecodeError::Options(e.to_string()))?;
+        let names = adapters.unwrap_or(&self.default_adapters);
+        if names.len() > crate::lora::MAX_STEP_ADAPTERS {
+            return Err(DecodeError::Options(format!(
+                "{} adapters for one sequence; at most {}",
+                names.len(),
+                crate::lora::MAX_STEP_ADAPTERS
+            )));
+        }
+        let adapters = self.resolve(names).map_err(|e| DecodeError::Options(e.to_string()))?;
         self.call(|reply| ExtOp::Open { id, adapters, reply })?;
         let max_len = if max_len == 0 { self.max_seq_len } else { max_len.min(self.max_seq_len) };
         Ok(Sequence { id, engine: self.clone(), len: 0, max_len })

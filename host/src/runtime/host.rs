@@ -224,6 +224,32 @@ impl engine::HostModel for EngineHost<'_> {
         Ok(out)
     }
 
+    async fn new_sequence_with(
+        &mut self,
+        m: Resource<ModelRes>,
+        max_len: u32,
+        adapters: Option<Vec<types::Adapter>>,
+    ) -> wasmtime::Result<Result<Resource<SequenceRes>, types::Error>> {
+        let h = self.table.get(&m)?.0.clone();
+        let adapters: Option<Vec<(String, f32)>> =
+            adapters.map(|v| v.into_iter().map(|a| (a.name, a.weight)).collect());
+        let r = blocking(move || {
+            let engine = h.engine()?;
+            // A name that is not loaded is the guest's bad input.
+            for (name, _) in adapters.iter().flatten() {
+                engine.model().adapter(name).map_err(|e| types::Error::InvalidInput(e.to_string()))?;
+            }
+            engine.open_sequence_with(max_len as usize, adapters.as_deref()).map_err(decode_err)
+        })
+        .await?;
+        let out = match r {
+            Ok(s) => Ok(self.table.push(SequenceRes { session: Arc::new(Mutex::new(s)) })?),
+            Err(e) => Err(e),
+        };
+        self.returned_to_guest();
+        Ok(out)
+    }
+
     async fn embed(
         &mut self,
         m: Resource<ModelRes>,

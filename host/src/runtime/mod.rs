@@ -61,6 +61,8 @@ use bindings::policy::{PolicyComponent, PolicyComponentPre};
 use bindings::sampler::{SamplerComponent, SamplerComponentPre};
 
 pub use wit_policy::{FinishReason, GenerateRequest, GenerateResult, Prompt, Sampling};
+/// A LoRA adapter named in a [`GenerateRequest`] (loaded in the model by name) with its weight.
+pub use wit_types::Adapter;
 
 /// Greedy, no penalties: the identity of every sampling knob.
 impl Default for Sampling {
