@@ -73,8 +73,8 @@ pub struct LoraAdapter {
     /// Unique over the process: what a step graph is keyed by
     id: u64,
     stamp: Vec<Stamp>,
-    /// By the adapted matrix's tensor address
-    pairs: HashMap<usize, LoraPair>,
+    /// By the adapted matrix's tensor address, with the backend index holding it
+    pairs: HashMap<usize, (LoraPair, usize)>,
     rank: usize,
     bytes: usize,
     // The tensor data, then the headers; the model whose matrices they adapt outlives neither
@@ -272,7 +272,7 @@ impl LoraAdapter {
             groups[backend].extend([a, b]);
             data.push((a, a_data));
             data.push((b, b_data));
-            pairs.insert(w.addr(), LoraPair::LowRank { a, b });
+            pairs.insert(w.addr(), (LoraPair::LowRank { a, b }, backend));
             rank = rank.max(r);
         }
         for (module, key) in &saved {
@@ -304,7 +304,7 @@ impl LoraAdapter {
             let t = ctx.new_tensor(DType::F32, &[inp as i64, out as i64], &format!("lora_full.{module}"));
             groups[backend].push(t);
             data_full.push((t, data));
-            pairs.insert(w.addr(), LoraPair::Full(t));
+            pairs.insert(w.addr(), (LoraPair::Full(t), backend));
         }
         let mut buffers = Vec::new();
         let mut bytes = 0;
@@ -364,7 +364,7 @@ impl LoraAdapter {
     }
 
     pub(crate) fn pair(&self, w: Tensor) -> Option<LoraPair> {
-        self.pairs.get(&w.addr()).copied()
+        self.pairs.get(&w.addr()).map(|p| p.0)
     }
 
     /// Whether the files on disk differ from those this version was read from.
@@ -477,15 +477,157 @@ pub struct ActiveLora<'a> {
     pub w_out: Tensor,
 }
 
-/// `y = w x` plus each active adapter's `B (A x)` weighted per token (see the module docs).
-pub(crate) fn apply(ctx: &Context, active: &[ActiveLora], n_tokens: usize, w: Tensor, x: Tensor, y: Tensor) -> Tensor {
+/// The low-rank matrices of a set of adapters stacked by slot, per adapted matrix: `A` as
+/// `[in, R, n + 1]` and `B` as `[R, out, n + 1]` (ranks padded with zeros to the set's largest,
+/// slot `n` all zeros). With it a projection computes every token's adapters in two
+/// `mul_mat_id` (punica's BGMV: each token gathers its own slots), whatever the number of
+/// adapters in the step, instead of four nodes per adapter. Built when a step's set of adapters
+/// changes (a copy of their matrices) and kept while it stays.
+pub struct LoraStack {
+    ids: Vec<u64>,
+    rank: usize,
+    stacks: HashMap<usize, (Tensor, Tensor)>,
+    bytes: usize,
+    _buffers: Vec<Buffer>,
+    _ctx: Context,
+}
+
+impl LoraStack {
+    /// Stack `adapters` (slot `i` = `adapters[i]`).
+    pub fn build(model: &Model, adapters: &[Arc<LoraAdapter>]) -> Result<LoraStack, LoraError> {
+        let n = adapters.len();
+        // On a GPU the rank is padded to 32: ggml-cuda's mat-mul-by-id kernel wants row counts in
+        // blocks of 32, and otherwise falls back to a path that synchronises the stream (no
+        // CUDA-graph replay). The CPU takes any rank.
+        let pad = if model.backends.len() > 1 { 32 } else { 1 };
+        let rank = adapters.iter().map(|a| a.rank).max().unwrap_or(0).max(1).next_multiple_of(pad);
+        // Every low-rank module of any adapter: (in, out, backend), by matrix address.
+        let mut modules: Vec<(usize, i64, i64, usize)> = Vec::new();
+        for a in adapters {
+            for (&addr, &(p, backend)) in &a.pairs {
+                if let LoraPair::LowRank { a, b } = p {
+                    if !modules.iter().any(|m| m.0 == addr) {
+                        modules.push((addr, a.ne()[0], b.ne()[1], backend));
+                    }
+                }
+            }
+        }
+        modules.sort_unstable();
+        let ctx = Context::new(2 * modules.len() + 8, 0)?;
+        let mut groups: Vec<Vec<Tensor>> = vec![Vec::new(); model.backends.len()];
+        let mut stacks = HashMap::new();
+        let (r, slots) = (rank as i64, n as i64 + 1);
+        for &(addr, inp, out, backend) in &modules {
+            let sa = ctx.new_tensor(DType::F32, &[inp, r, slots], "lora_stack_a");
+            let sb = ctx.new_tensor(DType::F32, &[r, out, slots], "lora_stack_b");
+            groups[backend].extend([sa, sb]);
+            stacks.insert(addr, (sa, sb));
+        }
+        let mut buffers = Vec::new();
+        let mut bytes = 0;
+        for (b, tensors) in groups.iter().enumerate() {
+            if !tensors.is_empty() {
+                let what = format!("LoRA stack of {n} adapters ({} tensors)", tensors.len());
+                let buffer = Buffer::alloc_tensors_on(&model.backends[b], tensors, &what)?;
+                bytes += buffer.size();
+                buffers.push(buffer);
+            }
+        }
+        for &(addr, inp, out, _) in &modules {
+            let (inp, out) = (inp as usize, out as usize);
+            let (sa, sb) = stacks[&addr];
+            let mut da = vec![0f32; inp * rank * (n + 1)];
+            let mut db = vec![0f32; rank * out * (n + 1)];
+            for (slot, ad) in adapters.iter().enumerate() {
+                let Some(&(LoraPair::LowRank { a, b }, _)) = ad.pairs.get(&addr) else { continue };
+                let ra = a.ne()[1] as usize;
+                // A [in, ra] -> slot rows 0..ra of [in, R]
+                let va = a.read_f32()?;
+                da[slot * inp * rank..][..inp * ra].copy_from_slice(&va);
+                // B [ra, out] -> columns 0..ra of each of the `out` rows of [R, out]
+                let vb = b.read_f32()?;
+                for o in 0..out {
+                    db[(slot * out + o) * rank..][..ra].copy_from_slice(&vb[o * ra..][..ra]);
+                }
+            }
+            sa.write_f32(&da)?;
+            sb.write_f32(&db)?;
+        }
+        tracing::debug!(adapters = n, rank, modules = modules.len(), bytes, "LoRA stack built");
+        Ok(LoraStack {
+            ids: adapters.iter().map(|a| a.id).collect(),
+            rank,
+            stacks,
+            bytes,
+            _buffers: buffers,
+            _ctx: ctx,
+        })
+    }
+
+    /// The adapter versions stacked, in slot order.
+    pub fn ids(&self) -> &[u64] {
+        &self.ids
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+}
+
+/// A stack in a step being built: per token, `per_token` (slot, weight) pairs as inputs
+/// (`ids` I32 `[per_token, n_tokens]`, `w` F32 `[per_token, n_tokens]`) and the same gathered
+/// to the output rows.
+#[derive(Clone, Copy)]
+pub struct StackInputs<'a> {
+    pub stack: &'a LoraStack,
+    pub per_token: usize,
+    pub ids: Tensor,
+    pub w: Tensor,
+    pub ids_out: Tensor,
+    pub w_out: Tensor,
+}
+
+/// `y = w x` plus each active adapter's `B (A x)` weighted per token (see the module docs);
+/// with a stack, the low-rank updates of all adapters in two `mul_mat_id`.
+pub(crate) fn apply(
+    ctx: &Context,
+    active: &[ActiveLora],
+    stack: Option<&StackInputs>,
+    n_tokens: usize,
+    w: Tensor,
+    x: Tensor,
+    y: Tensor,
+) -> Tensor {
     let base = y;
     let mut y = y;
+    let ne = x.ne();
+    let rows = ne[1] * ne[2] * ne[3];
+    let x2 = if ne[2] * ne[3] > 1 || !x.is_contiguous() { ctx.reshape_2d(ctx.cont(x), ne[0], rows) } else { x };
+    let stacked = stack.and_then(|s| s.stack.stacks.get(&w.addr()).map(|&ab| (s, ab)));
+    if let Some((s, (sa, sb))) = stacked {
+        let l = s.per_token as i64;
+        let (ids, wt) = if rows as usize == n_tokens { (s.ids, s.w) } else { (s.ids_out, s.w_out) };
+        let ax = ctx.mul_mat_id(sa, ctx.reshape_3d(x2, ne[0], 1, rows), ids); // [R, l, rows]
+        let ax = ctx.mul(ax, ctx.reshape_3d(wt, 1, l, rows));
+        let bax = ctx.mul_mat_id(sb, ax, ids); // [out, l, rows]
+        let out = bax.ne()[0];
+        let mut d = ctx.view_2d(bax, out, rows, bax.nb()[2], 0);
+        for j in 1..l as usize {
+            d = ctx.add(d, ctx.view_2d(bax, out, rows, bax.nb()[2], j * bax.nb()[1]));
+        }
+        let yn = y.ne();
+        let d = if yn[2] * yn[3] > 1 { ctx.reshape_4d(ctx.cont(d), yn[0], yn[1], yn[2], yn[3]) } else { d };
+        y = ctx.add(y, d);
+    }
     for act in active {
         let Some(p) = act.adapter.pair(w) else { continue };
-        let ne = x.ne();
-        let rows = ne[1] * ne[2] * ne[3];
-        let x2 = if ne[2] * ne[3] > 1 { ctx.reshape_2d(ctx.cont(x), ne[0], rows) } else { x };
+        if stacked.is_some() && matches!(p, LoraPair::LowRank { .. }) {
+            continue; // computed with the stack
+        }
         let wt = if rows as usize == n_tokens { act.w_tokens } else { act.w_out };
         debug_assert_eq!(wt.ne()[1], rows, "a projection over neither all tokens nor the output rows");
         let d = match p {

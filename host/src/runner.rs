@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::ggml::{Context, DType, GgmlError, Graph, Sched, Tensor};
 use crate::graph::{Forward, StepInputs};
-use crate::lora::{ActiveLora, AdapterList, LoraAdapter};
+use crate::lora::{ActiveLora, AdapterList, LoraAdapter, LoraStack, StackInputs};
 use crate::memory::cells::{KvCells, SeqId, MAX_SEQ};
 use crate::memory::kv::KvCache;
 use crate::memory::recurrent::RecurrentCache;
@@ -111,6 +111,8 @@ pub struct Runner {
     step: Option<StepGraph>,
     /// LoRA adapters per sequence (none: the base model)
     adapters: std::collections::HashMap<SeqId, AdapterList>,
+    /// The adapters of the last multi-adapter step, stacked (rebuilt when the set changes)
+    lora_stack: Option<Arc<LoraStack>>,
     model: Arc<Model>,
 }
 
@@ -124,6 +126,8 @@ struct StepGraph {
     result: Tensor,
     /// Per active adapter: its per-token weight row (input), and the adapter kept alive
     lora: Vec<(Tensor, Arc<LoraAdapter>)>,
+    /// With two or more adapters: the stack's (slot ids, weights) inputs, and the stack kept alive
+    stack: Option<(Tensor, Tensor, Arc<LoraStack>)>,
     // Owns the tensor headers and the graph above; declared last.
     _ctx: Context,
 }
@@ -151,6 +155,8 @@ struct StepShape {
     n_seqs: usize,
     /// Version ids of the LoRA adapters active in the step
     adapters: Vec<u64>,
+    /// With a stack: (slot, weight) pairs per token (the longest adapter list); 0 without
+    per_token: usize,
 }
 
 impl Runner {
@@ -227,6 +233,7 @@ impl Runner {
             flash,
             step: None,
             adapters: Default::default(),
+            lora_stack: None,
             model,
         })
     }
@@ -262,7 +269,7 @@ impl Runner {
             weights: m.weight_bytes(),
             kv: self.kv.bytes(),
             recurrent: self.rs.as_ref().map_or(0, RecurrentCache::bytes),
-            lora: m.adapters().bytes(),
+            lora: m.adapters().bytes() + self.lora_stack.as_ref().map_or(0, |s| s.bytes()),
             compute: backends.iter().map(|b| b.compute).sum(),
             device_free,
             device_total,
@@ -530,6 +537,35 @@ impl Runner {
                     .collect()
             })
             .collect();
+        // Two or more adapters: their low-rank matrices stacked by slot (slot i = active[i],
+        // slot active.len() = zeros), each token gathering its own (see `LoraStack`).
+        let mut per_token = 0;
+        let (mut stack_ids, mut stack_w) = (Vec::new(), Vec::new());
+        if active.len() >= 2 {
+            let ids: Vec<u64> = active.iter().map(|a| a.id()).collect();
+            if self.lora_stack.as_ref().is_none_or(|s| s.ids() != ids.as_slice()) {
+                self.step = None; // the kept graph refers to the old stack
+                self.lora_stack = None;
+                let stack = LoraStack::build(&self.model, &active).map_err(|e| DecodeError::Options(e.to_string()))?;
+                self.lora_stack = Some(Arc::new(stack));
+            }
+            per_token = ub.seq.iter().map(|&s| self.adapters(s).len()).max().unwrap_or(0).max(1);
+            for &seq in &ub.seq {
+                let list = self.adapters(seq);
+                for j in 0..per_token {
+                    match list.get(j) {
+                        Some((a, w)) => {
+                            stack_ids.push(active.iter().position(|x| x.id() == a.id()).expect("active") as i32);
+                            stack_w.push(*w);
+                        }
+                        None => {
+                            stack_ids.push(active.len() as i32);
+                            stack_w.push(0.0);
+                        }
+                    }
+                }
+            }
+        }
         let shape = StepShape {
             n_tokens: n,
             n_kv,
@@ -538,6 +574,7 @@ impl Runner {
             output,
             n_seqs,
             adapters: active.iter().map(|a| a.id()).collect(),
+            per_token,
         };
         // The state slot of each sequence of a recurrent step, in order.
         let rs_slots: Vec<i32> = match self.rs.as_mut() {
@@ -588,6 +625,20 @@ impl Runner {
                 .zip(&lora_inputs)
                 .map(|(a, &w)| ActiveLora { adapter: a, w_tokens: w, w_out: ctx.get_rows(w, inp.out_ids) })
                 .collect();
+            let stack_keep = if per_token > 0 { self.lora_stack.clone() } else { None };
+            let stack_inputs = stack_keep.as_ref().map(|st| {
+                let pt = per_token as i64;
+                let ids = ctx.new_tensor(DType::I32, &[pt, n as i64], "inp_lora_slots").set_input();
+                let w = ctx.new_tensor(DType::F32, &[pt, n as i64], "inp_lora_slot_w").set_input();
+                StackInputs {
+                    stack: st,
+                    per_token,
+                    ids,
+                    w,
+                    ids_out: ctx.get_rows(ids, inp.out_ids),
+                    w_out: ctx.get_rows(w, inp.out_ids),
+                }
+            });
             let mut f = Forward {
                 ctx: &ctx,
                 graph: &mut graph,
@@ -606,6 +657,7 @@ impl Runner {
                     n_seq_tokens,
                 }),
                 lora: &lora,
+                lora_stack: stack_inputs,
             };
             let mut result = self.model.arch.build(&mut f);
             if output == Output::Argmax {
@@ -618,7 +670,8 @@ impl Runner {
             self.sched.reset();
             self.sched.alloc(&graph)?;
             let lora = lora_inputs.into_iter().zip(active.iter().cloned()).collect();
-            self.step = Some(StepGraph { shape, graph, inp, result, lora, _ctx: ctx });
+            let stack = stack_inputs.zip(stack_keep.clone()).map(|(si, st)| (si.ids, si.w, st));
+            self.step = Some(StepGraph { shape, graph, inp, result, lora, stack, _ctx: ctx });
         } else {
             t_alloc = std::time::Instant::now();
         }
@@ -638,6 +691,10 @@ impl Runner {
         }
         for ((t, _), w) in step.lora.iter().zip(&lora_w) {
             write_input(*t, |t| t.write_f32(w))?;
+        }
+        if let Some((ids, w, _)) = &step.stack {
+            write_input(*ids, |t| t.write_i32(&stack_ids))?;
+            write_input(*w, |t| t.write_f32(&stack_w))?;
         }
         let who: Vec<(SeqId, u32)> = ub.seq.iter().copied().zip(ub.pos.iter().copied()).collect();
         write_input(inp.mask, |t| write_mask(t, &self.cells, &who, n_kv, None))?;
@@ -732,7 +789,8 @@ pub struct MemoryUsage {
     pub kv: usize,
     /// Recurrent (Mamba) state of hybrid models: conv + SSM state per sequence slot
     pub recurrent: usize,
-    /// LoRA adapters loaded (current versions; replaced ones live until their requests end)
+    /// LoRA adapters loaded (current versions; replaced ones live until their requests end),
+    /// plus the stack of the last multi-adapter step
     pub lora: usize,
     /// The scheduler's compute buffers (grow to the largest step so far, then stay: this is also
     /// their peak)

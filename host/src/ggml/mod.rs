@@ -412,6 +412,12 @@ impl Tensor {
         self.inner().ne
     }
 
+    /// Whether the data is laid out without gaps (a reshape needs it).
+    pub fn is_contiguous(&self) -> bool {
+        // SAFETY: reads a live tensor header.
+        unsafe { sys::ggml_is_contiguous(self.raw()) }
+    }
+
     pub fn nb(&self) -> [usize; 4] {
         self.inner().nb
     }

@@ -66,6 +66,8 @@ pub struct Forward<'a> {
     pub rs: Option<RsInputs<'a>>,
     /// LoRA adapters active in this step (see [`crate::lora`])
     pub lora: &'a [crate::lora::ActiveLora<'a>],
+    /// With two or more adapters: their matrices stacked, gathered per token
+    pub lora_stack: Option<crate::lora::StackInputs<'a>>,
 }
 
 /// How to split a batch's rows for flash attention. ggml's CPU kernel tiles 64 query rows at a
@@ -127,7 +129,7 @@ impl Forward<'_> {
         if self.lora.is_empty() {
             return y;
         }
-        crate::lora::apply(self.ctx, self.lora, self.n_tokens, w, x, y)
+        crate::lora::apply(self.ctx, self.lora, self.lora_stack.as_ref(), self.n_tokens, w, x, y)
     }
 
     /// Record a hidden state for read-back when taps are on.
