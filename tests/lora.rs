@@ -82,6 +82,22 @@ fn a_weighted_list_equals_the_weighted_merge() {
     assert_eq!(greedy, exp.ids("greedy"));
 }
 
+/// Layers split over two backends (two CPU backends stand in for two devices): each adapter's
+/// matrices sit with the layer they adapt, and a weighted pair (stacked, rank padded as on GPUs)
+/// still equals the weighted merge.
+#[test]
+fn adapters_follow_a_layer_split() {
+    let opts = ModelOptions { threads: 2, devices: vec!["cpu".into(), "cpu".into()], ..Default::default() };
+    let m = Arc::new(Model::load(&fixture("llama-f32"), &opts).unwrap());
+    let a = m.load_adapter("a", &adapter("llama-a")).unwrap();
+    let b = m.load_adapter("b", &adapter("llama-b")).unwrap();
+    let exp = Expected::load(&adapter("mix"));
+    let (rows, greedy) = run(&m, vec![(a, 0.5), (b, 1.0)], &exp.ids("tokens"));
+    let e = rel_err(&rows, &exp.rows("logits"));
+    assert!(e < TOL, "split: {e}");
+    assert_eq!(greedy, exp.ids("greedy"));
+}
+
 /// Sequences with different adapters (none, a, b, a weighted list) in one ubatch equal each
 /// computed alone; for a dense model and for the hybrid (whose steps split by sequence).
 #[test]
