@@ -508,7 +508,14 @@ impl Runner {
         let n = ub.len();
         // Attend over a multiple of 256 cells (masked beyond the used ones): the graph keeps its
         // shapes from step to step, so a GPU backend can replay its captured graph (CUDA graphs).
-        let n_kv = self.cells.n_kv().next_multiple_of(KV_PAD).min(self.cells.n_cells());
+        // With many sequences the used cells grow by one per sequence a step, so the padding
+        // grows with the number of sequences in the step (a change of shape rebuilds the graph
+        // and makes the GPU capture its CUDA graph again: with 32 sequences and 256 cells that
+        // was every 8th step); a prompt chunk of one sequence keeps 256.
+        // On the CPU there is no captured graph to keep, and masked cells still cost: 256 there.
+        let on_device = self.model.backends.iter().any(|b| !b.is_cpu());
+        let pad = if on_device { kv_pad(&ub.seq) } else { KV_PAD };
+        let n_kv = self.cells.n_kv().next_multiple_of(pad).min(self.cells.n_cells());
         let out: Vec<i32> = (0..n as i32).filter(|&i| ub.out[i as usize]).collect();
         let n_out = out.len().max(1);
         // The adapters of the step's sequences, by version, and each one's weight per token.
@@ -827,6 +834,16 @@ pub fn compute_estimate(hp: &crate::models::HParams, n_cells: usize, n_ubatch: u
 /// Cells attended to are padded to a multiple of this.
 const KV_PAD: usize = 256;
 
+/// The padding of the attended cells for a step of these tokens' sequences: [`KV_PAD`] per four
+/// distinct sequences (at least one), so a decode step of N sequences keeps its shape for about
+/// 64 steps whatever N.
+fn kv_pad(seqs: &[SeqId]) -> usize {
+    let mut distinct = seqs.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    KV_PAD * (distinct.len() / 4).max(1)
+}
+
 /// Graph nodes needed for a model of `n_layer` layers and ubatches of `n_ubatch` tokens
 /// (generous; nodes are cheap). Attention split into segments (`graph::attn_segments`: at most
 /// about one per 32 rows) adds a few nodes per segment and layer; each active LoRA adapter four
@@ -835,4 +852,17 @@ fn graph_size(n_layer: usize, n_ubatch: usize) -> usize {
     let segments = n_ubatch / 32 + 2;
     let lora = 12 * 4 * crate::lora::MAX_STEP_ADAPTERS;
     (n_layer * (64 + 6 * segments + lora) + 512).max(2048)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{kv_pad, KV_PAD};
+
+    #[test]
+    fn kv_padding_grows_with_the_sequences_of_a_step() {
+        assert_eq!(kv_pad(&[3; 512]), KV_PAD, "a prompt chunk of one sequence");
+        assert_eq!(kv_pad(&[0, 1, 2]), KV_PAD);
+        let decode: Vec<u32> = (0..32).collect();
+        assert_eq!(kv_pad(&decode), 8 * KV_PAD, "32 sequences: 2048 cells, a new shape every ~64 steps");
+    }
 }
