@@ -367,8 +367,16 @@ impl Engine {
         &self.model
     }
 
-    /// The current versions of adapters named with weights (hot reload happens here).
+    /// The current versions of adapters named with weights (hot reload happens here); at most
+    /// [`crate::lora::MAX_STEP_ADAPTERS`] of them.
     fn resolve(&self, names: &[(String, f32)]) -> Result<crate::lora::AdapterList, EngineError> {
+        if names.len() > crate::lora::MAX_STEP_ADAPTERS {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} adapters in one request; at most {}",
+                names.len(),
+                crate::lora::MAX_STEP_ADAPTERS
+            )));
+        }
         names
             .iter()
             .map(|(name, w)| {
@@ -399,13 +407,6 @@ impl Engine {
         }
         req.sampling.validate().map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
         let names = if req.adapters.is_empty() { &self.default_adapters } else { &req.adapters };
-        if names.len() > crate::lora::MAX_STEP_ADAPTERS {
-            return Err(EngineError::InvalidRequest(format!(
-                "{} adapters in one request; at most {}",
-                names.len(),
-                crate::lora::MAX_STEP_ADAPTERS
-            )));
-        }
         let adapters = self.resolve(names)?;
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = Arc::new(AtomicBool::new(false));
@@ -484,7 +485,10 @@ impl Engine {
     /// resources are: its steps are batched with every other request's. `max_len` caps its
     /// positions (0: the engine's limit).
     pub fn open_sequence(self: &Arc<Self>, max_len: usize) -> Result<Sequence, DecodeError> {
-        self.open_sequence_with(max_len, None)
+        self.open_sequence_with(max_len, None).map_err(|e| match e {
+            EngineError::Decode(d) => d,
+            other => DecodeError::Options(other.to_string()),
+        })
     }
 
     /// [`Engine::open_sequence`] computed with LoRA `adapters` (loaded names and weights; `None`:
@@ -493,17 +497,9 @@ impl Engine {
         self: &Arc<Self>,
         max_len: usize,
         adapters: Option<&[(String, f32)]>,
-    ) -> Result<Sequence, DecodeError> {
+    ) -> Result<Sequence, EngineError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let names = adapters.unwrap_or(&self.default_adapters);
-        if names.len() > crate::lora::MAX_STEP_ADAPTERS {
-            return Err(DecodeError::Options(format!(
-                "{} adapters for one sequence; at most {}",
-                names.len(),
-                crate::lora::MAX_STEP_ADAPTERS
-            )));
-        }
-        let adapters = self.resolve(names).map_err(|e| DecodeError::Options(e.to_string()))?;
+        let adapters = self.resolve(adapters.unwrap_or(&self.default_adapters))?;
         self.call(|reply| ExtOp::Open { id, adapters, reply })?;
         let max_len = if max_len == 0 { self.max_seq_len } else { max_len.min(self.max_seq_len) };
         Ok(Sequence { id, engine: self.clone(), len: 0, max_len })

@@ -98,6 +98,11 @@ impl PrefixCache {
         self.nested
     }
 
+    /// Whether an entry computed under `salt` holds exactly `tokens`.
+    pub fn contains_whole(&self, salt: u64, tokens: &[u32]) -> bool {
+        self.lookup_whole(salt, tokens, tokens.len() + 1).is_some_and(|h| h.len == tokens.len())
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -138,7 +143,7 @@ impl PrefixCache {
     /// and entries the new one makes redundant (their tokens are a prefix of `tokens`).
     pub fn insert(&mut self, seq: SeqId, salt: u64, tokens: Vec<u32>) -> Vec<SeqId> {
         let exists = if self.nested {
-            self.lookup_whole(salt, &tokens, tokens.len() + 1).is_some_and(|h| h.len == tokens.len())
+            self.contains_whole(salt, &tokens)
         } else {
             self.lookup(salt, &tokens).is_some_and(|h| h.len == tokens.len())
         };

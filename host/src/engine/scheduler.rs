@@ -220,7 +220,7 @@ impl Sched {
     /// replaces the previous snapshot of the same prompt (so a long prompt keeps its early
     /// boundaries and its latest one), and never evicts anything else.
     fn snapshot(&mut self, seq: SeqId, salt: u64, tokens: Vec<u32>) {
-        if self.prefix.lookup_whole(salt, &tokens, tokens.len() + 1).is_some_and(|h| h.len == tokens.len()) {
+        if self.prefix.contains_whole(salt, &tokens) {
             return;
         }
         if self.prefix.len() >= self.cfg.prefix_entries || self.free_ids.is_empty() {

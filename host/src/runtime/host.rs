@@ -12,7 +12,7 @@ use wasmtime::component::Resource;
 
 use super::bindings::policy::stllm::inference::{engine, plugin_sampler, streaming, types};
 use super::EngineHost;
-use crate::engine::{Engine, EngineOptions, Sequence};
+use crate::engine::{Engine, EngineError, EngineOptions, Sequence};
 use crate::session::{DecodeError, Logits, SessionOptions};
 use crate::Model;
 
@@ -209,19 +209,7 @@ impl engine::HostModel for EngineHost<'_> {
         m: Resource<ModelRes>,
         max_len: u32,
     ) -> wasmtime::Result<Result<Resource<SequenceRes>, types::Error>> {
-        let h = self.table.get(&m)?.0.clone();
-        // The first sequence starts the engine (allocates the KV cache): off the executor.
-        let r = blocking(move || {
-            let engine = h.engine()?;
-            engine.open_sequence(max_len as usize).map_err(decode_err)
-        })
-        .await?;
-        let out = match r {
-            Ok(s) => Ok(self.table.push(SequenceRes { session: Arc::new(Mutex::new(s)) })?),
-            Err(e) => Err(e),
-        };
-        self.returned_to_guest();
-        Ok(out)
+        self.new_sequence_with(m, max_len, None).await
     }
 
     async fn new_sequence_with(
@@ -231,15 +219,21 @@ impl engine::HostModel for EngineHost<'_> {
         adapters: Option<Vec<types::Adapter>>,
     ) -> wasmtime::Result<Result<Resource<SequenceRes>, types::Error>> {
         let h = self.table.get(&m)?.0.clone();
+        // A name the guest gave that is not loaded is its bad input; the host's defaults failing
+        // to resolve is the host's problem.
+        let guest_named = adapters.is_some();
         let adapters: Option<Vec<(String, f32)>> =
             adapters.map(|v| v.into_iter().map(|a| (a.name, a.weight)).collect());
+        // The first sequence starts the engine (allocates the KV cache): off the executor.
         let r = blocking(move || {
             let engine = h.engine()?;
-            // A name that is not loaded is the guest's bad input.
-            for (name, _) in adapters.iter().flatten() {
-                engine.model().adapter(name).map_err(|e| types::Error::InvalidInput(e.to_string()))?;
-            }
-            engine.open_sequence_with(max_len as usize, adapters.as_deref()).map_err(decode_err)
+            engine.open_sequence_with(max_len as usize, adapters.as_deref()).map_err(|e| match e {
+                EngineError::Decode(d) => decode_err(d),
+                EngineError::Lora(_) | EngineError::InvalidRequest(_) if guest_named => {
+                    types::Error::InvalidInput(e.to_string())
+                }
+                other => types::Error::Internal(other.to_string()),
+            })
         })
         .await?;
         let out = match r {
