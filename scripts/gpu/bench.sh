@@ -16,16 +16,12 @@
 # 10 minutes per command: README.md)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-g=scratch/gpu
-work=${WORK:-/tmp/stllm-gpu}
-out=${OUT:-/tmp/stllm-out}
-mkdir -p "$out" "$work/gguf"
-export PYTHONPATH="$PWD/$g/gguf-py${PYTHONPATH:+:$PYTHONPATH}"
 # shellcheck source=lib.sh
 . scripts/gpu/lib.sh
+export PYTHONPATH="$PWD/$g/gguf-py${PYTHONPATH:+:$PYTHONPATH}"
 unpack_stllm  # run.sh unpacks it too, but bench.sh may run alone
+mkdir -p "$work/gguf"
 [ -x "$work/llama/llama-bench" ] || echo "no $work/llama/llama-bench: run scripts/gpu/run.sh first" >&2
-stllm=$g/bin/stllm
 llama=$work/llama
 
 for shape in "${@:-qwen3-0.6b}"; do

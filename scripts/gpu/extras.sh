@@ -10,14 +10,9 @@
 # short table is printed. Usage: extras.sh [quant] [lora]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-g=scratch/gpu
-work=${WORK:-/tmp/stllm-gpu}
-out=${OUT:-/tmp/stllm-out}
-mkdir -p "$out"
 # shellcheck source=lib.sh
 . scripts/gpu/lib.sh
 unpack_stllm
-stllm=$g/bin/stllm
 shape=qwen3-0.6b
 dir="$work/models/$shape"
 be=(--device cuda --backend-dir "$work/backends")

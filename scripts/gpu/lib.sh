@@ -1,5 +1,13 @@
-# Shared by bench.sh and nano.sh (sourced; expects $out and $work): tag JSON lines and measure a
+# Shared by run.sh, bench.sh, nano.sh and extras.sh (sourced from the repository root): paths, tag JSON lines and measure a
 # command with nvidia-smi memory sampling; unpack the xz-compressed stllm prepare.sh ships.
+
+# The paths every step uses (run from the repository root): the carry, the machine's work folder,
+# the folder the device tool brings back, and the stllm binary.
+g=scratch/gpu
+work=${WORK:-/tmp/stllm-gpu}
+out=${OUT:-/tmp/stllm-out}
+stllm=$g/bin/stllm
+mkdir -p "$work" "$out"
 
 # unpack_stllm: scratch/gpu/bin/stllm.xz -> scratch/gpu/bin/stllm beside its libraries (xz, else
 # Python's lzma), unless already unpacked from this archive.

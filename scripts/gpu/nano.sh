@@ -15,14 +15,9 @@
 # next on the same warm machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-g=scratch/gpu
-work=${WORK:-/tmp/stllm-gpu}
-out=${OUT:-/tmp/stllm-out}
-mkdir -p "$out"
 # shellcheck source=lib.sh
 . scripts/gpu/lib.sh
 unpack_stllm
-stllm=$g/bin/stllm
 shape=nemotron-3-nano
 dir="$work/models/$shape"
 read -r -a dev <<<"${DEV:---device cuda}"

@@ -8,10 +8,6 @@
 # Full logs go to $OUT (or /tmp/stllm-out); $WORK defaults to /tmp/stllm-gpu.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-g=scratch/gpu
-work=${WORK:-/tmp/stllm-gpu}
-out=${OUT:-/tmp/stllm-out}
-mkdir -p "$work" "$out"
 # shellcheck source=lib.sh
 . scripts/gpu/lib.sh
 unpack_stllm
