@@ -1,25 +1,36 @@
 #!/usr/bin/env python3
-"""Write a BF16 GGUF that llama.cpp (llama-bench, llama-batched-bench) loads, from an HF folder of
+"""Write a BF16 GGUF that llama.cpp (our peer harness, scripts/gpu/peer) loads, from an HF folder of
 make_model.py (Llama or Qwen3 architecture, safetensors, no tokenizer needed), for speed runs.
 
 No vocabulary is written: tokenizer.ggml.model = "none" plus {arch}.vocab_size, which llama.cpp's
-llama-vocab.cpp turns into that many dummy tokens (llama-bench and llama-batched-bench feed random
-token ids, so they never tokenize). Tensor names, metadata keys and the Llama Q/K row permutation
+llama-vocab.cpp turns into that many dummy tokens (peer-bench feeds random token ids, so it never
+tokenizes). Tensor names, metadata keys and the Llama Q/K row permutation
 are those of llama.cpp's convert_hf_to_gguf.py (Qwen3 uses NEOX RoPE and is not permuted); 1-D
 tensors (norms) are written F32, the matrices BF16, as that script does with --outtype bf16.
 
-Needs the gguf package of llama.cpp's gguf-py on PYTHONPATH (prepare.sh ships it in
-scratch/gpu/gguf-py), torch, numpy and safetensors.
+Needs PyPI's `gguf` package (pinned in prepare.sh, which carries its wheel to scratch/gpu/wheels;
+bench.sh puts it on PYTHONPATH), numpy and safetensors; torch when it is there (without it,
+the tensors are read with numpy, which is enough for F32 and F16 checkpoints, and rounded to BF16
+the same way: round to nearest even).
 
-Usage: hf_to_gguf.py MODEL_DIR OUT.gguf
+With --vocab, the folder's tokenizer.json (a byte-level BPE, GPT-2 style) is written as the
+vocabulary instead (tokenizer.ggml.model = "gpt2": tokens, token types, merges, BOS/EOS), for
+peers that detokenize what they generate (llama-cpp-python's server aborts on a vocabulary-less
+model); prompts given as token ids are then still not tokenized by llama.cpp.
+
+Usage: hf_to_gguf.py MODEL_DIR OUT.gguf [--vocab]
 """
 import json
 import os
 import sys
 
 import numpy as np
-import torch
 from safetensors import safe_open
+
+try:
+    import torch
+except ImportError:  # numpy only (F32/F16 checkpoints): benches/soak/run_cpu.sh on a CPU box
+    torch = None
 
 import gguf
 
@@ -34,8 +45,43 @@ def permute(w, n_head, n_head_kv):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def add_bpe_vocab(w, src, cfg):
+    """tokenizer.json's byte-level BPE as a GGUF "gpt2" vocabulary."""
+    with open(os.path.join(src, "tokenizer.json")) as f:
+        tok = json.load(f)
+    model = tok["model"]
+    if model.get("type") != "BPE":
+        sys.exit(f"--vocab: tokenizer model {model.get('type')!r} is not BPE")
+    n_vocab = cfg["vocab_size"]
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    for text, i in model["vocab"].items():
+        if i < n_vocab:
+            tokens[i], types[i] = text, gguf.TokenType.NORMAL
+    for a in tok.get("added_tokens", []):
+        if a["id"] < n_vocab:
+            tokens[a["id"]] = a["content"]
+            types[a["id"]] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
+                     ("pad_token_id", w.add_pad_token_id)):
+        v = cfg.get(key)
+        if isinstance(v, list):
+            v = v[0] if v else None
+        if v is not None:
+            add(int(v))
+    w.add_add_bos_token(False)
+
+
 def main():
-    src, dst = sys.argv[1], sys.argv[2]
+    args = [a for a in sys.argv[1:] if a != "--vocab"]
+    with_vocab = "--vocab" in sys.argv[1:]
+    src, dst = args[0], args[1]
     with open(os.path.join(src, "config.json")) as f:
         cfg = json.load(f)
     arch = ARCHS.get(cfg["model_type"])
@@ -54,11 +100,12 @@ def main():
     where = {}
     for fn in sorted(os.listdir(src)):
         if fn.endswith(".safetensors"):
-            with safe_open(os.path.join(src, fn), framework="pt") as f:
+            with safe_open(os.path.join(src, fn), framework="pt" if torch is not None else "np") as f:
                 for k in f.keys():
                     where[k] = os.path.join(src, fn)
 
-    handles = {fn: safe_open(fn, framework="pt") for fn in set(where.values())}
+    framework = "pt" if torch is not None else "np"
+    handles = {fn: safe_open(fn, framework=framework) for fn in set(where.values())}
 
     def hf(name):
         return handles[where[name]].get_tensor(name)
@@ -109,8 +156,11 @@ def main():
     if arch == "llama":
         w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg["vocab_size"])
-    # No vocabulary: llama.cpp's LLAMA_VOCAB_TYPE_NONE ("none" or "no_vocab") with vocab_size dummies.
-    w.add_tokenizer_model("none")
+    if with_vocab:
+        add_bpe_vocab(w, src, cfg)
+    else:
+        # No vocabulary: llama.cpp's LLAMA_VOCAB_TYPE_NONE ("none" or "no_vocab") with vocab_size dummies.
+        w.add_tokenizer_model("none")
 
     # Shapes first (header), then stream the data one tensor at a time.
     shapes = {}
@@ -130,7 +180,13 @@ def main():
         t = hf(h)
         if perm is not None:
             t = permute(t, *perm)
-        if shapes[name][1]:
+        if torch is None:
+            a = np.ascontiguousarray(t, dtype=np.float32)
+            if shapes[name][1]:
+                # f32 -> bf16, round to nearest even (as torch's .to(torch.bfloat16))
+                u = a.view(np.uint32)
+                a = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        elif shapes[name][1]:
             a = t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
         else:
             a = t.to(torch.float32).contiguous().numpy()

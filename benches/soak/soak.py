@@ -1,0 +1,364 @@
+#!/usr/bin/env python3
+"""A bounded soak of an OpenAI-compatible server on loopback: C concurrent streaming clients send a
+fixed number of requests with mixed prompt lengths behind a shared prefix; some disconnect early.
+
+Reports JSON (stdout, or --out) and one markdown row (stderr, or --md): p50/p99 time to first token,
+p50/p99 inter-token latency, aggregate generated tokens/s, errors, and the server's resident memory
+(VmRSS of --pid, with its children) before, at peak and after.
+
+Modes:
+  --mode chat    POST /v1/chat/completions: a shared system prompt + a user message of
+                 mixed length (words); needs a chat template on the server side.
+  --mode tokens  POST /v1/completions with a shared prefix of token ids + a tail of mixed length.
+                 --prompt-format ids sends the ids themselves (servers with a different tokenizer
+                 compare fairly); --prompt-format text sends the same ids decoded with
+                 --tokenizer DIR (a byte-level BPE tokenizer.json), for servers that take only text
+                 (llama-cpp-python's server), re-tokenized by the server.
+
+Tokens of a request: usage.completion_tokens when the server sends the usage chunk
+(stream_options.include_usage), else the number of content chunks. Inter-token latency: the gaps
+between successive content chunks divided by the tokens they carry (per-chunk otherwise). TTFT:
+from sending the request to the first content chunk. Requests that disconnect on purpose count for
+TTFT and tokens but not for errors. Every wait is bounded (--request-timeout, --timeout).
+
+Needs httpx only (pip install httpx). Example:
+  soak.py --base-url http://127.0.0.1:8080/v1 --model qwen3 --mode tokens --vocab-size 384 \
+          --concurrency 64 --requests 512 --max-tokens 64 --pid 1234 --label stllm
+"""
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+import httpx
+
+WORDS = ("the a of to and in is it you that he was for on are with as his they be at one have this "
+         "from or had by word but what some we can out other were all there when up use your how said "
+         "an each she which do their time if will way about many then them write would like so these "
+         "her long make thing see him two has look more day could go come did number sound no most "
+         "people my over know water than call first who may down side been now find").split()
+
+
+# -- resident memory ----------------------------------------------------------------------------
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def rss_bytes(pid):
+    """VmRSS of pid and its descendants, in bytes (None if pid is gone or not given)."""
+    if not pid:
+        return None
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            if p == pid:
+                return None
+            continue
+        todo.extend(_children(p))
+    return total
+
+
+# -- prompts ------------------------------------------------------------------------------------
+
+def byte_level_decoder(tokenizer_dir):
+    """id -> bytes for a byte-level BPE tokenizer.json (GPT-2 byte mapping)."""
+    with open(os.path.join(tokenizer_dir, "tokenizer.json")) as f:
+        tok = json.load(f)
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    unicode_to_byte = {chr(c): b for b, c in zip(bs, cs)}
+    out = {}
+    for text, i in tok["model"]["vocab"].items():
+        try:
+            out[i] = bytes(unicode_to_byte[ch] for ch in text)
+        except KeyError:
+            continue
+    special = {a["id"] for a in tok.get("added_tokens", [])}
+    return {i: b for i, b in out.items() if i not in special}
+
+
+def make_prompts(args, rng):
+    """The request bodies' prompt parts, in order: [(kind, value)]."""
+    lens = [int(x) for x in args.prompt_lens.split(",")]
+    prompts = []
+    if args.mode == "chat":
+        system = " ".join(rng.choice(WORDS) for _ in range(args.shared_prefix))
+        for i in range(args.requests):
+            user = " ".join(rng.choice(WORDS) for _ in range(lens[i % len(lens)]))
+            prompts.append([{"role": "system", "content": system},
+                            {"role": "user", "content": f"Request {i}: {user}"}])
+        return prompts
+    # Token ids: from tokens that are whole UTF-8 on their own when a tokenizer is given (so the
+    # text form decodes cleanly), else from [--min-token-id, --vocab-size).
+    decode = byte_level_decoder(args.tokenizer) if args.tokenizer else None
+    if decode:
+        pool = []
+        for i, b in sorted(decode.items()):
+            try:
+                b.decode("utf-8")
+                if i >= args.min_token_id:
+                    pool.append(i)
+            except UnicodeDecodeError:
+                pass
+    else:
+        if not args.vocab_size:
+            sys.exit("--mode tokens needs --vocab-size or --tokenizer")
+        pool = list(range(args.min_token_id, args.vocab_size))
+    if args.prompt_format == "text" and not decode:
+        sys.exit("--prompt-format text needs --tokenizer")
+    prefix = [rng.choice(pool) for _ in range(args.shared_prefix)]
+    for i in range(args.requests):
+        ids = prefix + [rng.choice(pool) for _ in range(lens[i % len(lens)])]
+        if args.prompt_format == "text":
+            prompts.append(b"".join(decode[t] for t in ids).decode("utf-8"))
+        else:
+            prompts.append(ids)
+    return prompts
+
+
+# -- one request ----------------------------------------------------------------------------------
+
+async def one_request(http, args, prompt, disconnect_after):
+    """Stream one request; returns a record."""
+    body = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
+            "stream": True}
+    if args.include_usage:
+        body["stream_options"] = {"include_usage": True}
+    if args.seed is not None:
+        body["seed"] = args.seed
+    if args.ban_token is not None:
+        body["logit_bias"] = {str(args.ban_token): -100}
+    if args.mode == "chat":
+        body["messages"] = prompt
+        path = "/chat/completions"
+    else:
+        body["prompt"] = prompt
+        path = "/completions"
+    rec = {"ttft": None, "gaps": [], "tokens": 0, "error": None, "disconnected": False}
+    t0 = time.monotonic()
+    last = None
+    chunks = 0
+    usage_tokens = None
+    done = False
+    try:
+        async with http.stream("POST", args.base_url + path, json=body) as r:
+            if r.status_code != 200:
+                text = (await r.aread()).decode("utf-8", "replace")
+                rec["error"] = f"HTTP {r.status_code}: {text[:200]}"
+                return rec
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    done = True
+                    break
+                ev = json.loads(data)
+                if ev.get("usage"):
+                    usage_tokens = ev["usage"].get("completion_tokens")
+                for ch in ev.get("choices") or []:
+                    piece = (ch.get("delta") or {}).get("content") if args.mode == "chat" else ch.get("text")
+                    if piece is None:
+                        continue
+                    now = time.monotonic()
+                    if rec["ttft"] is None:
+                        rec["ttft"] = now - t0
+                    else:
+                        rec["gaps"].append(now - last)
+                    last = now
+                    chunks += 1
+                if disconnect_after is not None and chunks >= disconnect_after:
+                    rec["disconnected"] = True
+                    break
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        rec["error"] = f"{type(e).__name__}: {e}"[:200]
+        return rec
+    rec["chunks"] = chunks
+    rec["tokens"] = usage_tokens if (usage_tokens is not None and not rec["disconnected"]) else chunks
+    if usage_tokens and chunks and usage_tokens != chunks and rec["gaps"]:
+        # Chunks carrying several tokens: spread each gap over them.
+        per = chunks / usage_tokens
+        rec["gaps"] = [g * per for g in rec["gaps"]]
+    if not done and not rec["disconnected"]:
+        rec["error"] = "stream ended without data: [DONE]"
+    return rec
+
+
+def pct(xs, p):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = max(0, min(len(xs) - 1, int(round(p / 100 * len(xs) + 0.5)) - 1))
+    return xs[k]
+
+
+async def run(args):
+    rng = random.Random(args.seed_prompts)
+    prompts = make_prompts(args, rng)
+    n_disc = int(round(args.disconnect_frac * args.requests))
+    disc = set(rng.sample(range(args.requests), n_disc))
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency)
+    timeout = httpx.Timeout(args.request_timeout, connect=30)
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as http:
+        # Warm-up (not measured): loads weights / starts engines.
+        for w in range(args.warmup):
+            rec = await one_request(http, args, prompts[w % len(prompts)], None)
+            if rec["error"]:
+                sys.exit(f"warm-up request failed: {rec['error']}")
+        rss_before = rss_bytes(args.pid)
+        rss_peak = rss_before or 0
+        queue = asyncio.Queue()
+        for i in range(args.requests):
+            queue.put_nowait(i)
+        records = [None] * args.requests
+
+        async def client():
+            while True:
+                try:
+                    i = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                records[i] = await one_request(http, args, prompts[i],
+                                               args.disconnect_after if i in disc else None)
+
+        async def sample_rss():
+            nonlocal rss_peak
+            while True:
+                v = rss_bytes(args.pid)
+                if v:
+                    rss_peak = max(rss_peak, v)
+                await asyncio.sleep(0.25)
+
+        t0 = time.monotonic()
+        sampler = asyncio.create_task(sample_rss())
+        tasks = [asyncio.create_task(client()) for _ in range(args.concurrency)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks), args.timeout)
+            timed_out = False
+        except asyncio.TimeoutError:
+            timed_out = True
+            for t in tasks:
+                t.cancel()
+        wall = time.monotonic() - t0
+        sampler.cancel()
+        await asyncio.sleep(args.settle)  # let the server free what disconnected clients held
+        rss_after = rss_bytes(args.pid)
+
+    done = [r for r in records if r is not None]
+    errors = [r["error"] for r in done if r["error"]]
+    ttft = [r["ttft"] for r in done if r["ttft"] is not None and not r["error"]]
+    gaps = [g for r in done if not r["error"] for g in r["gaps"]]
+    tokens = sum(r["tokens"] for r in done if not r["error"])
+    mib = (lambda b: None if b is None else round(b / 2**20, 1))
+    ms = (lambda s: None if s is None else round(s * 1000, 2))
+    out = {
+        "label": args.label, "base_url": args.base_url, "model": args.model, "mode": args.mode,
+        "prompt_format": args.prompt_format if args.mode == "tokens" else "chat",
+        "concurrency": args.concurrency, "requests": args.requests, "completed": len(done),
+        "timed_out": timed_out, "disconnected_on_purpose": sum(1 for r in done if r["disconnected"]),
+        "max_tokens": args.max_tokens, "prompt_lens": args.prompt_lens, "shared_prefix": args.shared_prefix,
+        "wall_s": round(wall, 3), "generated_tokens": tokens,
+        "tok_per_s": round(tokens / wall, 1) if wall > 0 else None,
+        "ttft_ms": {"p50": ms(pct(ttft, 50)), "p99": ms(pct(ttft, 99)),
+                    "mean": ms(statistics.mean(ttft)) if ttft else None},
+        "itl_ms": {"p50": ms(pct(gaps, 50)), "p99": ms(pct(gaps, 99)),
+                   "mean": ms(statistics.mean(gaps)) if gaps else None},
+        "errors": len(errors) + (args.requests - len(done)), "error_samples": errors[:5],
+        "rss_mib": {"before": mib(rss_before), "peak": mib(rss_peak or None), "after": mib(rss_after)},
+        "pid": args.pid,
+    }
+    return out
+
+
+MD_HEADER = ("| server | mode | C | requests | p50 TTFT ms | p99 TTFT ms | p50 ITL ms | p99 ITL ms "
+             "| tok/s | errors | RSS MiB before → peak → after |\n"
+             "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def md_row(o):
+    r = o["rss_mib"]
+    mode = o["mode"] if o["mode"] == "chat" else f"tokens ({o['prompt_format']})"
+    return (f"| {o['label']} | {mode} | {o['concurrency']} | {o['requests']} | {o['ttft_ms']['p50']} "
+            f"| {o['ttft_ms']['p99']} | {o['itl_ms']['p50']} | {o['itl_ms']['p99']} | {o['tok_per_s']} "
+            f"| {o['errors']}{' (timed out)' if o['timed_out'] else ''} "
+            f"| {r['before']} → {r['peak']} → {r['after']} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8080/v1")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--api-key")
+    ap.add_argument("--label", default="server")
+    ap.add_argument("--mode", choices=["chat", "tokens"], default="chat")
+    ap.add_argument("--prompt-format", choices=["ids", "text"], default="ids")
+    ap.add_argument("--tokenizer", help="folder with tokenizer.json (byte-level BPE) for --prompt-format text")
+    ap.add_argument("--vocab-size", type=int)
+    ap.add_argument("--min-token-id", type=int, default=8, help="skip the specials below this id")
+    ap.add_argument("--concurrency", "-c", type=int, default=64)
+    ap.add_argument("--requests", "-n", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt-lens", default="8,32,128,16,64",
+                    help="per-request prompt lengths after the shared prefix, cycled (words or tokens)")
+    ap.add_argument("--shared-prefix", type=int, default=64, help="shared system prompt (words) or prefix (tokens)")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--seed-prompts", type=int, default=0)
+    ap.add_argument("--ban-token", type=int, help="logit_bias -100 on this id (e.g. EOS: fixed-length outputs)")
+    ap.add_argument("--no-usage", dest="include_usage", action="store_false",
+                    help="do not ask for stream_options.include_usage")
+    ap.add_argument("--disconnect-frac", type=float, default=0.1)
+    ap.add_argument("--disconnect-after", type=int, default=4, help="content chunks before disconnecting")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--pid", type=int, help="server process for resident memory")
+    ap.add_argument("--settle", type=float, default=2.0, help="seconds before the last RSS sample")
+    ap.add_argument("--request-timeout", type=float, default=300)
+    ap.add_argument("--timeout", type=float, default=1800, help="bound on the whole soak")
+    ap.add_argument("--out", help="append the JSON line to this file")
+    ap.add_argument("--md", help="append the markdown row to this file (header when new)")
+    args = ap.parse_args()
+    args.base_url = args.base_url.rstrip("/")
+    out = asyncio.run(run(args))
+    line = json.dumps(out)
+    print(line)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+    row = md_row(out)
+    print(MD_HEADER + "\n" + row, file=sys.stderr)
+    if args.md:
+        new = not os.path.exists(args.md)
+        with open(args.md, "a") as f:
+            f.write((MD_HEADER + "\n" if new else "") + row + "\n")
+    sys.exit(1 if out["errors"] or out["timed_out"] else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Tool calls parsed into `tool_calls` on models/demo (a small trained Llama with a ChatML
+template and Qwen/Hermes tool rendering, trained to call get_weather for this question).
+
+Everything that needs models/demo is this one test: without the model it fails (never skips)."""
+import json
+
+import pytest
+
+from conftest import DEMO_DIR, start_server
+
+TOOLS = [{
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {"type": "object",
+                       "properties": {"city": {"type": "string", "description": "The city"}},
+                       "required": ["city"]},
+    },
+}]
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_tool_calls_demo():
+    assert (DEMO_DIR / "config.json").is_file(), \
+        f"{DEMO_DIR} is missing: the tool-call test needs the trained demo model (models/demo)"
+    s = start_server(["--model", DEMO_DIR, "--ctx-size", "2048"], "demo")
+    try:
+        c = s.client()
+        model = "demo"
+
+        # Non-streaming: parsed into tool_calls.
+        r = c.chat.completions.create(model=model, messages=QUESTION, tools=TOOLS, tool_choice="auto",
+                                      temperature=0, max_tokens=64)
+        ch = r.choices[0]
+        assert ch.finish_reason == "tool_calls", (ch.finish_reason, ch.message)
+        calls = ch.message.tool_calls
+        assert calls and len(calls) == 1, ch.message
+        call = calls[0]
+        assert call.type == "function" and call.id
+        assert call.function.name == "get_weather"
+        assert json.loads(call.function.arguments) == {"city": "Paris"}
+        assert not ch.message.content, f"the tool-call markup leaked into content: {ch.message.content!r}"
+
+        # Streaming: the deltas reassemble into the same call.
+        chunks = list(c.chat.completions.create(model=model, messages=QUESTION, tools=TOOLS,
+                                                temperature=0, max_tokens=64, stream=True))
+        acc, content, finishes = {}, "", []
+        for chunk in chunks:
+            for choice in chunk.choices:
+                d = choice.delta
+                content += d.content or ""
+                for tc in d.tool_calls or []:
+                    a = acc.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+                    if tc.id:
+                        assert a["id"] is None, "the call id comes once"
+                        a["id"] = tc.id
+                    if tc.function and tc.function.name:
+                        a["name"] += tc.function.name
+                    if tc.function and tc.function.arguments:
+                        a["arguments"] += tc.function.arguments
+                if choice.finish_reason:
+                    finishes.append(choice.finish_reason)
+        assert finishes == ["tool_calls"], finishes
+        assert list(acc) == [0], acc
+        assert acc[0]["id"] and acc[0]["name"] == "get_weather", acc
+        assert json.loads(acc[0]["arguments"]) == {"city": "Paris"}, acc
+        assert "<tool_call>" not in content, content
+
+        # A named tool_choice gives the same call.
+        r2 = c.chat.completions.create(model=model, messages=QUESTION, tools=TOOLS, temperature=0,
+                                       max_tokens=64,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        assert r2.choices[0].message.tool_calls[0].function.name == "get_weather"
+        assert json.loads(r2.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
+
+        # The conversation goes on with the tool's result: an assistant message with the call and a
+        # tool message render through the template, and the answer is text.
+        follow = QUESTION + [
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call.id, "type": "function",
+                 "function": {"name": "get_weather", "arguments": call.function.arguments}}]},
+            {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18, "sky": "sunny"})},
+        ]
+        r3 = c.chat.completions.create(model=model, messages=follow, tools=TOOLS, temperature=0,
+                                       max_tokens=48)
+        assert r3.choices[0].finish_reason in ("stop", "length")
+        assert r3.choices[0].message.content
+
+        # Without tools the question is answered in text, no tool_calls.
+        r4 = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "Say hello."}],
+                                       temperature=0, max_tokens=24)
+        assert r4.choices[0].message.tool_calls in (None, [])
+        assert r4.choices[0].message.content
+    finally:
+        s.kill()
