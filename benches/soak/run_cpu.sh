@@ -90,7 +90,8 @@ if [ "${SKIP_PEER:-0}" != 1 ]; then
   [ -f "$gguf" ] || "$py" scripts/gpu/hf_to_gguf.py "$model" "$gguf" --vocab
   lport=$("$py" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
   "$py" -m llama_cpp.server --model "$gguf" --model_alias "$name" --host 127.0.0.1 --port "$lport" \
-    --n_ctx 512 --n_threads "$THREADS" --n_threads_batch "$THREADS" > "$out/llama-cpp-python.log" 2>&1 &
+    --n_ctx 512 --n_threads "$THREADS" --n_threads_batch "$THREADS" --interrupt_requests False \
+    > "$out/llama-cpp-python.log" 2>&1 &
   lpid=$!; pids+=("$lpid")
   wait_http "http://127.0.0.1:$lport/v1/models" "$lpid" 120
   ver=$("$py" -c "import llama_cpp; print(llama_cpp.__version__)")

@@ -16,7 +16,8 @@ Modes:
                  (llama-cpp-python's server), re-tokenized by the server.
 
 Tokens of a request: usage.completion_tokens when the server sends the usage chunk
-(stream_options.include_usage), else the number of content chunks. Inter-token latency: the gaps
+(stream_options.include_usage), else max_tokens when it finished with "length" (use --ban-token
+EOS for fixed-length outputs), else the number of content chunks. Inter-token latency: the gaps
 between successive content chunks divided by the tokens they carry (per-chunk otherwise). TTFT:
 from sending the request to the first content chunk. Requests that disconnect on purpose count for
 TTFT and tokens but not for errors. Every wait is bounded (--request-timeout, --timeout).
@@ -165,6 +166,7 @@ async def one_request(http, args, prompt, disconnect_after):
     last = None
     chunks = 0
     usage_tokens = None
+    finish = None
     done = False
     try:
         async with http.stream("POST", args.base_url + path, json=body) as r:
@@ -183,6 +185,8 @@ async def one_request(http, args, prompt, disconnect_after):
                 if ev.get("usage"):
                     usage_tokens = ev["usage"].get("completion_tokens")
                 for ch in ev.get("choices") or []:
+                    if ch.get("finish_reason"):
+                        finish = ch["finish_reason"]
                     piece = (ch.get("delta") or {}).get("content") if args.mode == "chat" else ch.get("text")
                     if piece is None:
                         continue
@@ -200,6 +204,10 @@ async def one_request(http, args, prompt, disconnect_after):
         rec["error"] = f"{type(e).__name__}: {e}"[:200]
         return rec
     rec["chunks"] = chunks
+    if usage_tokens is None and finish == "length" and not rec["disconnected"]:
+        # No usage chunk (e.g. llama-cpp-python), but a request that ran to max_tokens made
+        # exactly that many tokens (a server may put several in one chunk).
+        usage_tokens = args.max_tokens
     rec["tokens"] = usage_tokens if (usage_tokens is not None and not rec["disconnected"]) else chunks
     if usage_tokens and chunks and usage_tokens != chunks and rec["gaps"]:
         # Chunks carrying several tokens: spread each gap over them.
@@ -207,6 +215,8 @@ async def one_request(http, args, prompt, disconnect_after):
         rec["gaps"] = [g * per for g in rec["gaps"]]
     if not done and not rec["disconnected"]:
         rec["error"] = "stream ended without data: [DONE]"
+    elif finish is None and not rec["disconnected"]:
+        rec["error"] = "stream ended without a finish_reason (interrupted?)"
     return rec
 
 
