@@ -10,8 +10,8 @@ tensors (norms) are written F32, the matrices BF16, as that script does with --o
 
 Needs PyPI's `gguf` package (pinned in prepare.sh, which carries its wheel to scratch/gpu/wheels;
 bench.sh puts it on PYTHONPATH), numpy and safetensors; torch when it is there (without it,
-the tensors are read with numpy, which is enough for F32 and F16 checkpoints, and rounded to BF16
-the same way: round to nearest even).
+F32, F16 and BF16 tensors are read with numpy and rounded to BF16 the same way: round to nearest
+even).
 
 With --vocab, the folder's tokenizer.json (a byte-level BPE, GPT-2 style) is written as the
 vocabulary instead (tokenizer.ggml.model = "gpt2": tokens, token types, merges, BOS/EOS), for
@@ -29,8 +29,38 @@ from safetensors import safe_open
 
 try:
     import torch
-except ImportError:  # numpy only (F32/F16 checkpoints): benches/soak/run_cpu.sh on a CPU box
+except ImportError:  # numpy only: benches/soak/run_cpu.sh on a CPU box
     torch = None
+
+
+class RawSafetensors:
+    """Without torch: a safetensors file read with numpy, F32/F16/BF16 tensors as float32
+    (numpy has no bfloat16, which safetensors' numpy framework refuses)."""
+
+    DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+    def __init__(self, path):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            self.header = json.loads(f.read(n))
+        self.header.pop("__metadata__", None)
+        self.data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+
+    def keys(self):
+        return self.header.keys()
+
+    def shape(self, name):
+        return self.header[name]["shape"]
+
+    def get_tensor(self, name):
+        h = self.header[name]
+        if h["dtype"] not in self.DTYPES:
+            sys.exit(f"{name}: dtype {h['dtype']} not handled without torch")
+        a, b = h["data_offsets"]
+        t = np.frombuffer(self.data[a:b], dtype=self.DTYPES[h["dtype"]]).reshape(h["shape"])
+        if h["dtype"] == "BF16":
+            return (t.astype(np.uint32) << 16).view(np.float32)
+        return t.astype(np.float32)
 
 import gguf
 
@@ -100,12 +130,18 @@ def main():
     where = {}
     for fn in sorted(os.listdir(src)):
         if fn.endswith(".safetensors"):
-            with safe_open(os.path.join(src, fn), framework="pt" if torch is not None else "np") as f:
+            if torch is None:
+                for k in RawSafetensors(os.path.join(src, fn)).keys():
+                    where[k] = os.path.join(src, fn)
+                continue
+            with safe_open(os.path.join(src, fn), framework="pt") as f:
                 for k in f.keys():
                     where[k] = os.path.join(src, fn)
 
-    framework = "pt" if torch is not None else "np"
-    handles = {fn: safe_open(fn, framework=framework) for fn in set(where.values())}
+    if torch is None:
+        handles = {fn: RawSafetensors(fn) for fn in set(where.values())}
+    else:
+        handles = {fn: safe_open(fn, framework="pt") for fn in set(where.values())}
 
     def hf(name):
         return handles[where[name]].get_tensor(name)
@@ -165,7 +201,8 @@ def main():
     # Shapes first (header), then stream the data one tensor at a time.
     shapes = {}
     for name, h, _ in plan:
-        shape = list(handles[where[h]].get_slice(h).get_shape())
+        hd = handles[where[h]]
+        shape = list(hd.shape(h) if torch is None else hd.get_slice(h).get_shape())
         bf16 = len(shape) > 1
         shapes[name] = (shape, bf16)
         n = int(np.prod(shape))
