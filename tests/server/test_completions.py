@@ -73,7 +73,9 @@ def test_completion_logprobs(client):
     for tok, lpv, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert 1 <= len(top) <= 3, top  # `logprobs` entries, plus the chosen one when not among them
         assert max(top.values()) <= 0
-        assert abs(max(top.values()) - lpv) < 1e-4, "greedy: the chosen token is the most likely"
+        if "\ufffd" not in tok and not any("\ufffd" in t for t in top):
+            # (Token strings that are partial UTF-8 all print as U+FFFD and collide as keys.)
+            assert abs(max(top.values()) - lpv) < 1e-4, "greedy: the chosen token is the most likely"
     assert lp.text_offset == sorted(lp.text_offset)
     assert "".join(lp.tokens) == r.choices[0].text or any("\ufffd" in t for t in lp.tokens)
 

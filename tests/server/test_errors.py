@@ -255,34 +255,36 @@ def test_queue_full_error_object(tight_server):
 # -- 500 -----------------------------------------------------------------------------------------
 
 def test_failed_guest_is_500():
-    """A guest that traps or times out answers 500 for that request only.
+    """A guest that traps, times out or runs out of memory answers 500 for that request only.
 
-    Triggered with a 1 ms guest step timeout (`--guest-step-timeout-ms`, an engine option of `run`);
-    skipped, with the reason, when `serve` does not take that option or the guest never times out
-    at 1 ms -- there is no other way to make the embedded policy fail from outside.
+    Triggered with a 1 MiB guest memory limit (`--guest-memory-mib 1`): the sandbox kills the
+    policy component when it grows past it. Skipped, with the reason, only if that no longer makes
+    the guest fail (there is no other way to make the embedded policy fail from outside).
     """
-    from conftest import BIN, LLAMA_DIR, Server
-    s = Server(["--model", LLAMA_DIR, "--guest-step-timeout-ms", "1", "--ctx-size", "512",
-                "--threads", "1"], "guest-timeout")
+    from conftest import LLAMA_DIR, Server
+    s = Server(["--model", LLAMA_DIR, "--guest-memory-mib", "1", "--ctx-size", "512",
+                "--threads", "1"], "guest-oom")
     try:
-        try:
-            s.start(timeout=120)
-        except pytest.fail.Exception as e:
-            if "exited" in str(e):
-                pytest.skip("cannot trigger a guest failure: `stllm serve` does not start with "
-                            f"--guest-step-timeout-ms 1: {str(e)[-300:]}")
-            raise
+        s.start(timeout=120)
         c = s.client()
         try:
-            c.chat.completions.create(model=LLAMA, messages=USER, max_tokens=64, temperature=0)
+            c.chat.completions.create(model=LLAMA, messages=USER, max_tokens=8, temperature=0)
         except openai.InternalServerError as e:
             assert e.status_code == 500
-            assert e.body and e.body.get("message"), e.body
+            assert e.type == "server_error", e.body
+            assert e.message, e.body
         except openai.APIStatusError as e:
-            pytest.fail(f"a timed-out guest gave {e.status_code}, expected 500: {e.body}")
+            pytest.fail(f"a guest over its memory limit gave {e.status_code}, expected 500: {e.body}")
         else:
-            pytest.skip("cannot trigger a guest failure: a 1 ms guest step timeout never fired")
-        # That request only: the server still lists its models.
+            pytest.skip("cannot trigger a guest failure: a 1 MiB guest memory limit did not stop the policy")
+        # That request only: the server still answers what needs no guest, and streams get the
+        # error before any event (a JSON 500, not a broken stream).
         assert [m.id for m in c.models.list().data] == [LLAMA]
+        with s.http() as h:
+            r = h.post("/v1/chat/completions", json={"model": LLAMA, "messages": USER, "max_tokens": 4,
+                                                     "stream": True})
+        check_error_body(r, 500)
+        with s.http() as h:
+            assert h.get("/health").status_code == 200
     finally:
         s.kill()
