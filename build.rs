@@ -24,6 +24,13 @@ fn main() {
     println!("cargo:rerun-if-changed=wit");
     println!("cargo:rerun-if-changed=guest");
     println!("cargo:rerun-if-env-changed=STLLM_GUEST_CARGO");
+    // The built-in demo model (models/demo, made by scripts/demo/train_demo.py) is embedded in
+    // the binary when the checkout has it.
+    println!("cargo::rustc-check-cfg=cfg(stllm_demo)");
+    println!("cargo:rerun-if-changed=models/demo");
+    if DEMO_FILES.iter().all(|f| root.join("models/demo").join(f).is_file()) {
+        println!("cargo:rustc-cfg=stllm_demo");
+    }
     let guest = root.join("guest");
     let target_dir = out.join("guest-target");
     let cargo =
@@ -65,6 +72,10 @@ fn build_component(cargo: &str, guest: &Path, target_dir: &Path, package: &str) 
         );
     }
 }
+
+/// The files of the demo model that the binary embeds (keep equal to `cli::demo`).
+const DEMO_FILES: &[&str] =
+    &["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"];
 
 /// The ggml headers that define what a backend module and `libggml-base` share. Keep this list
 /// equal to the one in scripts/gpu/ggml_abi.py.

@@ -72,6 +72,8 @@ fn main() {
             ignore_eos: true,
             sampling,
             adapters: None,
+            logprobs: None,
+            parse_tool_calls: false,
         };
         let mut best_wasm = f64::MAX;
         let mut best_native = f64::MAX;
@@ -91,6 +93,7 @@ fn main() {
                 stop: vec![],
                 ignore_eos: true,
                 sampling: stllm_policy::sampling::SamplingParams { temperature, top_k, seed: 1, ..Default::default() },
+                ..Default::default()
             };
             let n = stllm_policy::generate::generate(&tok, &mut sess, &prompt, &nreq, &[], &mut Null, None).unwrap();
             best_native = best_native.min(t0.elapsed().as_secs_f64());

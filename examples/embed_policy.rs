@@ -52,8 +52,8 @@ fn main() -> wasmtime::Result<()> {
         let mut store = Store::new(&engine, state);
         let policy = PolicyComponent::instantiate_async(&mut store, &component, &linker).await?;
         let sink = store.data_mut().table.push(stllm::runtime::SinkRes {
-            on_text: Box::new(|text, _| {
-                print!("{text}");
+            on_text: Box::new(|c: stllm::runtime::Chunk<'_>| {
+                print!("{}", c.text);
                 true
             }),
             cancel: Default::default(),
@@ -66,6 +66,8 @@ fn main() -> wasmtime::Result<()> {
             ignore_eos: false,
             sampling: Sampling::default(), // greedy
             adapters: None,
+            logprobs: None,
+            parse_tool_calls: false,
         };
         let rep = sink.rep();
         let out = policy.stllm_inference_policy().call_generate(&mut store, &req, Resource::new_borrow(rep)).await?;

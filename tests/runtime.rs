@@ -31,7 +31,17 @@ fn greedy() -> Sampling {
 }
 
 fn request(prompt: Prompt, max_tokens: u32, sampling: Sampling) -> GenerateRequest {
-    GenerateRequest { prompt, tools_json: None, max_tokens, stop: vec![], ignore_eos: true, sampling, adapters: None }
+    GenerateRequest {
+        prompt,
+        tools_json: None,
+        max_tokens,
+        stop: vec![],
+        ignore_eos: true,
+        sampling,
+        adapters: None,
+        logprobs: None,
+        parse_tool_calls: false,
+    }
 }
 
 fn no_cancel() -> Arc<AtomicBool> {
@@ -114,6 +124,7 @@ fn wasm_and_native_policies_agree() {
             frequency_penalty: 0.0,
             seed: 5,
         },
+        ..Default::default()
     };
     let mut sink = Collect(String::new());
     let native =

@@ -6,21 +6,42 @@
 //! [`runner`] (one model's KV cache and forward step over a batch of sequences), [`session`]
 //! (incremental decoding of one sequence), [`engine`] (continuous batching and prefix caching
 //! for many concurrent requests; `Send + Sync`), [`sampling`], [`runtime`] (wasm components),
-//! [`cli`].
+//! [`cli`] and [`server`] (`stllm serve`, an OpenAI-compatible HTTP server; both behind the
+//! default `cli` feature).
+//!
+//! The shortest use (the README's embedding example):
+//!
+//! ```
+//! use std::sync::Arc;
+//! use stllm::{Engine, EngineOptions, GenerateRequest, Model, ModelOptions};
+//!
+//! let model = Arc::new(Model::load("tests/fixtures/llama-f32".as_ref(), &ModelOptions::default())?);
+//! let engine = Engine::new(model, EngineOptions { n_cells: 256, ..Default::default() })?;
+//! // Greedy, 8 tokens after a prompt of token ids; requests from other threads share the steps.
+//! let (tokens, summary) = engine.generate(GenerateRequest::greedy(vec![1, 2, 3], 8))?.wait();
+//! assert!(!tokens.is_empty() && tokens.len() <= 8);
+//! println!("{tokens:?} ({:?}, first token after {:?})", summary.reason, summary.time_to_first_token);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod engine;
 pub mod ggml;
 pub mod graph;
+pub mod hub;
 pub mod loader;
 pub mod lora;
 pub mod memory;
 pub mod model;
 pub mod models;
 pub mod placement;
+pub mod progress;
 pub mod runner;
 pub mod runtime;
 pub mod sampling;
+#[cfg(feature = "cli")]
+pub mod server;
 pub mod session;
 
 pub use engine::{Engine, EngineOptions, GenerateRequest};

@@ -39,6 +39,49 @@ pub enum DecodeError {
     StatePosition { seq: SeqId, pos: u32, state_pos: u32 },
     #[error(transparent)]
     Ggml(#[from] GgmlError),
+    /// A call on a sequence that was closed (or never opened).
+    #[error("{0} of a closed sequence")]
+    Closed(&'static str),
+    /// The engine stopped (shut down, or its compute thread failed).
+    #[error("the engine stopped: {0}")]
+    Stopped(String),
+    /// Every sequence id of the cache is taken.
+    #[error("all {max} sequences of the cache are in use")]
+    NoSequence { max: usize },
+    /// The step this sequence was part of failed as a whole.
+    #[error("step failed: {0}")]
+    Step(String),
+}
+
+/// What kind of failure a [`DecodeError`] is: the one mapping that the WIT host (error variant)
+/// and the native policy loop (and through them the HTTP status codes) share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The caller's input is wrong (a token id, a truncation length, a closed sequence).
+    InvalidInput,
+    /// No room: the sequence's context, the cache, the recurrent slots or the sequence ids.
+    ContextFull,
+    /// The host could not do it (ggml, the engine stopped, a failed step).
+    Internal,
+}
+
+impl DecodeError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            DecodeError::ContextFull { .. }
+            | DecodeError::CacheFull { .. }
+            | DecodeError::StateFull { .. }
+            | DecodeError::NoSequence { .. } => ErrorKind::ContextFull,
+            DecodeError::TokenOutOfRange { .. }
+            | DecodeError::Empty
+            | DecodeError::BatchTooLarge { .. }
+            | DecodeError::Truncate { .. }
+            | DecodeError::StatePosition { .. }
+            | DecodeError::Closed(_)
+            | DecodeError::Options(_) => ErrorKind::InvalidInput,
+            DecodeError::Ggml(_) | DecodeError::Stopped(_) | DecodeError::Step(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 /// Cache and batch geometry of a [`Runner`].

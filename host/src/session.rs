@@ -312,14 +312,10 @@ pub fn embed(model: &Arc<Model>, opts: &SessionOptions, tokens: &[u32]) -> Resul
 /// component runs), for Rust apps that want tokenizer, template and samplers without wasm.
 impl stllm_policy::generate::Engine for Session {
     fn decode(&mut self, tokens: &[u32]) -> Result<Vec<f32>, stllm_policy::Error> {
-        let rows = Session::decode(self, tokens, Logits::Last).map_err(|e| match e {
-            DecodeError::ContextFull { .. } | DecodeError::CacheFull { .. } => {
-                stllm_policy::Error::ContextFull(e.to_string())
-            }
-            DecodeError::TokenOutOfRange { .. } | DecodeError::Empty => {
-                stllm_policy::Error::InvalidInput(e.to_string())
-            }
-            _ => stllm_policy::Error::Internal(e.to_string()),
+        let rows = Session::decode(self, tokens, Logits::Last).map_err(|e| match e.kind() {
+            crate::runner::ErrorKind::ContextFull => stllm_policy::Error::ContextFull(e.to_string()),
+            crate::runner::ErrorKind::InvalidInput => stllm_policy::Error::InvalidInput(e.to_string()),
+            crate::runner::ErrorKind::Internal => stllm_policy::Error::Internal(e.to_string()),
         })?;
         rows.into_iter().next_back().ok_or_else(|| stllm_policy::Error::Internal("no logits".into()))
     }

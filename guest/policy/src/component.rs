@@ -5,10 +5,11 @@
 
 use std::sync::OnceLock;
 
-use crate::generate::{self, Engine, Finish, PluginSampler, Request, Sink};
+use crate::generate::{self, Engine, Finish, LogprobEntry, PluginSampler, Request, Sink};
 use crate::sampling::{Candidate, SamplingParams};
 use crate::template::ChatTemplate;
 use crate::tokenizer::Tokenizer;
+use crate::tools::Syntax;
 use crate::Error;
 
 wit_bindgen::generate!({
@@ -73,6 +74,21 @@ impl Engine for Seq {
         let c = self.0.decode_top(tokens, k, min_p).map_err(from_wit)?;
         Ok(c.into_iter().map(|c| Candidate { id: c.id, logit: c.logit }).collect())
     }
+    fn decode_top_norm(&mut self, tokens: &[u32], k: u32, min_p: f32) -> Result<(Vec<Candidate>, f32), Error> {
+        let t = self.0.decode_top_norm(tokens, k, min_p).map_err(from_wit)?;
+        Ok((t.candidates.into_iter().map(|c| Candidate { id: c.id, logit: c.logit }).collect(), t.log_norm))
+    }
+    fn cached_tokens(&mut self) -> u32 {
+        self.0.cached_tokens()
+    }
+}
+
+fn lp_to_wit(e: &LogprobEntry) -> wit::LogprobEntry {
+    wit::LogprobEntry {
+        id: e.id,
+        logprob: e.logprob,
+        top: e.top.iter().map(|&(id, logprob)| wit::TokenLogprob { id, logprob }).collect(),
+    }
 }
 
 struct Out<'a>(&'a streaming::Sink);
@@ -80,6 +96,10 @@ struct Out<'a>(&'a streaming::Sink);
 impl Sink for Out<'_> {
     fn emit(&mut self, text: &str, tokens: &[u32]) -> bool {
         self.0.emit(text, tokens)
+    }
+    fn emit_logprobs(&mut self, text: &str, tokens: &[u32], logprobs: &[LogprobEntry]) -> bool {
+        let lp: Vec<wit::LogprobEntry> = logprobs.iter().map(lp_to_wit).collect();
+        self.0.emit_logprobs(text, tokens, &lp)
     }
 }
 
@@ -133,7 +153,14 @@ impl wit_policy::Guest for Policy {
         let max_len = (prompt.len() as u64 + req.max_tokens as u64).min(u32::MAX as u64) as u32;
         let mut seq = Seq(model.new_sequence_with(max_len, req.adapters.as_deref())?);
         let s = &req.sampling;
+        let tools = match (&req.tools_json, req.parse_tool_calls) {
+            (Some(_), true) => Some(l.template.as_ref().map_or(Syntax::Json, |t| Syntax::of_template(t.source()))),
+            _ => None,
+        };
         let request = Request {
+            logit_bias: s.logit_bias.clone(),
+            logprobs: req.logprobs,
+            tools,
             max_tokens: req.max_tokens,
             stop: req.stop.clone(),
             ignore_eos: req.ignore_eos,
@@ -159,8 +186,17 @@ impl wit_policy::Guest for Policy {
                 Finish::Stop => FinishReason::Stop,
                 Finish::Length => FinishReason::Length,
                 Finish::Cancelled => FinishReason::Cancelled,
+                Finish::ToolCalls => FinishReason::ToolCalls,
             },
             prompt_tokens: o.prompt_tokens,
+            cached_tokens: o.cached_tokens,
+            tool_calls: o
+                .tool_calls
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| wit_policy::ToolCall { id: format!("call_{i}"), name: c.name, arguments: c.arguments })
+                .collect(),
+            logprobs: o.logprobs.iter().map(lp_to_wit).collect(),
         })
     }
 }

@@ -10,6 +10,7 @@ pub mod generate;
 pub mod sampling;
 pub mod template;
 pub mod tokenizer;
+pub mod tools;
 
 #[cfg(target_arch = "wasm32")]
 mod component;

@@ -17,6 +17,8 @@ pub struct ChatTemplate {
     /// Name of the template to use when tools are given (`tool_use`), if the config has one.
     has_tool_template: bool,
     specials: serde_json::Map<String, Json>,
+    /// The templates' sources, joined (to tell which tool-call syntax they teach).
+    source: String,
 }
 
 impl ChatTemplate {
@@ -50,6 +52,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         let mut has_default = false;
         let mut has_tool_template = false;
+        let source: String = templates.iter().map(|(_, b)| b.as_str()).collect::<Vec<_>>().join("\n");
         for (name, body) in templates {
             has_default |= name == "default";
             has_tool_template |= name == "tool_use";
@@ -65,7 +68,12 @@ impl ChatTemplate {
                 specials.insert(key.into(), Json::String(v));
             }
         }
-        Ok(Some(ChatTemplate { env, has_tool_template, specials }))
+        Ok(Some(ChatTemplate { env, has_tool_template, specials, source }))
+    }
+
+    /// The template text (all named templates, joined).
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Render `messages` (a JSON array). `tools`: a JSON array or none; `extra`: further template

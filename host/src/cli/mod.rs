@@ -1,4 +1,4 @@
-//! The `stllm` command line: `info`, `logits`, `generate`, `bench`.
+//! The `stllm` command line: `run`, `chat`, `serve`, `info`, `logits`, `generate`, `bench`, ...
 //! Machine-readable output (JSON) goes to stdout; logs and errors go to stderr.
 
 use std::path::{Path, PathBuf};
@@ -14,20 +14,33 @@ use crate::sampling::{Sampler, SamplingParams};
 use crate::session::Logits;
 use crate::{Model, ModelOptions, Session, SessionOptions};
 
+mod demo;
 mod opcheck;
+mod serve;
 
 #[derive(Parser, Debug)]
 #[command(name = "stllm", version, about = "Run HuggingFace safetensors models on ggml")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// No progress bars or informational lines on stderr (errors still go there)
+    #[arg(long, global = true)]
+    pub quiet: bool,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// HuggingFace model folder (config.json + *.safetensors)
+    /// HuggingFace model folder (config.json + *.safetensors), or a Hugging Face repo id
+    /// (ORG/NAME) found in the local Hugging Face cache. `run`, `chat` and `serve` use the
+    /// built-in demo model when it is left out
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<String>,
+    /// With a repo id: the branch, tag or commit in the cache (default: main)
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// The folder `--model` resolved to (set by `resolve`)
+    #[arg(skip)]
+    pub dir: PathBuf,
     /// CPU threads (default: all cores)
     #[arg(long)]
     pub threads: Option<usize>,
@@ -57,6 +70,23 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// Resolve `--model` (a folder or a cached repo id) into `dir`; without it, the demo model
+    /// when `demo` allows (saying so on stderr).
+    pub fn resolve(&mut self, demo: bool) -> Result<()> {
+        self.dir = match &self.model {
+            Some(spec) => crate::hub::resolve(spec, self.revision.as_deref())?,
+            None if demo => {
+                let d = demo::dir()?;
+                if !crate::progress::quiet() {
+                    eprintln!("stllm: no --model given: using the built-in demo model (a small Llama trained on fortune-cookie quotes; see models/demo/README.md)");
+                }
+                d
+            }
+            None => bail!("--model is required (a model folder or a Hugging Face repo id such as Qwen/Qwen3-0.6B)"),
+        };
+        Ok(())
+    }
+
     /// Where and how to load the model.
     fn model_options(&self, threads: Option<usize>) -> Result<ModelOptions> {
         let mut opts = self.dev.model_options(threads)?;
@@ -98,12 +128,11 @@ impl ModelArgs {
 /// Where to compute.
 #[derive(Args, Debug, Clone, Default)]
 pub struct DeviceArgs {
-    /// Device for weights, KV cache and compute: cpu (default), cuda[:N], gpu[:N] or a ggml device
-    /// name (see `stllm devices`)
+    /// Device for weights, KV cache and compute: cpu, cuda[:N], gpu[:N] or a ggml device name (see
+    /// `stllm devices`); default: the first GPU of the backend modules found, else the CPU
     #[arg(long)]
     pub device: Option<String>,
-    /// Folder of ggml backend modules (libggml-cuda.so, ...) to load; default: the binary's
-    /// folder when a non-CPU device is asked for
+    /// Folder of ggml backend modules (libggml-cuda.so, ...) to load; default: the binary's folder
     #[arg(long)]
     pub backend_dir: Option<PathBuf>,
     /// Devices to split the layers over (pipeline parallelism), e.g. cuda:0,cuda:1
@@ -120,6 +149,9 @@ pub struct DeviceArgs {
     /// the CPU
     #[arg(long, alias = "n-gpu-layers")]
     pub gpu_layers: Option<usize>,
+    /// Do not say on stderr which device was picked (as `--quiet` does).
+    #[arg(skip)]
+    pub quiet: bool,
 }
 
 impl DeviceArgs {
@@ -154,13 +186,24 @@ impl DeviceArgs {
         Ok(opts)
     }
 
-    /// Load backend modules as asked; returns the device to use.
+    /// Load backend modules as asked; returns the device to use (None: the CPU). With neither
+    /// --device nor --devices, the modules of --backend-dir (default: the binary's folder) are
+    /// loaded if any are there and the first GPU is used, else the CPU; a module that cannot be
+    /// loaded is then no error (the CPU is used and the reason said). The choice is said on stderr.
     pub fn prepare(&self) -> Result<Option<String>> {
+        let exe_dir = || std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf));
+        if self.device.is_none() && self.devices.is_empty() {
+            let (device, line) = self.pick_default(self.backend_dir.clone().or_else(exe_dir));
+            if !self.quiet && !crate::progress::quiet() {
+                eprintln!("stllm: {line}");
+            }
+            return Ok(device);
+        }
         let wants_device = self.device.as_deref().is_some_and(|d| !d.eq_ignore_ascii_case("cpu"))
             || self.devices.iter().any(|d| !d.eq_ignore_ascii_case("cpu"));
         let dir = match (&self.backend_dir, wants_device) {
             (Some(d), _) => Some(d.clone()),
-            (None, true) => std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)),
+            (None, true) => exe_dir(),
             (None, false) => None,
         };
         if let Some(dir) = dir {
@@ -168,6 +211,31 @@ impl DeviceArgs {
             tracing::info!(dir = %dir.display(), ?loaded, "backend modules loaded");
         }
         Ok(self.device.clone())
+    }
+
+    /// The device when none was asked for, and the stderr line that says so: the first GPU (then
+    /// integrated GPU) of the modules in `dir`, else the CPU with the reason.
+    fn pick_default(&self, dir: Option<PathBuf>) -> (Option<String>, String) {
+        let mut failed = Vec::new();
+        if let Some(dir) = &dir {
+            let (loaded, errors) = crate::ggml::try_load_backends_from(dir);
+            tracing::info!(dir = %dir.display(), ?loaded, ?errors, "backend modules loaded");
+            failed = errors;
+        }
+        let all = crate::ggml::devices();
+        let gpu = ["gpu", "igpu"].iter().find_map(|k| all.iter().find(|d| d.kind == *k));
+        if let Some(d) = gpu {
+            return (Some(d.name.clone()), format!("using {} ({})", d.name, d.description));
+        }
+        let why = match failed.first() {
+            Some(e) if failed.len() == 1 => format!("a GPU backend failed to load: {e}"),
+            Some(e) => format!("{} GPU backends failed to load; first: {e}", failed.len()),
+            None => match &dir {
+                Some(d) => format!("no GPU backend found in {}", d.display()),
+                None => "no GPU backend found".into(),
+            },
+        };
+        (None, format!("using the CPU ({why})"))
     }
 }
 
@@ -265,9 +333,12 @@ pub enum Command {
     },
     /// Token ids of a text, as JSON: {"ids": [...]}
     Tokenize {
-        /// Folder with tokenizer.json (+ tokenizer_config.json); a model folder works
+        /// Folder with tokenizer.json (+ tokenizer_config.json); a model folder or a cached
+        /// Hugging Face repo id (ORG/NAME) works
         #[arg(long)]
-        tokenizer: PathBuf,
+        tokenizer: String,
+        #[arg(long)]
+        revision: Option<String>,
         #[arg(long)]
         text: String,
         /// Add special tokens (BOS...) like add_special_tokens=True
@@ -279,9 +350,12 @@ pub enum Command {
     /// Text of token ids, as JSON: {"text": "..."} (special tokens kept unless --skip-special)
     Detokenize {
         #[arg(long)]
-        tokenizer: PathBuf,
-        #[arg(long, value_delimiter = ',', required = true)]
-        ids: Vec<u32>,
+        tokenizer: String,
+        #[arg(long)]
+        revision: Option<String>,
+        /// Comma-separated token ids (may be empty)
+        #[arg(long)]
+        ids: String,
         #[arg(long)]
         skip_special: bool,
         #[command(flatten)]
@@ -290,7 +364,9 @@ pub enum Command {
     /// Render chat messages (a JSON file) with the chat template, as JSON: {"text": "..."}
     Template {
         #[arg(long)]
-        tokenizer: PathBuf,
+        tokenizer: String,
+        #[arg(long)]
+        revision: Option<String>,
         #[arg(long)]
         messages: PathBuf,
         #[arg(long)]
@@ -304,6 +380,8 @@ pub enum Command {
         #[command(flatten)]
         p: PolicyArgs,
     },
+    /// Serve models over an OpenAI-compatible HTTP API (chat, completions, embeddings, ...)
+    Serve(serve::ServeArgs),
     /// Print architecture, sizes, dtype and parameter count as JSON
     Info {
         #[command(flatten)]
@@ -446,7 +524,7 @@ fn memory_estimate(model: &Model, m: &ModelArgs) -> Result<serde_json::Value> {
 
 fn open(m: &ModelArgs, min_ctx: usize) -> Result<Session> {
     let opts = m.model_options(m.threads)?;
-    let model = Model::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))?;
+    let model = Model::load(&m.dir, &opts).with_context(|| format!("loading {}", m.dir.display()))?;
     let kv_type = m.kv_type.as_deref().map(parse_kv_type).transpose()?;
     let adapters = m.load_adapters(&model)?;
     let n_ctx = m.ctx_size.unwrap_or_else(|| model.hparams().n_ctx_train.min(4096).max(min_ctx));
@@ -470,8 +548,27 @@ fn open(m: &ModelArgs, min_ctx: usize) -> Result<Session> {
     Ok(s)
 }
 
-pub fn run(cli: Cli) -> Result<()> {
+/// Comma-separated token ids; an empty string is an empty list.
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| t.parse::<u32>().with_context(|| format!("--ids: {t:?} is not a token id")))
+        .collect()
+}
+
+pub fn run(mut cli: Cli) -> Result<()> {
+    crate::progress::set_quiet(cli.quiet);
+    match &mut cli.command {
+        Command::Run { m, .. } | Command::Chat { m, .. } => m.resolve(true)?,
+        Command::Serve(s) => s.resolve()?,
+        Command::Info { m } | Command::Logits { m, .. } | Command::Generate { m, .. } | Command::Bench { m, .. } => {
+            m.resolve(false)?
+        }
+        _ => {}
+    }
     match cli.command {
+        Command::Serve(s) => serve::run(s)?,
         Command::Devices { dev } => {
             dev.prepare()?;
             let out = serde_json::json!({ "ggml": crate::ggml::version(), "ggml_abi": crate::ggml::abi_fingerprint(), "devices": crate::ggml::devices() });
@@ -480,7 +577,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::OpCheck { dev, json } => opcheck::run(&dev, json)?,
         Command::Info { m } => {
             let opts = m.model_options(Some(m.threads.unwrap_or(1).max(1)))?;
-            let model = Model::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))?;
+            let model = Model::load(&m.dir, &opts).with_context(|| format!("loading {}", m.dir.display()))?;
             let hp = model.hparams();
             let out = serde_json::json!({
                 "architecture": hp.arch,
@@ -577,6 +674,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         crate::runtime::FinishReason::Stop => "stop",
                         crate::runtime::FinishReason::Length => "length",
                         crate::runtime::FinishReason::Cancelled => "cancelled",
+                        crate::runtime::FinishReason::ToolCalls => "tool_calls",
                     },
                 });
                 println!("{}", serde_json::to_string(&out)?);
@@ -585,18 +683,19 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Chat { m, system, g, p } => chat(&m, &p, &g, system.as_deref())?,
-        Command::Tokenize { tokenizer, text, special, p } => {
-            let rt = runtime_tokenizer_only(&tokenizer, &p)?;
+        Command::Tokenize { tokenizer, revision, text, special, p } => {
+            let rt = runtime_tokenizer_only(&crate::hub::resolve(&tokenizer, revision.as_deref())?, &p)?;
             let ids = tokio_rt()?.block_on(rt.tokenize(&text, special))?;
             println!("{}", serde_json::to_string(&serde_json::json!({ "ids": ids }))?);
         }
-        Command::Detokenize { tokenizer, ids, skip_special, p } => {
-            let rt = runtime_tokenizer_only(&tokenizer, &p)?;
+        Command::Detokenize { tokenizer, revision, ids, skip_special, p } => {
+            let ids = parse_ids(&ids)?;
+            let rt = runtime_tokenizer_only(&crate::hub::resolve(&tokenizer, revision.as_deref())?, &p)?;
             let text = tokio_rt()?.block_on(rt.detokenize(&ids, skip_special))?;
             println!("{}", serde_json::to_string(&serde_json::json!({ "text": text }))?);
         }
-        Command::Template { tokenizer, messages, no_generation_prompt, tools, vars, p } => {
-            let rt = runtime_tokenizer_only(&tokenizer, &p)?;
+        Command::Template { tokenizer, revision, messages, no_generation_prompt, tools, vars, p } => {
+            let rt = runtime_tokenizer_only(&crate::hub::resolve(&tokenizer, revision.as_deref())?, &p)?;
             let msgs = std::fs::read_to_string(&messages).with_context(|| format!("reading {}", messages.display()))?;
             let tools = tools
                 .map(|t| std::fs::read_to_string(&t).with_context(|| format!("reading {}", t.display())))
@@ -641,7 +740,7 @@ fn bench(m: &ModelArgs, prompt: usize, gen: usize, repeat: usize, json: bool) ->
     let mem = s.memory();
     if json {
         let out = serde_json::json!({
-            "engine": "stllm", "model": m.model, "architecture": model.hparams().arch, "dtype": model.dtype.name(),
+            "engine": "stllm", "model": m.dir, "architecture": model.hparams().arch, "dtype": model.dtype.name(),
             "device": model.device_name(), "threads": model.threads(), "prompt": prompt, "gen": gen,
             "prefill_tok_s": pp, "decode_tok_s": tg, "ttft_ms": best_pp * 1e3,
             "device_used_mib": (mem.device_total - mem.device_free) as f64 / 1048576.0,
@@ -682,7 +781,7 @@ fn bench_concurrent(m: &ModelArgs, ns: &[usize], prompt: usize, gen: usize, json
         bail!("--prompt must be at least 1 and --gen at least 2");
     }
     let opts = m.model_options(m.threads)?;
-    let model = Arc::new(Model::load(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))?);
+    let model = Arc::new(Model::load(&m.dir, &opts).with_context(|| format!("loading {}", m.dir.display()))?);
     let adapter_names = m.load_adapters(&model)?;
     let n_vocab = model.hparams().n_vocab as u32;
     for &n in ns {
@@ -761,7 +860,7 @@ fn bench_concurrent(m: &ModelArgs, ns: &[usize], prompt: usize, gen: usize, json
             peak.load(std::sync::atomic::Ordering::Relaxed).max(mem.device_total - mem.device_free) as f64 / 1048576.0;
         if json {
             let out = serde_json::json!({
-                "engine": "stllm", "bench": "concurrent", "model": m.model, "architecture": model.hparams().arch,
+                "engine": "stllm", "bench": "concurrent", "model": m.dir, "architecture": model.hparams().arch,
                 "dtype": model.dtype.name(), "device": model.device_name(), "seqs": n, "prompt": prompt, "gen": gen,
                 "decode_tok_s": decode, "mean_ttft_ms": ttft_ms, "steps": st.steps,
                 "vram_peak_mib": peak_mib, "memory": mem,
@@ -796,9 +895,9 @@ fn runtime_with_model(m: &ModelArgs, p: &PolicyArgs) -> Result<(Runtime, bool)> 
     let n_cells = s.n_ctx();
     drop(s);
     let mut handle =
-        ModelHandle::from_dir(&m.model, Some(model)).with_context(|| format!("reading {}", m.model.display()))?;
+        ModelHandle::from_dir(&m.dir, Some(model)).with_context(|| format!("reading {}", m.dir.display()))?;
     if handle.tokenizer_json.is_none() {
-        bail!("{}: no tokenizer.json (needed for text; `stllm generate` takes token ids)", m.model.display());
+        bail!("{}: no tokenizer.json (needed for text; `stllm generate` takes token ids)", m.dir.display());
     }
     // The guests' sequences share one engine; its cache holds --ctx-size cells.
     handle.engine_options.n_cells = n_cells;
@@ -848,6 +947,7 @@ fn sampling(rt: &Runtime, g: &GenArgs) -> crate::runtime::Sampling {
         presence_penalty: g.presence_penalty,
         frequency_penalty: g.frequency_penalty,
         seed,
+        logit_bias: vec![],
     }
 }
 
@@ -860,6 +960,8 @@ async fn run_one(rt: &Runtime, prompt: Prompt, g: &GenArgs, stream: bool) -> Res
         ignore_eos: g.ignore_eos,
         sampling: sampling(rt, g),
         adapters: None, // the engine's (--lora)
+        logprobs: None,
+        parse_tool_calls: false,
     };
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let r = rt
@@ -881,11 +983,18 @@ async fn run_one(rt: &Runtime, prompt: Prompt, g: &GenArgs, stream: bool) -> Res
     Ok(r)
 }
 
+fn is_context_full(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<crate::runtime::RuntimeError>(),
+        Some(crate::runtime::RuntimeError::Guest { kind: crate::runtime::GuestErrorKind::ContextFull, .. })
+    )
+}
+
 fn chat(m: &ModelArgs, p: &PolicyArgs, g: &GenArgs, system: Option<&str>) -> Result<()> {
     use std::io::BufRead;
     let (rt, has_template) = runtime_with_model(m, p)?;
     if !has_template {
-        bail!("{}: the model has no chat template (use `stllm run --raw`)", m.model.display());
+        bail!("{}: the model has no chat template (use `stllm run --raw`)", m.dir.display());
     }
     let trt = tokio_rt()?;
     let mut turns: Vec<(String, String)> = Vec::new();
@@ -902,10 +1011,33 @@ fn chat(m: &ModelArgs, p: &PolicyArgs, g: &GenArgs, system: Option<&str>) -> Res
             continue;
         }
         turns.push(("user".into(), line));
-        let refs: Vec<(&str, &str)> = turns.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
-        let prompt = Prompt::Chat(messages_json(system, &refs));
-        let r = trt.block_on(run_one(&rt, prompt, g, true))?;
+        // When the conversation no longer fits the context, the oldest turns are dropped (and
+        // said so); a message that alone does not fit is refused, and the chat goes on.
+        let r = loop {
+            let refs: Vec<(&str, &str)> = turns.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
+            let prompt = Prompt::Chat(messages_json(system, &refs));
+            match trt.block_on(run_one(&rt, prompt, g, true)) {
+                Err(e) if is_context_full(&e) && turns.len() > 1 => {
+                    turns.drain(..2.min(turns.len() - 1));
+                    eprintln!("[the conversation exceeds the context: the oldest turn was dropped]");
+                }
+                other => break other,
+            }
+        };
+        let r = match r {
+            Ok(r) => r,
+            Err(e) if is_context_full(&e) => {
+                turns.pop();
+                eprintln!("[this message does not fit the context ({e:#}); try a shorter one]");
+                eprint!("> ");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         println!();
+        if r.finish == crate::runtime::FinishReason::Length {
+            eprintln!("[reply cut at the length limit]");
+        }
         turns.push(("assistant".into(), r.text));
         eprint!("> ");
     }

@@ -236,6 +236,9 @@ enum ExtOp {
         id: u64,
         tokens: Vec<u32>,
         all: bool,
+        /// Set to the prompt positions taken from the prefix cache (a fresh sequence's first
+        /// decode).
+        reused: Arc<std::sync::atomic::AtomicUsize>,
         reply: Reply<Vec<Vec<f32>>>,
     },
     Close {
@@ -468,7 +471,7 @@ impl Engine {
     fn send_op(&self, op: ExtOp) -> Result<(), DecodeError> {
         let mut inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(why) = &inbox.dead {
-            return Err(DecodeError::Options(why.clone()));
+            return Err(DecodeError::Stopped(why.clone()));
         }
         inbox.ops.push(op);
         self.shared.wake.notify_all();
@@ -478,7 +481,7 @@ impl Engine {
     fn call<T>(&self, op: impl FnOnce(Reply<T>) -> ExtOp) -> Result<T, DecodeError> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.send_op(op(tx))?;
-        rx.recv().unwrap_or_else(|_| Err(DecodeError::Options("the engine stopped".into())))
+        rx.recv().unwrap_or_else(|_| Err(DecodeError::Stopped("its compute thread ended".into())))
     }
 
     /// Open a sequence driven by the caller (decode / fork / truncate), as guests' `sequence`
@@ -502,7 +505,7 @@ impl Engine {
         let adapters = self.resolve(adapters.unwrap_or(&self.default_adapters))?;
         self.call(|reply| ExtOp::Open { id, adapters, reply })?;
         let max_len = if max_len == 0 { self.max_seq_len } else { max_len.min(self.max_seq_len) };
-        Ok(Sequence { id, engine: self.clone(), len: 0, max_len })
+        Ok(Sequence { id, engine: self.clone(), len: 0, max_len, reused: Default::default() })
     }
 }
 
@@ -572,6 +575,7 @@ pub struct Sequence {
     engine: Arc<Engine>,
     len: usize,
     max_len: usize,
+    reused: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Sequence {
@@ -598,7 +602,8 @@ impl Sequence {
         let all = which == crate::session::Logits::All;
         let id = self.id;
         let tokens = tokens.to_vec();
-        let rows = self.engine.call(|reply| ExtOp::Decode { id, tokens, all, reply })?;
+        let reused = self.reused.clone();
+        let rows = self.engine.call(|reply| ExtOp::Decode { id, tokens, all, reused, reply })?;
         self.len = need;
         Ok(rows)
     }
@@ -608,7 +613,13 @@ impl Sequence {
         let id = self.engine.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let src = self.id;
         self.engine.call(|reply| ExtOp::Fork { src, id, reply })?;
-        Ok(Sequence { id, engine: self.engine.clone(), len: self.len, max_len: self.max_len })
+        Ok(Sequence {
+            id,
+            engine: self.engine.clone(),
+            len: self.len,
+            max_len: self.max_len,
+            reused: Default::default(),
+        })
     }
 
     /// Keep the first `len` positions.
@@ -617,6 +628,11 @@ impl Sequence {
         self.engine.call(|reply| ExtOp::Truncate { id, len, reply })?;
         self.len = len;
         Ok(())
+    }
+
+    /// Positions of the first decode that were taken from the prefix cache, not computed.
+    pub fn cached_tokens(&self) -> usize {
+        self.reused.load(Ordering::Relaxed)
     }
 
     /// Positions so far.

@@ -161,7 +161,7 @@ impl Sched {
                     }
                     for e in self.ext.values_mut() {
                         if let Some(tx) = e.reply.take() {
-                            let _ = tx.send(Err(DecodeError::Options("the engine is shutting down".into())));
+                            let _ = tx.send(Err(DecodeError::Stopped("shutting down".into())));
                         }
                     }
                     return;
@@ -345,7 +345,7 @@ impl Sched {
         cached: Vec<u32>,
         adapters: crate::lora::AdapterList,
     ) -> Result<(), DecodeError> {
-        let seq = self.take_id().ok_or_else(|| DecodeError::Options(format!("all {MAX_SEQ} sequences are in use")))?;
+        let seq = self.take_id().ok_or_else(|| DecodeError::NoSequence { max: MAX_SEQ })?;
         if let Some(src) = from {
             if let Err(e) = self.runner.seq_cp(src, seq, 0, u32::MAX) {
                 self.runner.cells.seq_rm(seq, 0, u32::MAX);
@@ -377,7 +377,7 @@ impl Sched {
             ExtOp::Fork { src, id, reply } => {
                 let r = match self.ext.get(&src).map(|e| (e.seq, e.cached.clone(), e.adapters.clone())) {
                     Some((src_seq, cached, adapters)) => self.open_ext(id, Some(src_seq), cached, adapters),
-                    None => Err(DecodeError::Options("fork of a closed sequence".into())),
+                    None => Err(DecodeError::Closed("fork")),
                 };
                 let _ = reply.send(r);
             }
@@ -392,13 +392,13 @@ impl Sched {
                         Err(err) => Err(err),
                     },
                     Some(e) => Err(DecodeError::Truncate { len, n_past: e.cached.len() }),
-                    None => Err(DecodeError::Options("truncate of a closed sequence".into())),
+                    None => Err(DecodeError::Closed("truncate")),
                 };
                 let _ = reply.send(r);
             }
-            ExtOp::Decode { id, tokens, all, reply } => {
+            ExtOp::Decode { id, tokens, all, reused, reply } => {
                 let Some(e) = self.ext.get_mut(&id) else {
-                    let _ = reply.send(Err(DecodeError::Options("decode on a closed sequence".into())));
+                    let _ = reply.send(Err(DecodeError::Closed("decode")));
                     return;
                 };
                 if e.cached.is_empty() && !all {
@@ -414,6 +414,7 @@ impl Sched {
                     match hit {
                         Some(h) if shared => {
                             self.prefix.touch(h.entry);
+                            reused.store(reuse, std::sync::atomic::Ordering::Relaxed);
                             e.cached = tokens[..reuse].to_vec();
                             e.pending = tokens[reuse..].to_vec();
                             let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -436,7 +437,7 @@ impl Sched {
             ExtOp::Read { id, reply } => {
                 let r = match self.ext.get(&id) {
                     Some(e) => self.runner.read_seq(e.seq).map(|(_, data)| data).map_err(DecodeError::from),
-                    None => Err(DecodeError::Options("read of a closed sequence".into())),
+                    None => Err(DecodeError::Closed("read")),
                 };
                 let _ = reply.send(r);
             }
@@ -454,14 +455,14 @@ impl Sched {
                             Err(e)
                         }
                     },
-                    None => Err(DecodeError::Options(format!("all {MAX_SEQ} sequences are in use"))),
+                    None => Err(DecodeError::NoSequence { max: MAX_SEQ }),
                 };
                 let _ = reply.send(r);
             }
             ExtOp::Close { id } => {
                 if let Some(e) = self.ext.remove(&id) {
                     if let Some(tx) = e.reply {
-                        let _ = tx.send(Err(DecodeError::Options("sequence closed".into())));
+                        let _ = tx.send(Err(DecodeError::Closed("a pending decode")));
                     }
                     let salt = adapters_salt(&e.adapters);
                     self.runner.set_adapters(e.seq, vec![]);
@@ -637,7 +638,7 @@ impl Sched {
                 for (who, _, _) in &parts {
                     match *who {
                         Who::Gen(i) => gens.push(i),
-                        Who::Ext(id) => self.fail_ext(id, DecodeError::Options(format!("step failed: {e}"))),
+                        Who::Ext(id) => self.fail_ext(id, DecodeError::Step(e.to_string())),
                     }
                 }
                 gens.sort_unstable_by_key(|&i| std::cmp::Reverse(i));

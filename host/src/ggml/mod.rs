@@ -179,6 +179,13 @@ pub fn load_backend(path: &std::path::Path) -> Result<String, GgmlError> {
             "this binary links ggml statically; backend modules need a build with `--features dyn-backends`".into(),
         ));
     }
+    // A module loaded twice would register its devices twice.
+    static LOADED: std::sync::Mutex<Vec<(std::path::PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+    let key = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, name)) = loaded.iter().find(|(p, _)| *p == key) {
+        return Ok(name.clone());
+    }
     let c = std::ffi::CString::new(path.as_os_str().to_string_lossy().as_bytes()).map_err(|e| bad(e.to_string()))?;
     // SAFETY: a NUL-terminated path; ggml dlopens it and checks the module's API version,
     // returning null (and logging why) when it does not fit.
@@ -190,7 +197,9 @@ pub fn load_backend(path: &std::path::Path) -> Result<String, GgmlError> {
         )));
     }
     // SAFETY: a registered backend; its name is static.
-    Ok(unsafe { CStr::from_ptr(sys::ggml_backend_reg_name(reg)) }.to_string_lossy().into_owned())
+    let name = unsafe { CStr::from_ptr(sys::ggml_backend_reg_name(reg)) }.to_string_lossy().into_owned();
+    loaded.push((key, name.clone()));
+    Ok(name)
 }
 
 /// Fingerprint of the ggml headers this binary was built with (see build.rs), or "unknown".
@@ -232,23 +241,41 @@ fn check_abi_stamp(module: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Load every `libggml-*.so` backend module in `dir` (except the CPU, which is built in).
-pub fn load_backends_from(dir: &std::path::Path) -> Result<Vec<String>, GgmlError> {
+/// The backend module files in `dir`: `libggml-*.so` except the base library and the CPU
+/// backend (built in), sorted by name.
+fn backend_modules_in(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>, GgmlError> {
     let rd = std::fs::read_dir(dir)
         .map_err(|e| GgmlError::Backend { path: dir.display().to_string(), msg: e.to_string() })?;
-    let mut names = Vec::new();
-    let mut paths: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut paths: Vec<_> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let file = p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            file.starts_with("libggml-")
+                && file.ends_with(".so")
+                && !["libggml-base.so", "libggml-cpu.so"].contains(&file.as_str())
+        })
+        .collect();
     paths.sort();
-    for p in paths {
-        let file = p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-        let is_module = file.starts_with("libggml-")
-            && file.ends_with(".so")
-            && !["libggml-base.so", "libggml-cpu.so"].contains(&file.as_str());
-        if is_module {
-            names.push(load_backend(&p)?);
+    Ok(paths)
+}
+
+/// Load every `libggml-*.so` backend module in `dir` (except the CPU, which is built in).
+pub fn load_backends_from(dir: &std::path::Path) -> Result<Vec<String>, GgmlError> {
+    backend_modules_in(dir)?.iter().map(|p| load_backend(p)).collect()
+}
+
+/// Like [`load_backends_from`], but a module that cannot be loaded does not stop the others:
+/// returns the backends loaded and the errors of those that failed. A folder that cannot be read
+/// has no modules. For picking a device when the user asked for none.
+pub fn try_load_backends_from(dir: &std::path::Path) -> (Vec<String>, Vec<GgmlError>) {
+    let (mut names, mut errors) = (Vec::new(), Vec::new());
+    for p in backend_modules_in(dir).unwrap_or_default() {
+        match load_backend(&p) {
+            Ok(n) => names.push(n),
+            Err(e) => errors.push(e),
         }
     }
-    Ok(names)
+    (names, errors)
 }
 
 static LOG_INIT: Once = Once::new();

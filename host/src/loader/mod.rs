@@ -9,7 +9,6 @@
 pub mod safetensors;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use crate::ggml::{Backend, Buffer, Context, DType, GgmlError, Tensor};
@@ -546,7 +545,7 @@ impl<'a> WeightBuilder<'a> {
             buffers.push(buffer);
         }
         let total: u64 = self.from_file.iter().filter(|s| s.dst == 0).map(|s| s.tensor.nbytes() as u64).sum();
-        let bar = if std::io::stderr().is_terminal() && total > 64 << 20 {
+        let bar = if crate::progress::bars() && total > 64 << 20 {
             let b = indicatif::ProgressBar::new(total);
             b.set_style(
                 indicatif::ProgressStyle::with_template(

@@ -13,6 +13,7 @@ use wasmtime::component::Resource;
 use super::bindings::policy::stllm::inference::{engine, plugin_sampler, streaming, types};
 use super::EngineHost;
 use crate::engine::{Engine, EngineError, EngineOptions, Sequence};
+use crate::runner::ErrorKind;
 use crate::session::{DecodeError, Logits, SessionOptions};
 use crate::Model;
 
@@ -83,6 +84,11 @@ impl ModelHandle {
         Ok(self.engine.get_or_init(|| Arc::new(e)))
     }
 
+    /// The engine, if a sequence has started it (or [`ModelHandle::with_engine`] gave it).
+    pub fn started_engine(&self) -> Option<&Arc<Engine>> {
+        self.engine.get()
+    }
+
     fn model(&self) -> Result<&Arc<Model>, types::Error> {
         self.model
             .as_ref()
@@ -98,8 +104,18 @@ pub struct SequenceRes {
     session: Arc<Mutex<Sequence>>,
 }
 
-/// Receives each piece of generated text (and its tokens); returns false to cancel.
-pub type OnText = Box<dyn FnMut(&str, &[u32]) -> bool + Send>;
+/// Receives each piece of generated text with its tokens (and their log-probabilities when the
+/// request asked for them); returns false to cancel.
+pub type OnText = Box<dyn FnMut(Chunk<'_>) -> bool + Send>;
+
+/// A piece of a policy's streamed output.
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk<'a> {
+    pub text: &'a str,
+    pub tokens: &'a [u32],
+    /// One entry per token, or empty when the request did not ask for log-probabilities.
+    pub logprobs: &'a [types::LogprobEntry],
+}
 
 /// The `sink` resource: where a policy's text goes.
 pub struct SinkRes {
@@ -108,16 +124,10 @@ pub struct SinkRes {
 }
 
 fn decode_err(e: DecodeError) -> types::Error {
-    match e {
-        DecodeError::ContextFull { .. } | DecodeError::CacheFull { .. } | DecodeError::StateFull { .. } => {
-            types::Error::ContextFull(e.to_string())
-        }
-        DecodeError::TokenOutOfRange { .. }
-        | DecodeError::Empty
-        | DecodeError::Truncate { .. }
-        | DecodeError::StatePosition { .. }
-        | DecodeError::BatchTooLarge { .. } => types::Error::InvalidInput(e.to_string()),
-        DecodeError::Options(_) | DecodeError::Ggml(_) => types::Error::Internal(e.to_string()),
+    match e.kind() {
+        ErrorKind::ContextFull => types::Error::ContextFull(e.to_string()),
+        ErrorKind::InvalidInput => types::Error::InvalidInput(e.to_string()),
+        ErrorKind::Internal => types::Error::Internal(e.to_string()),
     }
 }
 
@@ -271,6 +281,38 @@ impl engine::HostModel for EngineHost<'_> {
     }
 }
 
+impl EngineHost<'_> {
+    /// `decode-top` (and, with `norm`, the log-normaliser of the whole row).
+    async fn top(
+        &mut self,
+        s: Resource<SequenceRes>,
+        tokens: Vec<u32>,
+        k: u32,
+        min_p: f32,
+        norm: bool,
+    ) -> wasmtime::Result<Result<engine::TopCandidates, types::Error>> {
+        if !(0.0..=1.0).contains(&min_p) {
+            return Ok(Err(types::Error::InvalidInput(format!("min-p must be in [0, 1], got {min_p}"))));
+        }
+        let sess = self.table.get(&s)?.session.clone();
+        let r = blocking(move || {
+            let mut g = sess.lock().unwrap_or_else(|p| p.into_inner());
+            g.decode(&tokens, Logits::Last).map(|mut rows| {
+                let logits = rows.pop().unwrap_or_default();
+                let log_norm = if norm { stllm_policy::generate::log_sum_exp(&logits) } else { 0.0 };
+                let candidates = stllm_policy::sampling::top_candidates(&logits, k as usize, min_p)
+                    .into_iter()
+                    .map(|c| types::Candidate { id: c.id, logit: c.logit })
+                    .collect::<Vec<_>>();
+                engine::TopCandidates { candidates, log_norm }
+            })
+        })
+        .await?;
+        self.returned_to_guest();
+        Ok(r.map_err(decode_err))
+    }
+}
+
 impl engine::HostSequence for EngineHost<'_> {
     async fn decode(
         &mut self,
@@ -309,23 +351,25 @@ impl engine::HostSequence for EngineHost<'_> {
         k: u32,
         min_p: f32,
     ) -> wasmtime::Result<Result<Vec<types::Candidate>, types::Error>> {
-        if !(0.0..=1.0).contains(&min_p) {
-            return Ok(Err(types::Error::InvalidInput(format!("min-p must be in [0, 1], got {min_p}"))));
-        }
+        let r = self.top(s, tokens, k, min_p, false).await?;
+        Ok(r.map(|t| t.candidates))
+    }
+
+    async fn decode_top_norm(
+        &mut self,
+        s: Resource<SequenceRes>,
+        tokens: Vec<u32>,
+        k: u32,
+        min_p: f32,
+    ) -> wasmtime::Result<Result<engine::TopCandidates, types::Error>> {
+        self.top(s, tokens, k, min_p, true).await
+    }
+
+    async fn cached_tokens(&mut self, s: Resource<SequenceRes>) -> wasmtime::Result<u32> {
         let sess = self.table.get(&s)?.session.clone();
-        let r = blocking(move || {
-            let mut g = sess.lock().unwrap_or_else(|p| p.into_inner());
-            g.decode(&tokens, Logits::Last).map(|mut rows| {
-                let logits = rows.pop().unwrap_or_default();
-                stllm_policy::sampling::top_candidates(&logits, k as usize, min_p)
-                    .into_iter()
-                    .map(|c| types::Candidate { id: c.id, logit: c.logit })
-                    .collect::<Vec<_>>()
-            })
-        })
-        .await?;
+        let n = sess.lock().unwrap_or_else(|p| p.into_inner()).cached_tokens();
         self.returned_to_guest();
-        Ok(r.map_err(decode_err))
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
     async fn fork(
@@ -368,8 +412,19 @@ impl streaming::Host for EngineHost<'_> {}
 
 impl streaming::HostSink for EngineHost<'_> {
     async fn emit(&mut self, s: Resource<streaming::Sink>, text: String, tokens: Vec<u32>) -> wasmtime::Result<bool> {
+        self.emit_logprobs(s, text, tokens, vec![]).await
+    }
+
+    async fn emit_logprobs(
+        &mut self,
+        s: Resource<streaming::Sink>,
+        text: String,
+        tokens: Vec<u32>,
+        logprobs: Vec<types::LogprobEntry>,
+    ) -> wasmtime::Result<bool> {
         let sink = self.table.get_mut(&s)?;
-        let go_on = !sink.cancel.load(Ordering::Relaxed) && (sink.on_text)(&text, &tokens);
+        let chunk = Chunk { text: &text, tokens: &tokens, logprobs: &logprobs };
+        let go_on = !sink.cancel.load(Ordering::Relaxed) && (sink.on_text)(chunk);
         if !go_on {
             sink.cancel.store(true, Ordering::Relaxed);
         }

@@ -26,7 +26,7 @@ use wasmtime::component::{Component, Linker, Resource, ResourceTable};
 use wasmtime::{Config, Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-pub use host::{ModelHandle, ModelRes, SequenceRes, SinkRes};
+pub use host::{Chunk, ModelHandle, ModelRes, SequenceRes, SinkRes};
 
 /// Generated bindings of the WIT worlds.
 pub mod bindings {
@@ -60,9 +60,10 @@ use bindings::policy::stllm::inference::types as wit_types;
 use bindings::policy::{PolicyComponent, PolicyComponentPre};
 use bindings::sampler::{SamplerComponent, SamplerComponentPre};
 
-pub use wit_policy::{FinishReason, GenerateRequest, GenerateResult, Prompt, Sampling};
+pub use wit_policy::{FinishReason, GenerateRequest, GenerateResult, Prompt, Sampling, ToolCall};
 /// A LoRA adapter named in a [`GenerateRequest`] (loaded in the model by name) with its weight.
 pub use wit_types::Adapter;
+pub use wit_types::{LogprobEntry, TokenLogprob};
 
 /// Greedy, no penalties: the identity of every sampling knob.
 impl Default for Sampling {
@@ -76,6 +77,7 @@ impl Default for Sampling {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: 0,
+            logit_bias: vec![],
         }
     }
 }
@@ -87,12 +89,24 @@ pub const MIROSTAT_SAMPLER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/st
 /// A misbehaving policy for sandbox tests (guest/examples/chaos).
 pub const CHAOS_POLICY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/stllm_policy_chaos.wasm"));
 
+/// What kind of failure a guest reported (the WIT `error` variant's cases), kept so that callers
+/// (the HTTP server's status codes) can tell bad input from a full context from a guest fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestErrorKind {
+    /// The request was malformed (a bad token id, template, sampling value, ...).
+    InvalidInput,
+    /// The prompt (or prompt + output) does not fit the context.
+    ContextFull,
+    /// Anything else the guest or the host behind it could not do.
+    Internal,
+}
+
 /// Why a guest call failed. The runtime and its other requests are unaffected.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     /// The guest returned an error (bad input, context full, ...).
-    #[error("{0}")]
-    Guest(String),
+    #[error("{}{msg}", match kind { GuestErrorKind::InvalidInput => "invalid input: ", GuestErrorKind::ContextFull => "context full: ", GuestErrorKind::Internal => "" })]
+    Guest { kind: GuestErrorKind, msg: String },
     #[error("the request was cancelled")]
     Cancelled,
     #[error("the {what} component ran for more than {limit:?} without returning to the host (killed)")]
@@ -109,11 +123,12 @@ pub enum RuntimeError {
 
 impl RuntimeError {
     fn from_guest(e: wit_types::Error) -> RuntimeError {
+        let guest = |kind, msg| RuntimeError::Guest { kind, msg };
         match e {
-            wit_types::Error::InvalidInput(m) => RuntimeError::Guest(format!("invalid input: {m}")),
-            wit_types::Error::ContextFull(m) => RuntimeError::Guest(format!("context full: {m}")),
+            wit_types::Error::InvalidInput(m) => guest(GuestErrorKind::InvalidInput, m),
+            wit_types::Error::ContextFull(m) => guest(GuestErrorKind::ContextFull, m),
             wit_types::Error::Cancelled => RuntimeError::Cancelled,
-            wit_types::Error::Internal(m) => RuntimeError::Guest(m),
+            wit_types::Error::Internal(m) => guest(GuestErrorKind::Internal, m),
         }
     }
 }
@@ -395,7 +410,7 @@ impl Runtime {
         add_to_linker(&mut linker).map_err(wt)?;
         let pre = linker.instantiate_pre(&policy).map_err(|e| RuntimeError::Load {
             path: cfg.policy.as_ref().map_or("<embedded>".into(), |p| p.display().to_string()),
-            msg: format!("{e:#}"),
+            msg: version_hint(format!("{e:#}")),
         })?;
         let policy_pre = PolicyComponentPre::new(pre).map_err(|e| RuntimeError::Load {
             path: cfg.policy.as_ref().map_or("<embedded>".into(), |p| p.display().to_string()),
@@ -524,6 +539,26 @@ impl Runtime {
         self.end(i, r)
     }
 
+    /// The text of each token alone (special tokens kept), in one guest call per token on one
+    /// instance: what log-probability entries show.
+    pub async fn token_strings(&self, ids: &[u32]) -> Result<Vec<String>, RuntimeError> {
+        let mut i = self.begin().await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let r = i.bindings.stllm_inference_policy().call_detokenize(&mut i.store, &[id], false).await;
+            match r {
+                Ok(Ok(s)) => out.push(s),
+                Ok(Err(e)) => {
+                    self.checkin(i);
+                    return Err(RuntimeError::from_guest(e));
+                }
+                Err(e) => return self.end::<String>(i, Err(e)).map(|_| vec![]),
+            }
+        }
+        self.checkin(i);
+        Ok(out)
+    }
+
     pub async fn apply_chat_template(
         &self,
         messages_json: &str,
@@ -545,7 +580,18 @@ impl Runtime {
     pub async fn generate(
         &self,
         req: &GenerateRequest,
-        on_text: impl FnMut(&str, &[u32]) -> bool + Send + 'static,
+        mut on_text: impl FnMut(&str, &[u32]) -> bool + Send + 'static,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<GenerateResult, RuntimeError> {
+        self.generate_chunks(req, move |c: Chunk<'_>| on_text(c.text, c.tokens), cancel).await
+    }
+
+    /// [`Runtime::generate`] with each piece's log-probabilities (when the request asks for
+    /// them).
+    pub async fn generate_chunks(
+        &self,
+        req: &GenerateRequest,
+        on_text: impl FnMut(Chunk<'_>) -> bool + Send + 'static,
         cancel: Arc<AtomicBool>,
     ) -> Result<GenerateResult, RuntimeError> {
         let plugin = self.new_plugin().await?;
@@ -561,6 +607,23 @@ impl Runtime {
             Ok(r) if r.finish == FinishReason::Cancelled => Err(RuntimeError::Cancelled),
             other => other,
         }
+    }
+}
+
+/// The WIT package version this host implements.
+pub const WIT_VERSION: &str = "0.2.0";
+
+/// Name the cause when a component was built against another version of the contract.
+fn version_hint(msg: String) -> String {
+    match msg.find("stllm:inference/").and_then(|i| msg[i..].find('@').map(|j| i + j + 1)) {
+        Some(at) if !msg[at..].starts_with(WIT_VERSION) => {
+            let theirs: String = msg[at..].chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+            format!(
+                "{msg} (the component was built against stllm:inference@{theirs}; this host implements \
+                 @{WIT_VERSION}: rebuild it against this version's wit/, see wit/README.md)"
+            )
+        }
+        _ => msg,
     }
 }
 

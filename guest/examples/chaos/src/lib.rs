@@ -48,7 +48,15 @@ impl Guest for Chaos {
             "trap" => panic!("chaos was asked to trap"),
             _ => {
                 out.emit("ok", &[]);
-                Ok(GenerateResult { tokens: vec![], text: "ok".into(), finish: FinishReason::Stop, prompt_tokens: 0 })
+                Ok(GenerateResult {
+                    tokens: vec![],
+                    text: "ok".into(),
+                    finish: FinishReason::Stop,
+                    prompt_tokens: 0,
+                    cached_tokens: 0,
+                    tool_calls: vec![],
+                    logprobs: vec![],
+                })
             }
         }
     }
