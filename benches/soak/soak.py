@@ -237,11 +237,16 @@ async def run(args):
     limits = httpx.Limits(max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency)
     timeout = httpx.Timeout(args.request_timeout, connect=30)
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as http:
-        # Warm-up (not measured): loads weights / starts engines.
-        for w in range(args.warmup):
-            rec = await one_request(http, args, prompts[w % len(prompts)], None)
-            if rec["error"]:
-                sys.exit(f"warm-up request failed: {rec['error']}")
+        # Warm-up (not measured): rounds of C concurrent short requests, so engines are started and
+        # per-request resources (stllm's policy instances, up to --max-concurrent) exist before
+        # measuring; --warmup 0 measures a cold server.
+        warm = argparse.Namespace(**{**vars(args), "max_tokens": 2})
+        for _ in range(args.warmup):
+            recs = await asyncio.gather(*[one_request(http, warm, prompts[i % len(prompts)], None)
+                                          for i in range(args.concurrency)])
+            bad = [r["error"] for r in recs if r["error"]]
+            if bad:
+                sys.exit(f"warm-up: {len(bad)} requests failed, e.g. {bad[0]}")
         rss_before = rss_bytes(args.pid)
         rss_peak = rss_before or 0
         queue = asyncio.Queue()
@@ -346,7 +351,7 @@ def main():
                     help="do not ask for stream_options.include_usage")
     ap.add_argument("--disconnect-frac", type=float, default=0.1)
     ap.add_argument("--disconnect-after", type=int, default=4, help="content chunks before disconnecting")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1, help="rounds of C concurrent 2-token requests first")
     ap.add_argument("--pid", type=int, help="server process for resident memory")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds before the last RSS sample")
     ap.add_argument("--request-timeout", type=float, default=300)
