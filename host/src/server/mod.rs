@@ -225,6 +225,9 @@ impl AppState {
 /// Listen and serve until SIGINT/SIGTERM; then refuse new requests and wait (at most
 /// `shutdown_timeout`) for those in flight, streams included.
 pub async fn serve(state: Arc<AppState>) -> anyhow::Result<()> {
+    // The signal handlers exist before the address is printed: a SIGTERM sent as soon as the
+    // server says it listens is a graceful shutdown, not the default kill.
+    let signals = Signals::install()?;
     let addr = format!("{}:{}", state.opts.host, state.opts.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
     let local: SocketAddr = listener.local_addr()?;
@@ -245,7 +248,7 @@ pub async fn serve(state: Arc<AppState>) -> anyhow::Result<()> {
     let st = state.clone();
     let timeout = state.opts.shutdown_timeout;
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signals.wait().await;
         st.shutting_down.store(true, Ordering::SeqCst);
         eprintln!("stllm serve: shutting down (waiting up to {timeout:?} for requests in flight)");
         let _ = tx.send(());
@@ -263,24 +266,36 @@ pub async fn serve(state: Arc<AppState>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGINT and SIGTERM listeners, registered when created.
+struct Signals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    async fn wait(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = &mut self;
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

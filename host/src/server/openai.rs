@@ -192,7 +192,7 @@ fn common(b: &Obj, m: &ServedModel, max_n: usize, default_max: Option<u32>) -> R
         }
     }
     let max_tokens =
-        match (opt_u64(b, "max_completion_tokens", 0, u32::MAX as u64)?, opt_u64(b, "max_tokens", 0, u32::MAX as u64)?)
+        match (opt_u64(b, "max_completion_tokens", 1, u32::MAX as u64)?, opt_u64(b, "max_tokens", 1, u32::MAX as u64)?)
         {
             (Some(x), _) | (None, Some(x)) => Some(x as u32),
             (None, None) => default_max,
