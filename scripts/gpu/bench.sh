@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# On the GPU machine, after run.sh built the CUDA module and llama.cpp's tools: per shape, a
+# On the GPU machine, after run.sh built the CUDA module and our llama.cpp peer harness: per shape, a
 # random-weight model with the real shapes (make_model.py, made once per machine), then, on the
 # same GPU in the same call:
 #   single stream  stllm bench (prefill 512 = TTFT, decode 128 at depth 512); HF transformers
-#                  (benches/hf_cpu_bench.py --device cuda); llama.cpp llama-bench
-#                  (-p 512 -n 128 -d 0,512: pp512 from an empty cache = TTFT, tg128 at depth 512)
-#                  on a BF16 GGUF of the same weights (hf_to_gguf.py, into $WORK/gguf)
+#                  (benches/hf_cpu_bench.py --device cuda); llama.cpp through our harness
+#                  peer-bench single (scripts/gpu/peer/peer_bench.cpp: prefill 512 into an empty
+#                  cache = TTFT, decode 128 at depth 512, best of 3) on a BF16 GGUF of the same
+#                  weights (hf_to_gguf.py with PyPI's gguf, into $WORK/gguf)
 #   concurrent     1, 8, 32 sequences of prompt 128 + 128 generated: stllm bench --concurrent,
-#                  llama-batched-bench, benches/hf_batched_bench.py --device cuda (best of 2)
+#                  peer-bench batched (per-sequence KV and unified KV), and
+#                  benches/hf_batched_bench.py --device cuda (best of 2)
 # Peak VRAM: each engine's own figure where it reports one, and nvidia-smi's memory.used sampled
 # every 0.2 s around every step (whole process: CUDA context and caches included).
 # Every JSON line goes to $OUT/bench.jsonl tagged with "peer", "shape" and "step"; a markdown table
@@ -18,10 +20,19 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=lib.sh
 . scripts/gpu/lib.sh
-export PYTHONPATH="$PWD/$g/gguf-py${PYTHONPATH:+:$PYTHONPATH}"
+# gguf (PyPI, carried as a wheel by prepare.sh; no network here): installed into $WORK/site, or, if
+# pip cannot, imported from the wheel itself (pure Python).
+whl=$(ls "$g"/wheels/gguf-*.whl 2>/dev/null | head -1)
+if [ -n "$whl" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target "$work/site" "$whl" >/dev/null 2>&1; then
+  export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+elif [ -n "$whl" ]; then
+  export PYTHONPATH="$PWD/$whl${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "no gguf wheel in $g/wheels: run scripts/gpu/prepare.sh" >&2
+fi
 unpack_stllm  # run.sh unpacks it too, but bench.sh may run alone
 mkdir -p "$work/gguf"
-[ -x "$work/llama/llama-bench" ] || echo "no $work/llama/llama-bench: run scripts/gpu/run.sh first" >&2
+[ -x "$work/llama/peer-bench" ] || echo "no $work/llama/peer-bench: run scripts/gpu/run.sh first" >&2
 llama=$work/llama
 
 for shape in "${@:-qwen3-0.6b}"; do
@@ -36,13 +47,15 @@ for shape in "${@:-qwen3-0.6b}"; do
   measure hf "$shape" single python3 benches/hf_cpu_bench.py "$dir" --prompt 512 --gen 128 --repeat 2 --device cuda
   [ -f "$gguf" ] || python3 scripts/gpu/hf_to_gguf.py "$dir" "$gguf" >>"$out/gguf-$shape.log" 2>&1 \
     || { echo "hf_to_gguf $shape failed:"; tail -5 "$out/gguf-$shape.log"; rm -f "$gguf"; }
-  measure llama.cpp "$shape" single "$llama/llama-bench" -m "$gguf" -p 512 -n 128 -d 0,512 -ngl 99 -fa 1 -r 3 -o jsonl
+  measure llama.cpp "$shape" single "$llama/peer-bench" -m "$gguf" --ngl 99 --fa 1 single --prompt 512 --gen 128 \
+    --depth 512 --repeat 3
   # Concurrent sequences: 1, 8, 32 x (128 prompt + 128 generated).
   measure stllm "$shape" concurrent "$stllm" bench --model "$dir" --device cuda --backend-dir "$work/backends" \
     --concurrent 1,8,32 --prompt 128 --gen 128 --json
-  # -c: 32 x 256 cells (the KV cache is split evenly over n_seq_max = 32 sequences).
-  measure llama.cpp "$shape" concurrent "$llama/llama-batched-bench" -m "$gguf" -ngl 99 -fa on -c 8192 \
-    -b 2048 -ub 512 -npp 128 -ntg 128 -npl 1,8,32 --output-format jsonl
+  # n_ctx 32 x 256 cells: per-sequence KV gives each of n_seq_max = 32 sequences 256; unified KV
+  # shares all 8192.
+  measure llama.cpp "$shape" concurrent "$llama/peer-bench" -m "$gguf" --ngl 99 --fa 1 batched --npl 1,8,32 \
+    --prompt 128 --gen 128 --ctx 8192 --kv both
   # Two GPUs: the same model split by layers over both (pipeline parallelism), next to one GPU.
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     measure stllm-2gpu "$shape" single "$stllm" bench --model "$dir" --prompt 512 --gen 128 --repeat 3 --json \

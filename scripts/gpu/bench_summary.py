@@ -3,11 +3,14 @@
 $OUT/bench.jsonl (keys "peer", "shape", "step" added by bench.sh; a later line wins over an earlier
 one for the same measurement).
 
-  TTFT 512          stllm/HF: ttft_ms of the single-stream run; llama.cpp: pp512 at depth 0 (avg_ns)
-  decode 1 seq      stllm/HF: decode_tok_s after the 512-token prompt; llama.cpp: tg128 at depth 512
-  conc. N seqs      aggregate decode tokens/s with N sequences of 128 + 128 tokens: stllm/HF
-                    decode_tok_s of --concurrent / hf_batched_bench; llama.cpp: speed_tg of
-                    llama-batched-bench (N x 128 generated tokens / generation time)
+  TTFT 512          ttft_ms of the single-stream run (llama.cpp: peer-bench single, the best of 3
+                    prefills of 512 tokens into an empty cache)
+  decode 1 seq      decode_tok_s after the 512-token prompt (llama.cpp: peer-bench single, 128
+                    tokens decoded one by one at depth 512, best of 3)
+  conc. N seqs      aggregate decode tokens/s with N sequences of 128 + 128 tokens: decode_tok_s of
+                    stllm bench --concurrent / hf_batched_bench / peer-bench batched (N x 128
+                    generated tokens / decode time); peer-bench's unified-KV lines
+                    ("kv_unified": true) get their own row, "<peer> (unified KV)"
   VRAM smi          max nvidia-smi memory.used over the engine's steps (whole process)
   VRAM self         the engine's own peak (stllm vram_peak_mib, torch max_memory_allocated)
 
@@ -32,11 +35,11 @@ def main():
             peer, shape, step = d.get("peer"), d.get("shape"), d.get("step")
             if peer is None:
                 continue
+            if d.get("kv_unified") is True:
+                peer += " (unified KV)"
             r = rows.setdefault((shape, peer), {})
             if isinstance(d.get("engine"), str):
-                engines[peer] = d["engine"]
-            elif "build_commit" in d:
-                engines[peer] = f"llama.cpp {d['build_commit']} ({d.get('gpu_info', '')})"
+                engines[peer] = d["engine"] + (f" on {d['device']}" if isinstance(d.get("device"), str) else "")
             if d.get("bench") == "vram":
                 if d.get("smi_peak_mib") is not None:
                     r["smi"] = max(r.get("smi", 0), d["smi_peak_mib"])
@@ -47,20 +50,11 @@ def main():
                 if d.get(k) is not None:
                     r["self"] = max(r.get("self", 0), d[k])
             if step == "single":
-                if "n_prompt" in d:  # llama-bench
-                    if d["n_prompt"] == 512 and d["n_gen"] == 0 and d.get("n_depth", 0) == 0:
-                        r["ttft"] = d["avg_ns"] / 1e6
-                    elif d["n_prompt"] == 0 and d["n_gen"] > 0 and d.get("n_depth", 0) == 512:
-                        r["tg"] = d["avg_ts"]
-                else:
-                    r["ttft"], r["tg"] = d.get("ttft_ms"), d.get("decode_tok_s")
+                r["ttft"], r["tg"] = d.get("ttft_ms"), d.get("decode_tok_s")
             elif step.startswith("long-") and "prefill_tok_s" in d:
                 long.append((shape, peer, d))
-            elif step == "concurrent":
-                if "pl" in d:  # llama-batched-bench
-                    r[f"c{d['pl']}"] = d["speed_tg"]
-                elif "seqs" in d:
-                    r[f"c{d['seqs']}"] = d.get("decode_tok_s")
+            elif step == "concurrent" and "seqs" in d:
+                r[f"c{d['seqs']}"] = d.get("decode_tok_s")
     print("| engine | shape | TTFT 512 (ms) | decode tok/s, 1 seq @512 | conc. 1 seq | conc. 8 seqs | conc. 32 seqs "
           "| peak VRAM MiB (smi) | peak VRAM MiB (self) |")
     print("|---|---|---|---|---|---|---|---|---|")

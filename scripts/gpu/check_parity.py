@@ -58,7 +58,7 @@ def main():
         tol = 3e-2
         std = ref.std()
         try:
-            cpu = logits(a.stllm, d, tokens, extra)
+            cpu = logits(a.stllm, d, tokens, ["--device", "cpu"] + extra)
             gpu = logits(a.stllm, d, tokens, dev)
         except RuntimeError as e:
             print(f"{os.path.basename(d):<20} error: {e}")

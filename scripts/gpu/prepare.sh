@@ -1,27 +1,26 @@
 #!/usr/bin/env bash
 # On the development machine: build stllm with ggml as shared libraries (--features dyn-backends),
-# and gather what the GPU machine needs into scratch/gpu/ (git-ignored, carried by the device tool):
+# and gather what the GPU machine needs into scratch/gpu/ (git-ignored, carried by the device tool),
+# from this repository and its declared dependencies alone:
 #   scratch/gpu/bin/       stllm.xz (debug info stripped, RUNPATH=$ORIGIN, xz-compressed; run.sh and
 #                          bench.sh unpack it beside them) + the libggml*.so / libllama.so it links
 #   scratch/gpu/llama.cpp/ the llama.cpp tree vendored by llama-cpp-sys-2 (the sources this build
-#                          compiled), trimmed to what a CMake build of ggml-cuda, llama-bench and
-#                          llama-batched-bench needs (ggml CPU + CUDA backends only, no tests,
-#                          examples, server, docs), plus the llama-bench / batched-bench sources the
-#                          crate strips, taken from $LLAMA_EXTRA/tools
-#   scratch/gpu/gguf-py/   llama.cpp's gguf Python package ($LLAMA_EXTRA/gguf-py), for hf_to_gguf.py
-# LLAMA_EXTRA (default scratch/llama.cpp-src) is a llama.cpp tree of the same version with those tool
-# sources (see BENCHMARKS.md). PREPARE_SKIP_BUILD=1 skips the cargo build and gathers what exists;
-# PREPARE_OUT=DIR gathers into DIR instead of scratch/gpu.
-# Then, with the device tool: `bash scripts/gpu/run.sh` (and bench.sh) with carry ["scratch/gpu"].
+#                          compiled), trimmed to what a CMake build of ggml-cuda and of our peer
+#                          harness needs (ggml CPU + CUDA backends only, no tests, examples, server,
+#                          docs), with scripts/gpu/peer/ (peer_bench.cpp, our own llama.h benchmark;
+#                          the crate ships no llama.cpp tools) as tools/peer
+#   scratch/gpu/wheels/    the `gguf` Python package from PyPI (pinned, pure Python), for
+#                          hf_to_gguf.py: bench.sh puts it on PYTHONPATH there (no network there)
+# PREPARE_SKIP_BUILD=1 skips the cargo build and gathers what exists; PREPARE_OUT=DIR gathers into
+# DIR instead of scratch/gpu. GGUF_VERSION overrides the pinned gguf version.
+# Then, with the device tool: `bash scripts/gpu/run.sh` (and bench.sh, check_install.sh) with carry
+# ["scratch/gpu"].
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ver=$(grep -A1 '^name = "llama-cpp-sys-2"' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')
-src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/llama-cpp-sys-2-"$ver"/llama.cpp | head -1)
-extra=${LLAMA_EXTRA:-scratch/llama.cpp-src}
-for f in "$extra/tools/llama-bench/llama-bench.cpp" "$extra/tools/batched-bench/batched-bench.cpp" \
-         "$extra/tools/batched-bench/compat-common-batch.h" "$extra/gguf-py/gguf/gguf_writer.py"; do
-  [ -f "$f" ] || { echo "missing $f (set LLAMA_EXTRA to a llama.cpp tree with the tool sources)" >&2; exit 1; }
-done
+src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/llama-cpp-sys-2-"$ver"/llama.cpp 2>/dev/null | head -1 || true)
+gguf_version=${GGUF_VERSION:-0.19.0}
+[ -n "$src" ] || { echo "llama-cpp-sys-2 $ver is not in the cargo registry yet: run a cargo build first" >&2; exit 1; }
 if [ -z "${PREPARE_SKIP_BUILD:-}" ]; then
   # RUNPATH=$ORIGIN: the binary finds libggml*.so beside it.
   cargo rustc --release --features dyn-backends --bin stllm -q -- -C 'link-arg=-Wl,-rpath,$ORIGIN'
@@ -45,20 +44,17 @@ find "$src/ggml/src" -maxdepth 1 -type f -exec cp -a {} "$l/ggml/src/" \;
 cp -a "$src/ggml/src/ggml-cpu" "$src/ggml/src/ggml-cuda" "$l/ggml/src/"
 # The crate drops ggml's pkg-config template (read only by a standalone ggml configure).
 [ -f "$l/ggml/ggml.pc.in" ] || : > "$l/ggml/ggml.pc.in"
-# The crate ships no tool sources: take llama-bench and batched-bench from $LLAMA_EXTRA (its
-# batched-bench needs a two-function shim for this common/, force-included as there).
-cp -a "$extra/tools/llama-bench" "$extra/tools/batched-bench" "$l/tools/"
+# Our peer harness (the crate ships no llama.cpp tools): tools/ builds only it.
+cp -a scripts/gpu/peer "$l/tools/peer"
 cat > "$l/tools/CMakeLists.txt" <<'EOF'
-# Written by scripts/gpu/prepare.sh: only llama-bench and llama-batched-bench are built.
+# Written by scripts/gpu/prepare.sh: only stllm's peer harness (scripts/gpu/peer) is built.
 find_package(Threads REQUIRED)
 llama_add_compile_flags()
-add_subdirectory(batched-bench)
-target_compile_options(llama-batched-bench-impl PRIVATE -include ${CMAKE_CURRENT_SOURCE_DIR}/batched-bench/compat-common-batch.h)
-add_subdirectory(llama-bench)
+add_subdirectory(peer)
 EOF
-mkdir -p "$out/gguf-py"
-cp -a "$extra/gguf-py/gguf" "$out/gguf-py/"
-find "$out" -name __pycache__ -prune -exec rm -rf {} +
-echo "llama-cpp-sys-2 $ver: llama.cpp sources from $src (tools and gguf-py from $extra)"
-du -sh "$out/bin" "$l" "$out/gguf-py"
+# The gguf package (pure Python) from PyPI, for hf_to_gguf.py on the GPU machine.
+mkdir -p "$out/wheels"
+python3 -m pip download -q "gguf==$gguf_version" --no-deps -d "$out/wheels"
+echo "llama-cpp-sys-2 $ver: llama.cpp sources from $src; gguf $gguf_version from PyPI"
+du -sh "$out/bin" "$l" "$out/wheels"
 echo "total (the carry): $(du -sh "$out" | cut -f1)"
