@@ -457,6 +457,11 @@ pub enum Command {
         /// decodes --gen tokens
         #[arg(long, value_delimiter = ',')]
         concurrent: Vec<usize>,
+        /// With --concurrent: run the requests through the default policy component (what
+        /// `stllm serve` does: tokenizer-free token prompts, the guest's loop and sampler) on the
+        /// same engine, instead of `Engine::generate`
+        #[arg(long)]
+        through_policy: bool,
     },
 }
 
@@ -655,8 +660,8 @@ pub fn run(mut cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&serde_json::json!({ "tokens": out }))?);
             }
         }
-        Command::Bench { m, prompt, gen, json, concurrent, .. } if !concurrent.is_empty() => {
-            bench_concurrent(&m, &concurrent, prompt, gen, json)?
+        Command::Bench { m, prompt, gen, json, concurrent, through_policy, .. } if !concurrent.is_empty() => {
+            bench_concurrent(&m, &concurrent, prompt, gen, json, through_policy)?
         }
         Command::Bench { m, prompt, gen, repeat, json, .. } => bench(&m, prompt, gen, repeat.max(1), json)?,
         Command::Run { m, prompt, raw, system, g, p, json } => {
@@ -775,7 +780,14 @@ fn random_tokens(seed: u64, n: usize, n_vocab: u32) -> Vec<u32> {
 /// once to an engine, each decoding `gen` tokens. Reports the aggregate decode rate once every
 /// request has its first token, the mean time to first token, and the device's peak use
 /// (sampled every 20 ms while it runs).
-fn bench_concurrent(m: &ModelArgs, ns: &[usize], prompt: usize, gen: usize, json: bool) -> Result<()> {
+fn bench_concurrent(
+    m: &ModelArgs,
+    ns: &[usize],
+    prompt: usize,
+    gen: usize,
+    json: bool,
+    through_policy: bool,
+) -> Result<()> {
     use crate::engine::{Engine, EngineOptions, Event, GenerateRequest};
     if prompt == 0 || gen < 2 {
         bail!("--prompt must be at least 1 and --gen at least 2");
@@ -817,32 +829,38 @@ fn bench_concurrent(m: &ModelArgs, ns: &[usize], prompt: usize, gen: usize, json
             })
         };
         let t0 = Instant::now();
-        let gens = (0..n)
-            .map(|i| {
-                let req = GenerateRequest {
-                    stop_tokens: Some(vec![]),
-                    // With --lora: request i uses adapter i mod (number of adapters).
-                    adapters: adapter_names
-                        .get(i % adapter_names.len().max(1))
-                        .map(|(name, w)| vec![(name.clone(), *w)])
-                        .unwrap_or_default(),
-                    ..GenerateRequest::greedy(random_tokens(i as u64 + 1, prompt, n_vocab), gen)
-                };
-                engine.generate(req)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let handles: Vec<_> = gens
-            .into_iter()
-            .map(|g| {
-                std::thread::spawn(move || {
-                    g.filter_map(|ev| matches!(ev, Event::Token(_)).then(Instant::now)).collect::<Vec<_>>()
+        let engine = Arc::new(engine);
+        let (t0, times): (Instant, Vec<Vec<Instant>>) = if through_policy {
+            policy_times(m, &engine, n, prompt, gen, n_vocab, &adapter_names)?
+        } else {
+            let gens = (0..n)
+                .map(|i| {
+                    let req = GenerateRequest {
+                        stop_tokens: Some(vec![]),
+                        // With --lora: request i uses adapter i mod (number of adapters).
+                        adapters: adapter_names
+                            .get(i % adapter_names.len().max(1))
+                            .map(|(name, w)| vec![(name.clone(), *w)])
+                            .unwrap_or_default(),
+                        ..GenerateRequest::greedy(random_tokens(i as u64 + 1, prompt, n_vocab), gen)
+                    };
+                    engine.generate(req)
                 })
-            })
-            .collect();
-        let times: Vec<Vec<Instant>> = handles
-            .into_iter()
-            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a reader thread panicked")))
-            .collect::<Result<_>>()?;
+                .collect::<Result<Vec<_>, _>>()?;
+            let handles: Vec<_> = gens
+                .into_iter()
+                .map(|g| {
+                    std::thread::spawn(move || {
+                        g.filter_map(|ev| matches!(ev, Event::Token(_)).then(Instant::now)).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let times: Vec<Vec<Instant>> = handles
+                .into_iter()
+                .map(|h| h.join().map_err(|_| anyhow::anyhow!("a reader thread panicked")))
+                .collect::<Result<_>>()?;
+            (t0, times)
+        };
         let end = Instant::now();
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = sampler.join();
@@ -860,7 +878,7 @@ fn bench_concurrent(m: &ModelArgs, ns: &[usize], prompt: usize, gen: usize, json
             peak.load(std::sync::atomic::Ordering::Relaxed).max(mem.device_total - mem.device_free) as f64 / 1048576.0;
         if json {
             let out = serde_json::json!({
-                "engine": "stllm", "bench": "concurrent", "model": m.dir, "architecture": model.hparams().arch,
+                "engine": "stllm", "bench": "concurrent", "through_policy": through_policy, "model": m.dir, "architecture": model.hparams().arch,
                 "dtype": model.dtype.name(), "device": model.device_name(), "seqs": n, "prompt": prompt, "gen": gen,
                 "decode_tok_s": decode, "mean_ttft_ms": ttft_ms, "steps": st.steps,
                 "vram_peak_mib": peak_mib, "memory": mem,
@@ -874,6 +892,79 @@ fn bench_concurrent(m: &ModelArgs, ns: &[usize], prompt: usize, gen: usize, json
         }
     }
     Ok(())
+}
+
+/// `bench --concurrent --through-policy`: the requests run through the default policy component
+/// on `engine` (token prompts, greedy, no stop), as `stllm serve` runs them; the arrival time of
+/// every generated token and when the requests started. Instances are created (and their
+/// tokenizers parsed) before that.
+#[allow(clippy::too_many_arguments)]
+fn policy_times(
+    m: &ModelArgs,
+    engine: &Arc<crate::engine::Engine>,
+    n: usize,
+    prompt: usize,
+    gen: usize,
+    n_vocab: u32,
+    adapters: &[(String, f32)],
+) -> Result<(Instant, Vec<Vec<Instant>>)> {
+    use std::sync::Mutex;
+    let handle = ModelHandle::from_dir(&m.dir, None)?.with_engine(engine.clone());
+    let rt = Arc::new(Runtime::new(Arc::new(handle), RuntimeConfig { pool_size: n, ..RuntimeConfig::default() })?);
+    let trt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    trt.block_on(async {
+        let warm: Vec<_> = (0..n)
+            .map(|_| {
+                let rt = rt.clone();
+                tokio::spawn(async move { rt.tokenize("warm up", false).await })
+            })
+            .collect();
+        for w in warm {
+            w.await??;
+        }
+        anyhow::Ok(())
+    })?;
+    let t0 = Instant::now();
+    let times: Vec<Arc<Mutex<Vec<Instant>>>> = (0..n).map(|_| Arc::default()).collect();
+    trt.block_on(async {
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let rt = rt.clone();
+                let t = times[i].clone();
+                let req = crate::runtime::GenerateRequest {
+                    prompt: Prompt::Tokens(random_tokens(i as u64 + 1, prompt, n_vocab)),
+                    tools_json: None,
+                    max_tokens: gen as u32,
+                    stop: vec![],
+                    ignore_eos: true,
+                    sampling: crate::runtime::Sampling::default(),
+                    adapters: adapters
+                        .get(i % adapters.len().max(1))
+                        .map(|(name, w)| vec![crate::runtime::Adapter { name: name.clone(), weight: *w }]),
+                    logprobs: None,
+                    parse_tool_calls: false,
+                };
+                tokio::spawn(async move {
+                    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    rt.generate(
+                        &req,
+                        move |_, toks| {
+                            let now = Instant::now();
+                            t.lock().unwrap_or_else(|p| p.into_inner()).extend(toks.iter().map(|_| now));
+                            true
+                        },
+                        cancel,
+                    )
+                    .await
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        anyhow::Ok(())
+    })?;
+    Ok((t0, times.into_iter().map(|t| std::mem::take(&mut *t.lock().unwrap_or_else(|p| p.into_inner()))).collect()))
 }
 
 fn tokio_rt() -> Result<tokio::runtime::Runtime> {

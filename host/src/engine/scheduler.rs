@@ -82,6 +82,8 @@ struct Ext {
     admitted: u64,
     /// LoRA adapters its tokens are computed with (fixed for its life; a fork inherits them)
     adapters: crate::lora::AdapterList,
+    /// The step whose reply it got last (a caller answers within a round trip: see `gather`)
+    replied: u64,
 }
 
 /// Who a part of a ubatch belongs to.
@@ -101,7 +103,17 @@ struct Sched {
     free_ids: Vec<SeqId>,
     admitted: u64,
     ext: HashMap<u64, Ext>,
+    /// Steps run, and how long the last one took
+    steps: u64,
+    last_step: Duration,
 }
+
+/// Longest a step waits for caller-driven sequences that were answered by the previous step
+/// (each is in a round trip through its caller: a guest samples, streams and asks for the next
+/// token). Without it every step would take whichever of them came back first and the rest would
+/// trail one step behind, halving the batch. The wait is also capped by a quarter of the last
+/// step's time.
+const GATHER: Duration = Duration::from_millis(3);
 
 /// Hybrid models: a prompt's recurrent state is snapshotted (kept as a prefix-cache entry) every
 /// this many tokens of prefill, so a later prompt sharing a long prefix resumes from the last
@@ -120,6 +132,8 @@ pub(super) fn run(runner: Runner, cfg: Config, shared: Arc<Shared>) {
         free_ids: (0..MAX_SEQ as SeqId).rev().collect(),
         admitted: 0,
         ext: HashMap::new(),
+        steps: 0,
+        last_step: Duration::ZERO,
     };
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.main_loop()));
     if let Err(p) = r {
@@ -175,10 +189,48 @@ impl Sched {
                     self.ext_op(op);
                 }
             }
+            self.gather();
             self.reap_cancelled();
             self.admit();
+            let t = Instant::now();
             self.step();
+            self.steps += 1;
+            self.last_step = t.elapsed();
             self.publish_stats();
+        }
+    }
+
+    /// Wait (briefly, see [`GATHER`]) for the caller-driven sequences the last step answered, so
+    /// the next step computes them together.
+    fn gather(&mut self) {
+        let limit = GATHER.min(self.last_step / 4);
+        if limit.is_zero() {
+            return;
+        }
+        let t0 = Instant::now();
+        loop {
+            let step = self.steps;
+            let missing = self.ext.values().any(|e| e.replied == step && e.pending.is_empty() && e.reply.is_none());
+            let left = limit.saturating_sub(t0.elapsed());
+            if !missing || left.is_zero() {
+                return;
+            }
+            let ops: Vec<ExtOp> = {
+                let mut inbox = self.shared.inbox.lock().unwrap_or_else(|p| p.into_inner());
+                if inbox.ops.is_empty() && !inbox.shutdown {
+                    inbox = self.shared.wake.wait_timeout(inbox, left).unwrap_or_else(|p| p.into_inner()).0;
+                }
+                if inbox.shutdown {
+                    return;
+                }
+                for sub in inbox.new.drain(..) {
+                    self.waiting.push_back(new_req(sub));
+                }
+                inbox.ops.drain(..).collect()
+            };
+            for op in ops {
+                self.ext_op(op);
+            }
         }
     }
 
@@ -364,6 +416,7 @@ impl Sched {
             reply: None,
             admitted: self.admitted,
             adapters,
+            replied: 0,
         };
         self.ext.insert(id, e);
         Ok(())
@@ -670,6 +723,8 @@ impl Sched {
                         if let Some(tx) = e.reply.take() {
                             let _ = tx.send(Ok(std::mem::take(&mut e.rows)));
                         }
+                        // This step's number once `main_loop` counts it.
+                        e.replied = self.steps + 1;
                     }
                     continue;
                 }
