@@ -30,7 +30,7 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama-f32"));
     let gen = env_usize("STLLM_BENCH_GEN", 64) as u32;
-    let threads = env_usize("STLLM_BENCH_THREADS", stllm::ggml::default_threads());
+    let threads = env_usize("STLLM_BENCH_THREADS", stllm::default_threads());
     let model = Arc::new(Model::load(&dir, &ModelOptions { threads, ..Default::default() }).expect("load model"));
     let prompt_text = "The quick brown fox jumps over the lazy dog. Tell me a story about it.";
 

@@ -20,7 +20,7 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2-bf16"));
     let prompt = env_usize("STLLM_BENCH_PROMPT", 128);
     let gen = env_usize("STLLM_BENCH_GEN", 32);
-    let threads = env_usize("STLLM_BENCH_THREADS", stllm::ggml::default_threads());
+    let threads = env_usize("STLLM_BENCH_THREADS", stllm::default_threads());
     let model = Arc::new(Model::load(&dir, &ModelOptions { threads, ..Default::default() }).expect("load model"));
     let n_vocab = model.hparams().n_vocab as u32;
     let opts = SessionOptions { n_ctx: Some(prompt + gen + 1), ..Default::default() };

@@ -31,7 +31,7 @@ fn main() {
     let prompt = env_usize("STLLM_BENCH_PROMPT", 16);
     let gen = env_usize("STLLM_BENCH_GEN", 32);
     let system = env_usize("STLLM_BENCH_SYSTEM", 1000);
-    let threads = env_usize("STLLM_BENCH_THREADS", stllm::ggml::default_threads());
+    let threads = env_usize("STLLM_BENCH_THREADS", stllm::default_threads());
     let seqs: Vec<usize> = std::env::var("STLLM_BENCH_SEQS")
         .unwrap_or_else(|_| "1,4,16,64".into())
         .split(',')

@@ -429,3 +429,37 @@ fn lora_option() {
     assert_eq!(plain.len(), 6);
     assert_ne!(plain, adapted, "run --lora must change the output");
 }
+
+#[test]
+fn no_device_flag_uses_the_cpu_without_a_gpu_module_and_says_so() {
+    let dir = fixture("llama-f32");
+    let d = dir.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", d, "--tokens", "1,2,3", "--max-tokens", "2", "--json"];
+        args.extend_from_slice(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_stllm")).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "stllm {args:?} failed: {stderr}");
+        stderr
+    };
+    // No module beside the binary: the CPU, said on stderr.
+    let stderr = run(&[]);
+    assert!(stderr.lines().any(|l| l.starts_with("stllm: using the CPU (no GPU backend found")), "{stderr}");
+    // A module that cannot be loaded is no error when no device was asked for: the CPU, with why.
+    let tmp = std::env::temp_dir().join(format!("stllm-fake-module-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(tmp.join("libggml-cuda.so"), b"not a module").unwrap();
+    let stderr = run(&["--backend-dir", tmp.to_str().unwrap()]);
+    assert!(stderr.lines().any(|l| l.starts_with("stllm: using the CPU (a GPU backend failed to load")), "{stderr}");
+    // Asking for the device makes the same module an error.
+    let out = Command::new(env!("CARGO_BIN_EXE_stllm"))
+        .args(["generate", "--model", d, "--tokens", "1,2,3", "--max-tokens", "2", "--device", "cuda"])
+        .args(["--backend-dir", tmp.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // --device cpu: no module is looked at, nothing said.
+    let stderr = run(&["--device", "cpu", "--backend-dir", tmp.to_str().unwrap()]);
+    assert!(!stderr.contains("stllm: using"), "{stderr}");
+    std::fs::remove_dir_all(&tmp).ok();
+}

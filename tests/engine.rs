@@ -400,7 +400,7 @@ fn prompt_cache_files_round_trip_through_the_prefix_cache() {
     assert!(e.contains("architecture"), "{e}");
     let f16 = Engine::new(
         m.clone(),
-        EngineOptions { n_cells: 256, kv_type: Some(stllm::ggml::DType::F16), ..Default::default() },
+        EngineOptions { n_cells: 256, kv_type: Some(stllm::DType::F16), ..Default::default() },
     )
     .unwrap();
     let e = f16.load_prompt(&file).unwrap_err().to_string();

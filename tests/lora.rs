@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use common::{fixture, rel_err, Expected};
 use stllm::engine::{Engine, EngineOptions, GenerateRequest};
-use stllm::ggml::DType;
+use stllm::DType;
 use stllm::lora::{AdapterList, LoraError};
 use stllm::runner::{Runner, RunnerOptions, UBatch};
 use stllm::session::Logits;

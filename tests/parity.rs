@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{fixture, rel_err, Expected, FIXTURES};
-use stllm::ggml::DType;
+use stllm::DType;
 use stllm::sampling::{Sampler, SamplingParams};
 use stllm::session::Logits;
 use stllm::{Model, ModelOptions, Session, SessionOptions};

@@ -75,8 +75,8 @@ fn embeddings_are_the_mean_of_the_final_normalised_states() {
 
 #[test]
 fn prompt_cache_round_trip_and_rejections() {
-    use stllm::ggml::DType;
-    use stllm::memory::state::StateError;
+    use stllm::DType;
+    use stllm::StateError;
     let tmp = tempfile::tempdir().unwrap();
     // Both V layouts: flash attention (V by rows) and the unfused path (V transposed).
     for (name, flash) in [("qwen2-bf16", true), ("llama-f32", false)] {

@@ -1,8 +1,9 @@
 //! stllm: an LLM inference engine that loads HuggingFace model folders directly (config.json +
 //! safetensors) and runs them on ggml backends.
 //!
-//! Layers (see ARCHITECTURE.md): [`ggml`] (the only `unsafe`), [`loader`], [`graph`] (shared
-//! blocks), [`models`] (one file per architecture), [`memory`] (KV cache), [`model`] and
+//! Layers (see ARCHITECTURE.md): `ggml` (the only `unsafe`), [`loader`], `graph` (shared
+//! blocks), `models` (one file per architecture), `memory` (KV cache) — these three and
+//! `ggml` are internal — [`model`] and
 //! [`runner`] (one model's KV cache and forward step over a batch of sequences), [`session`]
 //! (incremental decoding of one sequence), [`engine`] (continuous batching and prefix caching
 //! for many concurrent requests; `Send + Sync`), [`sampling`], [`runtime`] (wasm components),
@@ -27,15 +28,15 @@
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod engine;
-pub mod ggml;
-pub mod graph;
+pub(crate) mod ggml;
+pub(crate) mod graph;
 pub mod hub;
 pub mod loader;
 pub mod lora;
-pub mod memory;
+pub(crate) mod memory;
 pub mod model;
-pub mod models;
-pub mod placement;
+pub(crate) mod models;
+pub(crate) mod placement;
 pub mod progress;
 pub mod runner;
 pub mod runtime;
@@ -45,5 +46,9 @@ pub mod server;
 pub mod session;
 
 pub use engine::{Engine, EngineOptions, GenerateRequest};
+/// The internal layers (`ggml`, `graph`, `models`, `memory`, `placement`) are not public API;
+/// what callers need of them is re-exported here.
+pub use ggml::{default_threads, devices, load_backends_from, DType, GgmlError};
+pub use memory::state::StateError;
 pub use model::{Model, ModelOptions};
 pub use session::{Session, SessionOptions};

@@ -201,11 +201,8 @@ impl DeviceArgs {
         }
         let wants_device = self.device.as_deref().is_some_and(|d| !d.eq_ignore_ascii_case("cpu"))
             || self.devices.iter().any(|d| !d.eq_ignore_ascii_case("cpu"));
-        let dir = match (&self.backend_dir, wants_device) {
-            (Some(d), _) => Some(d.clone()),
-            (None, true) => exe_dir(),
-            (None, false) => None,
-        };
+        // --device cpu forces the CPU: no module is loaded, not even from --backend-dir.
+        let dir = if wants_device { self.backend_dir.clone().or_else(exe_dir) } else { None };
         if let Some(dir) = dir {
             let loaded = crate::ggml::load_backends_from(&dir)?;
             tracing::info!(dir = %dir.display(), ?loaded, "backend modules loaded");

@@ -224,7 +224,7 @@ fn check_abi_stamp(module: &std::path::Path) -> Result<(), String> {
     let theirs = std::fs::read_to_string(&stamp).map_err(|_| {
         format!(
             "no {ABI_STAMP} beside it, so which ggml sources built it is unknown; build modules with \
-             scripts/gpu/run.sh (it writes the stamp), or, if it was built from the ggml sources of this binary \
+             scripts/install-cuda.sh (it writes the stamp), or, if it was built from the ggml sources of this binary \
              (ggml {}), write {ours} into {}",
             version(),
             stamp.display()
@@ -234,7 +234,7 @@ fn check_abi_stamp(module: &std::path::Path) -> Result<(), String> {
     if theirs != ours {
         return Err(format!(
             "built from other ggml sources (ABI fingerprint {theirs}, this binary's {ours}, ggml {}): rebuild the \
-             module from this binary's sources (scripts/gpu/prepare.sh ships them)",
+             module from this binary's sources (scripts/install-cuda.sh --module-only)",
             version()
         ));
     }

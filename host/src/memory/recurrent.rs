@@ -23,7 +23,6 @@ pub struct RecurrentShape {
 pub struct RecurrentCache {
     conv: Vec<Tensor>,
     ssm: Vec<Tensor>,
-    shape: RecurrentShape,
     n_slots: usize,
     slots: BTreeMap<SeqId, u32>,
     /// The position each sequence's state has consumed up to (its next token's position)
@@ -62,7 +61,6 @@ impl RecurrentCache {
         Ok(RecurrentCache {
             conv,
             ssm,
-            shape,
             n_slots,
             slots: BTreeMap::new(),
             next_pos: BTreeMap::new(),
@@ -71,15 +69,6 @@ impl RecurrentCache {
             per_backend,
             _ctx: ctx,
         })
-    }
-
-    pub fn shape(&self) -> &RecurrentShape {
-        &self.shape
-    }
-
-    /// Index among the recurrent layers of model layer `il`.
-    pub fn index_of(&self, il: usize) -> Option<usize> {
-        self.shape.layers.iter().position(|&l| l == il)
     }
 
     pub fn conv(&self, i: usize) -> Tensor {
