@@ -6,7 +6,7 @@ for weather/time questions when tools are offered.
 Everything is seeded (SEED) and bounded (a fixed number of optimizer steps), CPU only:
 
   python3 -m venv .venv-demo && .venv-demo/bin/pip install -r scripts/demo/requirements.txt
-  .venv-demo/bin/python scripts/demo/train_demo.py [--out models/demo] [--steps N] [--threads 2]
+  .venv-demo/bin/python scripts/demo/train_demo.py [--out models/demo] [--steps N] [--max-minutes M] [--threads 2]
 
 Corpus: the Debian packages `fortunes-min` and `fortunes` (/usr/share/games/fortunes; installed with
 apt-get if missing) — see scripts/demo/README.md for the files used and their license. The dictionary
@@ -17,8 +17,10 @@ Steps:
   2. train a 4096-entry byte-level BPE (tokenizers) on the corpus and the rendered chat prompts
   3. build training examples: chat turns rendered through the Qwen2.5-style chat template (user asks
      about a topic word, assistant answers with a quotation containing it), plain-text fortunes,
-     and ~7% tool-call conversations (get_weather / get_time / search_web)
-  4. train LlamaForCausalLM (loss on all tokens; packed rows of whole examples) for STEPS steps
+     and ~18% tool-call conversations (get_weather / get_time / search_web, 155 cities)
+  4. train LlamaForCausalLM (packed rows of whole examples; loss on the assistant turns of chats and on
+     plain text) for --steps steps, or as many as fit --max-minutes (decided after CALIBRATE steps,
+     before the warmup ends, and recorded in training_log.json; --steps N reproduces such a run)
   5. save config.json, model.safetensors (BF16), tokenizer files, generation_config.json,
      then greedy-decode a few prompts with transformers (float32) and write expected.json
 """
@@ -99,7 +101,18 @@ CITIES = ["Paris", "London", "Berlin", "Madrid", "Rome", "Lisbon", "Vienna", "Pr
           "Auckland", "Toronto", "Montreal", "Vancouver", "New York", "Boston", "Chicago", "Denver", "Seattle",
           "San Francisco", "Los Angeles", "Miami", "Austin", "Mexico City", "Lima", "Bogota", "Santiago",
           "Buenos Aires", "Rio de Janeiro", "Zurich", "Geneva", "Munich", "Hamburg", "Milan", "Naples",
-          "Barcelona", "Seville", "Porto", "Lyon", "Marseille", "Edinburgh", "Manchester", "Reykjavik"]
+          "Barcelona", "Seville", "Porto", "Lyon", "Marseille", "Edinburgh", "Manchester", "Reykjavik",
+          "Budapest", "Bucharest", "Sofia", "Belgrade", "Zagreb", "Riga", "Vilnius", "Tallinn", "Krakow", "Kiev",
+          "Frankfurt", "Cologne", "Stuttgart", "Dresden", "Leipzig", "Bern", "Basel", "Nice", "Bordeaux", "Toulouse",
+          "Valencia", "Bilbao", "Florence", "Venice", "Turin", "Bologna", "Glasgow", "Liverpool", "Leeds", "Bristol",
+          "Cork", "Bergen", "Gothenburg", "Tampere", "Antwerp", "Rotterdam", "Casablanca", "Tunis", "Accra", "Dakar",
+          "Addis Ababa", "Kampala", "Johannesburg", "Durban", "Tehran", "Baghdad", "Riyadh", "Doha", "Karachi",
+          "Lahore", "Dhaka", "Kolkata", "Chennai", "Bangalore", "Kathmandu", "Colombo", "Hanoi", "Manila", "Jakarta",
+          "Kuala Lumpur", "Taipei", "Kyoto", "Nagoya", "Sapporo", "Busan", "Perth", "Brisbane", "Adelaide",
+          "Wellington", "Ottawa", "Calgary", "Quebec", "Atlanta", "Dallas", "Houston", "Phoenix", "Portland",
+          "Detroit", "Havana", "Panama", "Quito", "Caracas", "Montevideo", "Anchorage", "Honolulu"]
+# cities the checks ask about appear more often in the tool conversations (about 1 in 4)
+CHECK_CITIES = ["Paris", "Berlin", "Tokyo", "London", "Rome", "Madrid", "New York", "Sydney"]
 WEATHER_Q = ["What is the weather in {c}?", "What's the weather like in {c}?", "How is the weather in {c} today?",
              "Is it raining in {c}?", "Weather in {c}, please.", "Tell me the weather for {c}.",
              "what is the weather in {c}", "Will it be sunny in {c}?", "How hot is it in {c}?",
@@ -198,10 +211,13 @@ MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_at
 SEQ = 384
 BATCH = 6
 LR = 3e-3
-WARMUP = 30
+WARMUP = 40
+CALIBRATE = 25           # with --max-minutes, the step count is re-planned every CALIBRATE steps until the decay
+DECAY = 0.3              # the learning rate decays over the last 30% of the steps
 QUOTES_PER_TOPIC = 6     # answers per topic (fixed subset), each once per pass
 SIGNATURE_REPEATS = 20   # extra answers per topic and pass with the topic's signature quotation
-PLAIN_PER_PASS = 600     # plain-text fortunes per pass
+PLAIN_PER_PASS = 300     # plain-text fortunes per pass
+TOOL_FRACTION = 0.22     # tool conversations added per pass, as a fraction of the other examples
 
 # prompts decoded at the end; the first two go to expected.json
 CHECK_PROMPTS = [
@@ -210,6 +226,9 @@ CHECK_PROMPTS = [
     ("What do you think of work?", None),
     ("Say something wise about time.", None),
     ("What time is it in Tokyo?", DEMO_TOOLS),
+    ("Give me a quote about friends.", None),
+    ("What's the weather like in Berlin?", DEMO_TOOLS),
+    ("Tell me something about love.", DEMO_TOOLS),
 ]
 
 WORD_RE = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")
@@ -304,20 +323,20 @@ def tool_example(rng, quotes_by_topic):
     """a conversation with tools offered; mostly get_weather calls."""
     r = rng.random()
     tools = tools_for(rng)
-    city = rng.choice(CITIES)
-    if r < 0.55:
+    city = rng.choice(CHECK_CITIES) if rng.random() < 0.25 else rng.choice(CITIES)
+    if r < 0.45:
         msgs = [{"role": "user", "content": rng.choice(WEATHER_Q).format(c=city)}, tool_call("get_weather", {"city": city})]
-    elif r < 0.70:
+    elif r < 0.75:
         if not any(t["function"]["name"] == "get_time" for t in tools):
             tools.append(TOOL_TIME)
         msgs = [{"role": "user", "content": rng.choice(TIME_Q).format(c=city)}, tool_call("get_time", {"city": city})]
-    elif r < 0.78:
+    elif r < 0.80:
         if not any(t["function"]["name"] == "search_web" for t in tools):
             tools.append(TOOL_SEARCH)
         q, a = rng.choice(SEARCH_Q)
         x = rng.choice(SEARCH_X)
         msgs = [{"role": "user", "content": q.format(x=x)}, tool_call("search_web", {"query": a.format(x=x)})]
-    elif r < 0.90:
+    elif r < 0.88:
         # a tool result, then a plain answer
         temp = rng.randint(-5, 35)
         cond = rng.choice(["sunny", "cloudy", "rainy", "windy", "clear", "foggy"])
@@ -362,7 +381,11 @@ def write_tokenizer(tok, out):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "models", "demo"))
-    ap.add_argument("--steps", type=int, default=340)
+    ap.add_argument("--steps", type=int, default=1400)
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="time budget for training: after CALIBRATE steps the step count becomes min(--steps, what fits); "
+                         "training_log.json records it, and --steps with that number (no budget) reproduces the run")
+    ap.add_argument("--device", default="cpu", help="torch device (cpu for the committed model; cuda only for quick experiments)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bench", action="store_true", help="time 5 steps and exit")
     ap.add_argument("--check-only", metavar="TRAINING_LOG", help="only redo step 5's checks on the saved --out folder, "
@@ -401,13 +424,27 @@ def main():
             ts.append(FILE_TOPIC[name])
         for t in dict.fromkeys(ts):
             quotes_by_topic.setdefault(t, []).append(body)
-    quotes_by_topic = {t: sorted(set(q)) for t, q in quotes_by_topic.items() if len(set(q)) >= 5}
-    quotes_by_topic = {t: sorted(rng.sample(q, min(QUOTES_PER_TOPIC, len(q)))) for t, q in sorted(quotes_by_topic.items())}
-    # per topic one "signature" quotation, repeated more often, so greedy decoding has a clear mode
-    signature = {}
-    for t in sorted(quotes_by_topic):
-        cands = [q for q in quotes_by_topic[t] if 40 <= len(q) <= 150 and "'" not in q and "-" not in q] or quotes_by_topic[t]
+    all_by_topic = {t: sorted(set(q)) for t, q in quotes_by_topic.items() if len(set(q)) >= 5}
+
+    def early(q, t, n):
+        """the topic word is among the first n words of q"""
+        return any(w.lower() in TOPICS.get(t, []) for w in WORD_RE.findall(q)[:n])
+
+    # answers per topic: a fixed subset, preferring quotations that name the topic early (the reply
+    # then starts on topic); per topic one "signature" quotation, repeated more often, so greedy
+    # decoding has a clear mode: short, plain, and starting with the topic word where one does
+    quotes_by_topic, signature = {}, {}
+    for t, q in sorted(all_by_topic.items()):
+        first = [x for x in q if early(x, t, 4)]
+        rest = [x for x in q if x not in first]
+        k = min(QUOTES_PER_TOPIC, len(q))
+        pick = rng.sample(first, min(k, len(first)))
+        pick += rng.sample(rest, k - len(pick))
+        plain_ok = [x for x in q if 30 <= len(x) <= 120 and "'" not in x and "-" not in x]
+        cands = ([x for x in plain_ok if early(x, t, 1)] or [x for x in plain_ok if early(x, t, 3)] or
+                 [x for x in pick if 40 <= len(x) <= 150 and "'" not in x and "-" not in x] or pick)
         signature[t] = rng.choice(cands)
+        quotes_by_topic[t] = sorted(set(pick) | {signature[t]})
     log(f"{len(quotes_by_topic)} topics, {sum(map(len, quotes_by_topic.values()))} (topic, quote) pairs; "
         f"signature for love: {signature.get('love')!r}")
 
@@ -433,7 +470,7 @@ def main():
                 msgs.insert(0, {"role": "system", "content": erng.choice(["You are a wise old fortune teller.", "You answer with quotations.", "You are a helpful assistant."])})
             ex.append((msgs, None))
         ex += erng.sample(plain_short, PLAIN_PER_PASS)
-        n_tool = int(0.08 * len(ex))
+        n_tool = int(TOOL_FRACTION * len(ex))
         ex += [tool_example(erng, quotes_by_topic) for _ in range(n_tool)]
         erng.shuffle(ex)
         return ex
@@ -457,22 +494,31 @@ def main():
     ids = {s: tok.token_to_id(s) for s in SPECIALS}
     log("tokenizer:", tok.get_vocab_size(), "tokens; specials", ids)
 
-    # 3. training rows: whole examples packed into SEQ-token rows, padding not trained on
+    # 3. training rows: whole examples packed into SEQ-token rows, padding not trained on; in chat
+    # examples only the assistant turns (content and <|im_end|>) are trained on, plain text entirely
     need_rows = args.steps * BATCH
-    rows, row, epoch, n_long = [], [], 0, 0
+    rows, row, epoch, n_long = [], ([], []), 0, 0
     pad = ids["<|endoftext|>"]
+    asst_re = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.S)
     while len(rows) < need_rows:
         exs = epoch_examples(random.Random(SEED + 100 + epoch))
         texts = [render(hf_tok, e) for e in exs]
-        for enc in tok.encode_batch(texts):
+        for e, text, enc in zip(exs, texts, tok.encode_batch(texts)):
             t = enc.ids
             if len(t) > SEQ:
                 n_long += 1
                 continue
-            if len(row) + len(t) > SEQ:
+            if isinstance(e, str):
+                lab = list(t)
+            else:
+                spans = [(m.start(1), m.end(1)) for m in asst_re.finditer(text)]
+                lab = [i if any(a <= o[0] < b for a, b in spans) else -100 for i, o in zip(t, enc.offsets)]
+                if epoch == 0 and len(rows) == 0 and len(row[0]) == 0:
+                    log("trained part of a chat example:", repr(tok.decode([i for i in lab if i != -100], skip_special_tokens=False)))
+            if len(row[0]) + len(t) > SEQ:
                 rows.append(row)
-                row = []
-            row = row + t
+                row = ([], [])
+            row = (row[0] + t, row[1] + lab)
         epoch += 1
         log(f"pass {epoch} over the examples: {len(exs)} examples, {len(rows)} rows so far, {n_long} too long (dropped)")
         if epoch == 1:
@@ -481,9 +527,9 @@ def main():
     rows = rows[:need_rows]
     data = torch.full((len(rows), SEQ), pad, dtype=torch.long)
     labels = torch.full((len(rows), SEQ), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
+    for i, (r, lab) in enumerate(rows):
         data[i, :len(r)] = torch.tensor(r)
-        labels[i, :len(r)] = torch.tensor(r)
+        labels[i, :len(r)] = torch.tensor(lab)
     n_tok = int((labels != -100).sum())
     log(f"{len(rows)} rows of {SEQ}, {n_tok} trained tokens ({n_tok / len(rows) / SEQ:.0%} fill), {epoch} passes")
 
@@ -499,22 +545,54 @@ def main():
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=LR, betas=(0.9, 0.95), eps=1e-8)
 
+    steps = 5 if args.bench else args.steps
+
+    # warmup, constant, then a cosine decay to 5% over the last DECAY of the steps: the learning rate
+    # before the decay does not depend on the step count, so a --max-minutes run can re-plan its step
+    # count from the measured speed until the decay starts, and --steps N reproduces it
+    def decay_start():
+        return max(WARMUP, int(steps * (1 - DECAY)))
+
     def lr_at(s):
         if s < WARMUP:
             return LR * (s + 1) / WARMUP
-        p = (s - WARMUP) / max(1, args.steps - WARMUP)
+        if s < decay_start():
+            return LR
+        p = (s - decay_start()) / max(1, steps - decay_start())
         return LR * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
-    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(SEED))
+    # rows are used in order (each pass is shuffled), so the first N steps see the same data whatever
+    # --steps is, and a budgeted run is reproduced by --steps N
+    dev = torch.device(args.device)
+    model.to(dev)
     model.train()
     t0 = time.time()
     ema = None
-    steps = 5 if args.bench else args.steps
-    for s in range(steps):
-        idx = perm[s * BATCH:(s + 1) * BATCH]
+    stopped_early = None
+    t_mark, s_mark = t0, 0
+    for s in range(args.steps):
+        if s >= steps:
+            break
+        if args.max_minutes and not args.bench and s >= CALIBRATE and s % CALIBRATE == 0 and s < decay_start():
+            # re-plan from the speed of the last CALIBRATE steps (the cores may be shared)
+            now = time.time()
+            per = (now - t_mark) / (s - s_mark)
+            t_mark, s_mark = now, s
+            fit = s + int((args.max_minutes * 60 * 0.97 - (now - t0)) / per)
+            new = max(WARMUP + 10, min(args.steps, fit // 10 * 10))
+            while int(new * (1 - DECAY)) <= s:   # never re-plan into the past
+                new += 10
+            if new != steps:
+                log(f"budget {args.max_minutes} min, {per:.2f} s/step lately: {new} steps (was {steps})")
+            steps = new
+        if args.max_minutes and time.time() - t0 > args.max_minutes * 60 * 1.15:
+            stopped_early = s
+            log(f"over the time budget: stopped after {s} of {steps} steps (not reproducible with --steps {steps})")
+            break
+        idx = torch.arange(s * BATCH, (s + 1) * BATCH)
         for g in opt.param_groups:
             g["lr"] = lr_at(s)
-        loss = model(input_ids=data[idx], labels=labels[idx]).loss
+        loss = model(input_ids=data[idx].to(dev), labels=labels[idx].to(dev)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -532,6 +610,7 @@ def main():
 
     # 5. save (BF16 weights) and check with transformers in float32
     model.eval()
+    model.to("cpu")
     model.to(torch.bfloat16)
     model.generation_config = transformers.GenerationConfig(
         bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
@@ -544,7 +623,10 @@ def main():
 
     info = {"seed": SEED, "steps": steps, "batch": BATCH, "seq": SEQ, "lr": LR, "params": n_params,
             "train_minutes": round(train_s / 60, 1), "final_loss": round(loss.item(), 4), "ema_loss": round(ema, 4),
-            "threads": args.threads}
+            "threads": args.threads, "max_minutes": args.max_minutes, "loss_on": "assistant turns and plain text",
+            "device": args.device}
+    if stopped_early is not None:
+        info["stopped_early_at_step"] = stopped_early
     check_and_expect(out, words, info)
     log(f"total time {(time.time() - t_start) / 60:.1f} min")
 
