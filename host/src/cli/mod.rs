@@ -178,8 +178,8 @@ impl DeviceArgs {
             ..Default::default()
         };
         if let Some(t) = threads {
-            if t == 0 {
-                bail!("--threads must be at least 1");
+            if !(1..=1024).contains(&t) {
+                bail!("--threads must be in 1..=1024, got {t}");
             }
             opts.threads = t;
         }
@@ -284,14 +284,21 @@ pub struct PolicyArgs {
 }
 
 impl PolicyArgs {
-    fn config(&self) -> RuntimeConfig {
-        RuntimeConfig {
+    fn config(&self) -> Result<RuntimeConfig> {
+        let mib = self.guest_memory_mib;
+        if !(1..=1 << 20).contains(&mib) {
+            bail!("--guest-memory-mib must be in 1..=1048576, got {mib}");
+        }
+        if self.guest_step_timeout_ms == 0 || self.guest_step_timeout_ms > 24 * 3600 * 1000 {
+            bail!("--guest-step-timeout-ms must be in 1..=86400000, got {}", self.guest_step_timeout_ms);
+        }
+        Ok(RuntimeConfig {
             policy: self.policy.clone(),
             sampler: self.sampler.clone(),
-            memory_limit: self.guest_memory_mib << 20,
+            memory_limit: mib << 20,
             step_timeout: std::time::Duration::from_millis(self.guest_step_timeout_ms),
             ..RuntimeConfig::default()
-        }
+        })
     }
 }
 
@@ -973,7 +980,7 @@ fn runtime_tokenizer_only(dir: &std::path::Path, p: &PolicyArgs) -> Result<Runti
     if handle.tokenizer_json.is_none() {
         bail!("{}: no tokenizer.json", dir.display());
     }
-    Ok(Runtime::new(Arc::new(handle), p.config())?)
+    Ok(Runtime::new(Arc::new(handle), p.config()?)?)
 }
 
 /// A runtime over a loaded model; also says whether the model has a chat template.
@@ -1003,7 +1010,7 @@ fn runtime_with_model(m: &ModelArgs, p: &PolicyArgs) -> Result<(Runtime, bool)> 
         .as_deref()
         .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
         .is_some_and(|c| c.get("chat_template").is_some());
-    Ok((Runtime::new(Arc::new(handle), p.config())?, chat))
+    Ok((Runtime::new(Arc::new(handle), p.config()?)?, chat))
 }
 
 fn messages_json(system: Option<&str>, turns: &[(&str, &str)]) -> String {

@@ -146,11 +146,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if a.max_body_mib == 0 || a.max_body_mib > 1024 {
         bail!("--max-body-mib must be in 1..=1024, got {}", a.max_body_mib);
     }
-    let memory_limit = a
-        .guest_memory_mib
-        .checked_mul(1 << 20)
-        .filter(|&b| b >= 1 << 20 && b <= 1 << 40)
-        .with_context(|| format!("--guest-memory-mib must be in 1..=1048576, got {}", a.guest_memory_mib))?;
+    if !(1..=1 << 20).contains(&a.guest_memory_mib) {
+        bail!("--guest-memory-mib must be in 1..=1048576, got {}", a.guest_memory_mib);
+    }
+    if a.guest_step_timeout_ms == 0 || a.guest_step_timeout_ms > 24 * 3600 * 1000 {
+        bail!("--guest-step-timeout-ms must be in 1..=86400000, got {}", a.guest_step_timeout_ms);
+    }
+    let memory_limit = a.guest_memory_mib << 20;
     let mut policies: Vec<(String, PathBuf)> = Vec::new();
     for spec in &a.policies {
         let (Some(name), file) = split_named(spec) else { bail!("--policy takes NAME=FILE.wasm, got {spec:?}") };
