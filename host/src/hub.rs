@@ -23,8 +23,6 @@ pub enum HubError {
     NotCached { name: String, looked: String },
     #[error("{name}: the Hugging Face cache has {dir} but no revision {revision:?} in it (refs: {refs}); download that revision or pass --revision")]
     NoRevision { name: String, dir: String, revision: String, refs: String },
-    #[error("{0:?} is neither an existing folder nor a Hugging Face repo id (ORG/NAME)")]
-    NotAName(String),
     #[error("reading {path}: {source}")]
     Io { path: String, source: std::io::Error },
 }
@@ -55,14 +53,16 @@ pub fn is_repo_id(s: &str) -> bool {
     matches!(s.split_once('/'), Some((org, name)) if ok(org) && ok(name))
 }
 
-/// A `--model` value: an existing folder as it is, else a repo id looked up in the cache.
+/// A `--model` value: an existing folder as it is, a repo id (`ORG/NAME` that is not a folder)
+/// looked up in the cache, anything else as the path it is (the loader names what is missing).
 pub fn resolve(spec: &str, revision: Option<&str>) -> Result<PathBuf, HubError> {
     let p = Path::new(spec);
     if p.is_dir() {
         return Ok(p.to_path_buf());
     }
     if !is_repo_id(spec) {
-        return Err(HubError::NotAName(spec.to_string()));
+        // A path (absolute, or not of the ORG/NAME shape): the loader says what is missing.
+        return Ok(p.to_path_buf());
     }
     match cache_dir() {
         Some(cache) => resolve_in(&cache, spec, revision),
