@@ -193,6 +193,11 @@ impl DeviceArgs {
     pub fn prepare(&self) -> Result<Option<String>> {
         let exe_dir = || std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf));
         if self.device.is_none() && self.devices.is_empty() {
+            // A folder the user named must load; the binary's own folder is only searched.
+            if let Some(dir) = &self.backend_dir {
+                let loaded = crate::ggml::load_backends_from(dir)?;
+                tracing::info!(dir = %dir.display(), ?loaded, "backend modules loaded");
+            }
             let (device, line) = self.pick_default(self.backend_dir.clone().or_else(exe_dir));
             if !self.quiet && !crate::progress::quiet() {
                 eprintln!("stllm: {line}");
@@ -729,17 +734,28 @@ fn bench(m: &ModelArgs, prompt: usize, gen: usize, repeat: usize, json: bool) ->
     let n_vocab = s.model().hparams().n_vocab as u32;
     let tokens = random_tokens(0, prompt, n_vocab);
     let (mut best_pp, mut best_tg) = (f64::MAX, f64::MAX);
+    // On a terminal: a bar over the runs' tokens (the time it costs is outside the timed parts).
+    let bar = progress_bar((repeat * (prompt + gen)) as u64, "bench");
     for _ in 0..repeat {
         s.reset();
         // Greedy, as the engine decodes it: the argmax is taken on the device.
         let t0 = Instant::now();
         let mut t = s.decode_greedy(&tokens)?;
         best_pp = best_pp.min(t0.elapsed().as_secs_f64());
+        if let Some(b) = &bar {
+            b.inc(prompt as u64);
+        }
         let t1 = Instant::now();
         for _ in 0..gen {
             t = s.decode_greedy(&[t])?;
         }
         best_tg = best_tg.min(t1.elapsed().as_secs_f64());
+        if let Some(b) = &bar {
+            b.inc(gen as u64);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     let model = s.model();
     let pp = prompt as f64 / best_pp;
@@ -1046,7 +1062,71 @@ fn sampling(rt: &Runtime, g: &GenArgs) -> crate::runtime::Sampling {
     }
 }
 
+/// A progress bar of `total` units on stderr, or `None` when not on a terminal or `--quiet`.
+fn progress_bar(total: u64, what: &str) -> Option<indicatif::ProgressBar> {
+    if !crate::progress::bars() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(total);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{pos}}/{{len}} tokens {{per_sec}} eta {{eta}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Some(b)
+}
+
+/// Prompts longer than this show their prefill's progress (on a terminal).
+const PREFILL_BAR_TOKENS: usize = 2048;
+
+/// For a long prompt on a terminal: a bar that follows the engine's count of computed prompt
+/// tokens until `first` is set (the first text came) or the returned guard is dropped.
+async fn prefill_bar(rt: &Runtime, prompt: &Prompt, first: Arc<std::sync::atomic::AtomicBool>) -> Option<impl Drop> {
+    if !crate::progress::bars() {
+        return None;
+    }
+    let n = match prompt {
+        Prompt::Tokens(t) => t.len(),
+        Prompt::Text(s) => rt.tokenize(s, true).await.ok()?.len(),
+        Prompt::Chat(m) => {
+            let text = rt.apply_chat_template(m, true, None, None).await.ok()?;
+            rt.tokenize(&text, false).await.ok()?.len()
+        }
+    };
+    if n < PREFILL_BAR_TOKENS {
+        return None;
+    }
+    let bar = progress_bar(n as u64, "prefill")?;
+    let handle = rt.handle().clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let st = stop.clone();
+    let thread = std::thread::spawn(move || {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Guests drive their sequences themselves: their prompts count as caller-driven tokens.
+        let count = |h: &ModelHandle| h.started_engine().map_or(0, |e| e.stats().ext_tokens_computed);
+        let base = count(&handle);
+        while !st.load(Relaxed) && !first.load(Relaxed) {
+            bar.set_position(count(&handle).saturating_sub(base).min(n as u64));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        bar.finish_and_clear();
+    });
+    struct Guard(Arc<std::sync::atomic::AtomicBool>, Option<std::thread::JoinHandle<()>>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(t) = self.1.take() {
+                let _ = t.join();
+            }
+        }
+    }
+    Some(Guard(stop, Some(thread)))
+}
+
 async fn run_one(rt: &Runtime, prompt: Prompt, g: &GenArgs, stream: bool) -> Result<crate::runtime::GenerateResult> {
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _bar = prefill_bar(rt, &prompt, first.clone()).await;
     let req = crate::runtime::GenerateRequest {
         prompt,
         tools_json: None,
@@ -1063,6 +1143,7 @@ async fn run_one(rt: &Runtime, prompt: Prompt, g: &GenArgs, stream: bool) -> Res
         .generate(
             &req,
             move |text, _| {
+                first.store(true, std::sync::atomic::Ordering::Relaxed);
                 if stream {
                     use std::io::Write;
                     let mut out = std::io::stdout().lock();

@@ -189,6 +189,8 @@ pub struct EngineStats {
     pub prefix_tokens_reused: u64,
     /// Prompt tokens computed
     pub prompt_tokens_computed: u64,
+    /// Tokens computed for caller-driven sequences (guests' prompts and outputs alike)
+    pub ext_tokens_computed: u64,
     pub tokens_generated: u64,
     pub requests_finished: u64,
     pub steps: u64,

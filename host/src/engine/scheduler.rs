@@ -706,12 +706,13 @@ impl Sched {
         let mut tokens = tokens.into_iter();
         let mut snapshots: Vec<(SeqId, u64, Vec<u32>)> = Vec::new();
         let mut finished: Vec<(usize, FinishReason)> = Vec::new();
-        let (mut n_prompt, mut n_gen) = (0u64, 0u64);
+        let (mut n_prompt, mut n_gen, mut n_ext) = (0u64, 0u64, 0u64);
         for (who, take, completes) in parts {
             let i = match who {
                 Who::Gen(i) => i,
                 Who::Ext(id) => {
                     let e = self.ext.get_mut(&id).expect("ext in step");
+                    n_ext += take as u64;
                     let computed: Vec<u32> = e.pending.drain(..take).collect();
                     e.cached.extend(computed);
                     if e.all {
@@ -769,6 +770,7 @@ impl Sched {
             st.busy += dt;
             st.prompt_tokens_computed += n_prompt;
             st.tokens_generated += n_gen;
+            st.ext_tokens_computed += n_ext;
         }
         if self.cfg.prefix_entries > 0 {
             for (seq, salt, tokens) in snapshots {
