@@ -193,11 +193,6 @@ impl DeviceArgs {
     pub fn prepare(&self) -> Result<Option<String>> {
         let exe_dir = || std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf));
         if self.device.is_none() && self.devices.is_empty() {
-            // A folder the user named must load; the binary's own folder is only searched.
-            if let Some(dir) = &self.backend_dir {
-                let loaded = crate::ggml::load_backends_from(dir)?;
-                tracing::info!(dir = %dir.display(), ?loaded, "backend modules loaded");
-            }
             let (device, line) = self.pick_default(self.backend_dir.clone().or_else(exe_dir));
             if !self.quiet && !crate::progress::quiet() {
                 eprintln!("stllm: {line}");
@@ -584,6 +579,11 @@ pub fn run(mut cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(s) => serve::run(s)?,
         Command::Devices { dev } => {
+            // Listing devices is about the modules: one in a named folder that fails to load is
+            // an error here (other commands fall back to the CPU and say why).
+            if let Some(dir) = &dev.backend_dir {
+                crate::ggml::load_backends_from(dir)?;
+            }
             dev.prepare()?;
             let out = serde_json::json!({ "ggml": crate::ggml::version(), "ggml_abi": crate::ggml::abi_fingerprint(), "devices": crate::ggml::devices() });
             println!("{}", serde_json::to_string_pretty(&out)?);
