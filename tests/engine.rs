@@ -398,11 +398,9 @@ fn prompt_cache_files_round_trip_through_the_prefix_cache() {
     let other = Engine::new(model("llama-f32"), EngineOptions { n_cells: 256, ..Default::default() }).unwrap();
     let e = other.load_prompt(&file).unwrap_err().to_string();
     assert!(e.contains("architecture"), "{e}");
-    let f16 = Engine::new(
-        m.clone(),
-        EngineOptions { n_cells: 256, kv_type: Some(stllm::DType::F16), ..Default::default() },
-    )
-    .unwrap();
+    let f16 =
+        Engine::new(m.clone(), EngineOptions { n_cells: 256, kv_type: Some(stllm::DType::F16), ..Default::default() })
+            .unwrap();
     let e = f16.load_prompt(&file).unwrap_err().to_string();
     assert!(e.contains("KV cache type"), "{e}");
     let off = Engine::new(m, EngineOptions { n_cells: 256, prefix_cache: false, ..Default::default() }).unwrap();

@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use common::{fixture, rel_err, Expected};
 use stllm::engine::{Engine, EngineOptions, GenerateRequest};
-use stllm::DType;
 use stllm::lora::{AdapterList, LoraError};
 use stllm::runner::{Runner, RunnerOptions, UBatch};
 use stllm::session::Logits;
+use stllm::DType;
 use stllm::{Model, ModelOptions, Session, SessionOptions};
 
 fn adapter(name: &str) -> PathBuf {

@@ -6,9 +6,9 @@ mod common;
 use std::sync::Arc;
 
 use common::{fixture, rel_err, Expected, FIXTURES};
-use stllm::DType;
 use stllm::sampling::{Sampler, SamplingParams};
 use stllm::session::Logits;
+use stllm::DType;
 use stllm::{Model, ModelOptions, Session, SessionOptions};
 
 fn tolerance(dtype: &str) -> f64 {

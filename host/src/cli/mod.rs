@@ -41,6 +41,19 @@ pub struct ModelArgs {
     /// The folder `--model` resolved to (set by `resolve`)
     #[arg(skip)]
     pub dir: PathBuf,
+    /// A LoRA adapter folder as peft saves it, with an optional weight (default 1): DIR or
+    /// DIR:WEIGHT. Repeatable: the adapters apply together (bench --concurrent: request i uses
+    /// the i-th modulo their number)
+    #[arg(long = "lora", value_name = "DIR[:WEIGHT]")]
+    pub lora: Vec<String>,
+    #[command(flatten)]
+    pub e: EngineArgs,
+}
+
+/// How a model is loaded and computed: threads, cache, batch, quantization, devices (shared by
+/// the commands that take one model and by `serve`).
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
     /// CPU threads (default: all cores)
     #[arg(long)]
     pub threads: Option<usize>,
@@ -60,13 +73,38 @@ pub struct ModelArgs {
     /// as stored)
     #[arg(long)]
     pub quantize: Option<String>,
-    /// A LoRA adapter folder as peft saves it, with an optional weight (default 1): DIR or
-    /// DIR:WEIGHT. Repeatable: the adapters apply together (bench --concurrent: request i uses
-    /// the i-th modulo their number)
-    #[arg(long = "lora", value_name = "DIR[:WEIGHT]")]
-    pub lora: Vec<String>,
     #[command(flatten)]
     pub dev: DeviceArgs,
+}
+
+impl EngineArgs {
+    /// Where and how to load the model.
+    fn model_options(&self, threads: Option<usize>) -> Result<ModelOptions> {
+        let mut opts = self.dev.model_options(threads)?;
+        opts.quantize = match self.quantize.as_deref() {
+            None => None,
+            Some("q8_0") => Some(DType::Q8_0),
+            Some("q4_0") => Some(DType::Q4_0),
+            Some("q4_k") => Some(DType::Q4_K),
+            Some(other) => bail!("--quantize must be q8_0, q4_0 or q4_k, got {other:?}"),
+        };
+        Ok(opts)
+    }
+
+    /// --kv-type, parsed.
+    fn kv_type(&self) -> Result<Option<DType>> {
+        self.kv_type.as_deref().map(parse_kv_type).transpose()
+    }
+
+    /// --flash-attn: on, off, or auto (None).
+    fn flash_attn(&self) -> Result<Option<bool>> {
+        match self.flash_attn.as_str() {
+            "on" => Ok(Some(true)),
+            "off" => Ok(Some(false)),
+            "auto" => Ok(None),
+            other => bail!("--flash-attn must be on, off or auto, got {other:?}"),
+        }
+    }
 }
 
 impl ModelArgs {
@@ -89,15 +127,7 @@ impl ModelArgs {
 
     /// Where and how to load the model.
     fn model_options(&self, threads: Option<usize>) -> Result<ModelOptions> {
-        let mut opts = self.dev.model_options(threads)?;
-        opts.quantize = match self.quantize.as_deref() {
-            None => None,
-            Some("q8_0") => Some(DType::Q8_0),
-            Some("q4_0") => Some(DType::Q4_0),
-            Some("q4_k") => Some(DType::Q4_K),
-            Some(other) => bail!("--quantize must be q8_0, q4_0 or q4_k, got {other:?}"),
-        };
-        Ok(opts)
+        self.e.model_options(threads)
     }
 }
 
@@ -487,8 +517,8 @@ fn parse_kv_type(s: &str) -> Result<DType> {
 /// context capped at 4096), before any cache is allocated: weights (loaded), KV cache, compute.
 fn memory_estimate(model: &Model, m: &ModelArgs) -> Result<serde_json::Value> {
     let hp = model.hparams();
-    let n_ctx = m.ctx_size.unwrap_or_else(|| hp.n_ctx_train.min(4096));
-    let kv_type = match m.kv_type.as_deref() {
+    let n_ctx = m.e.ctx_size.unwrap_or_else(|| hp.n_ctx_train.min(4096));
+    let kv_type = match m.e.kv_type.as_deref() {
         Some(t) => parse_kv_type(t)?,
         None if model.dtype == DType::F32 => DType::F32,
         None => DType::F16,
@@ -501,7 +531,7 @@ fn memory_estimate(model: &Model, m: &ModelArgs) -> Result<serde_json::Value> {
     let rs = model.arch.recurrent();
     let rs_per_layer = rs.as_ref().map_or(0, |r| 4 * (r.conv_row + r.ssm_row));
     let recurrent = rs.as_ref().map_or(0, |r| r.layers.len() * rs_per_layer);
-    let compute = crate::runner::compute_estimate(hp, n_ctx, m.batch.max(1));
+    let compute = crate::runner::compute_estimate(hp, n_ctx, m.e.batch.max(1));
     let weights = model.weight_bytes();
     let (free, total) = model.device_memory();
     // Per backend: its layers' weights, cache and state, and a compute buffer where any layer or
@@ -532,22 +562,12 @@ fn memory_estimate(model: &Model, m: &ModelArgs) -> Result<serde_json::Value> {
 }
 
 fn open(m: &ModelArgs, min_ctx: usize) -> Result<Session> {
-    let opts = m.model_options(m.threads)?;
+    let opts = m.model_options(m.e.threads)?;
     let model = Model::load(&m.dir, &opts).with_context(|| format!("loading {}", m.dir.display()))?;
-    let kv_type = m.kv_type.as_deref().map(parse_kv_type).transpose()?;
+    let kv_type = m.e.kv_type()?;
     let adapters = m.load_adapters(&model)?;
-    let n_ctx = m.ctx_size.unwrap_or_else(|| model.hparams().n_ctx_train.min(4096).max(min_ctx));
-    let sopts = SessionOptions {
-        n_ctx: Some(n_ctx),
-        n_batch: m.batch,
-        kv_type,
-        flash_attn: match m.flash_attn.as_str() {
-            "on" => Some(true),
-            "off" => Some(false),
-            "auto" => None,
-            other => bail!("--flash-attn must be on, off or auto, got {other:?}"),
-        },
-    };
+    let n_ctx = m.e.ctx_size.unwrap_or_else(|| model.hparams().n_ctx_train.min(4096).max(min_ctx));
+    let sopts = SessionOptions { n_ctx: Some(n_ctx), n_batch: m.e.batch, kv_type, flash_attn: m.e.flash_attn()? };
     let mut s = Session::new(Arc::new(model), &sopts)?;
     let list = adapters
         .iter()
@@ -590,7 +610,7 @@ pub fn run(mut cli: Cli) -> Result<()> {
         }
         Command::OpCheck { dev, json } => opcheck::run(&dev, json)?,
         Command::Info { m } => {
-            let opts = m.model_options(Some(m.threads.unwrap_or(1).max(1)))?;
+            let opts = m.model_options(Some(m.e.threads.unwrap_or(1).max(1)))?;
             let model = Model::load(&m.dir, &opts).with_context(|| format!("loading {}", m.dir.display()))?;
             let hp = model.hparams();
             let out = serde_json::json!({
@@ -812,7 +832,7 @@ fn bench_concurrent(
     if prompt == 0 || gen < 2 {
         bail!("--prompt must be at least 1 and --gen at least 2");
     }
-    let opts = m.model_options(m.threads)?;
+    let opts = m.model_options(m.e.threads)?;
     let model = Arc::new(Model::load(&m.dir, &opts).with_context(|| format!("loading {}", m.dir.display()))?);
     let adapter_names = m.load_adapters(&model)?;
     let n_vocab = model.hparams().n_vocab as u32;
@@ -825,14 +845,10 @@ fn bench_concurrent(
             EngineOptions {
                 n_cells: n * (prompt + gen) + 64,
                 max_seqs: n,
-                n_batch: m.batch,
+                n_batch: m.e.batch,
                 prefix_cache: false,
-                kv_type: m.kv_type.as_deref().map(parse_kv_type).transpose()?,
-                flash_attn: match m.flash_attn.as_str() {
-                    "on" => Some(true),
-                    "off" => Some(false),
-                    _ => None,
-                },
+                kv_type: m.e.kv_type()?,
+                flash_attn: m.e.flash_attn()?,
                 ..Default::default()
             },
         )?;
@@ -1014,13 +1030,9 @@ fn runtime_with_model(m: &ModelArgs, p: &PolicyArgs) -> Result<(Runtime, bool)> 
     handle.engine_options.n_cells = n_cells;
     // --lora (loaded into the model by `open`): every sequence of the guests uses them.
     handle.engine_options.adapters = m.adapter_specs();
-    handle.engine_options.kv_type = m.kv_type.as_deref().map(parse_kv_type).transpose()?;
-    handle.engine_options.n_batch = m.batch;
-    handle.engine_options.flash_attn = match m.flash_attn.as_str() {
-        "on" => Some(true),
-        "off" => Some(false),
-        _ => None,
-    };
+    handle.engine_options.kv_type = m.e.kv_type()?;
+    handle.engine_options.n_batch = m.e.batch;
+    handle.engine_options.flash_attn = m.e.flash_attn()?;
     let chat = handle
         .tokenizer_config_json
         .as_deref()

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
 
-use super::{open, parse_kv_type, DeviceArgs, ModelArgs};
+use super::{open, EngineArgs, ModelArgs};
 use crate::memory::cells::MAX_SEQ;
 use crate::runtime::{ModelHandle, Runtime, RuntimeConfig};
 use crate::server::{AppState, ServeOptions, ServedModel};
@@ -53,26 +53,8 @@ pub struct ServeArgs {
     /// On SIGINT/SIGTERM, how long to wait for requests in flight, seconds
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
-    /// CPU threads (default: all cores)
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// KV cells per model, shared by its requests (default: the training context, at most 8192)
-    #[arg(long)]
-    pub ctx_size: Option<usize>,
-    /// KV cache type: f32, f16, bf16, q8_0, q4_0
-    #[arg(long)]
-    pub kv_type: Option<String>,
-    /// Most tokens per step
-    #[arg(long, default_value_t = 512)]
-    pub batch: usize,
-    /// Fused flash attention: on, off, auto
-    #[arg(long, default_value = "auto")]
-    pub flash_attn: String,
-    /// Quantize the large matrices at load: q8_0, q4_0 or q4_k
-    #[arg(long)]
-    pub quantize: Option<String>,
     #[command(flatten)]
-    pub dev: DeviceArgs,
+    pub e: EngineArgs,
     /// A sampler plug-in component (.wasm) the policies consult
     #[arg(long)]
     pub sampler: Option<PathBuf>,
@@ -126,14 +108,8 @@ impl ServeArgs {
             model: Some(dir.display().to_string()),
             revision: None,
             dir: dir.to_path_buf(),
-            threads: self.threads,
-            ctx_size: self.ctx_size,
-            kv_type: self.kv_type.clone(),
-            batch: self.batch,
-            flash_attn: self.flash_attn.clone(),
-            quantize: self.quantize.clone(),
             lora: vec![],
-            dev: self.dev.clone(),
+            e: self.e.clone(),
         }
     }
 }
@@ -180,7 +156,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let s = open(&m, 1).with_context(|| format!("model {name:?}"))?;
         let model = s.model().clone();
         // The engine's cache: --ctx-size cells (default the training context, up to 8192).
-        let n_cells = a.ctx_size.unwrap_or_else(|| model.hparams().n_ctx_train.clamp(1, 8192));
+        let n_cells = a.e.ctx_size.unwrap_or_else(|| model.hparams().n_ctx_train.clamp(1, 8192));
         drop(s);
         for (lname, ldir) in &loras {
             model.load_adapter(lname, ldir).with_context(|| format!("--lora {lname}={}", ldir.display()))?;
@@ -193,14 +169,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let e = &mut handle.engine_options;
         e.n_cells = n_cells;
         e.max_seqs = max_concurrent;
-        e.kv_type = a.kv_type.as_deref().map(parse_kv_type).transpose()?;
-        e.n_batch = a.batch;
-        e.flash_attn = match a.flash_attn.as_str() {
-            "on" => Some(true),
-            "off" => Some(false),
-            "auto" => None,
-            other => bail!("--flash-attn must be on, off or auto, got {other:?}"),
-        };
+        e.kv_type = a.e.kv_type()?;
+        e.n_batch = a.e.batch;
+        e.flash_attn = a.e.flash_attn()?;
         let handle = Arc::new(handle);
         // Start the engine now: its KV cache is allocated (and checked to fit) before listening.
         let engine = handle.engine().map_err(|e| anyhow::anyhow!("model {name:?}: {e:?}"))?.clone();

@@ -397,7 +397,7 @@ impl Sched {
         cached: Vec<u32>,
         adapters: crate::lora::AdapterList,
     ) -> Result<(), DecodeError> {
-        let seq = self.take_id().ok_or_else(|| DecodeError::NoSequence { max: MAX_SEQ })?;
+        let seq = self.take_id().ok_or(DecodeError::NoSequence { max: MAX_SEQ })?;
         if let Some(src) = from {
             if let Err(e) = self.runner.seq_cp(src, seq, 0, u32::MAX) {
                 self.runner.cells.seq_rm(seq, 0, u32::MAX);

@@ -452,6 +452,15 @@ fn usage(results: &[GenerateResult], prompts: usize, n: usize) -> Value {
     })
 }
 
+/// The streamed usage chunk (`choices: []` plus `usage`), when the request asked for it.
+fn usage_chunk(include: bool, mut empty: Value, results: &[GenerateResult], prompts: usize, n: usize) -> Vec<Value> {
+    if !include {
+        return vec![];
+    }
+    empty["usage"] = usage(results, prompts, n);
+    vec![empty]
+}
+
 /// Wait for every choice; the first error ends the request (a prompt too long, a guest fault).
 async fn collect(
     st: &AppState,
@@ -781,15 +790,7 @@ async fn chat(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<
                         v.push(chunk(json!([{"index": choice, "delta": {}, "logprobs": null, "finish_reason": finish_str(result.finish)}])));
                         v
                     }
-                    Framed::Usage { results } => {
-                        if c.include_usage {
-                            let mut u = chunk(json!([]));
-                            u["usage"] = usage(&results, 1, n);
-                            vec![u]
-                        } else {
-                            vec![]
-                        }
-                    }
+                    Framed::Usage { results } => usage_chunk(c.include_usage, chunk(json!([])), &results, 1, n),
                 }
             })
         },
@@ -1116,15 +1117,7 @@ async fn complete(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Res
                             json!([{"index": choice, "text": "", "logprobs": null, "finish_reason": finish_str(result.finish)}]),
                         )]
                     }
-                    Framed::Usage { results } => {
-                        if c.include_usage {
-                            let mut u = chunk(json!([]));
-                            u["usage"] = usage(&results, n_prompts, n);
-                            vec![u]
-                        } else {
-                            vec![]
-                        }
-                    }
+                    Framed::Usage { results } => usage_chunk(c.include_usage, chunk(json!([])), &results, n_prompts, n),
                 }
             })
         },
