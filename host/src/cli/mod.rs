@@ -302,6 +302,19 @@ pub struct PolicyArgs {
     /// A policy component (.wasm) to use instead of the built-in one
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+}
+
+impl PolicyArgs {
+    fn config(&self) -> Result<RuntimeConfig> {
+        self.sandbox.config(self.policy.clone())
+    }
+}
+
+/// The sampler plug-in and the guests' limits (shared by the text commands and `serve`).
+#[derive(Args, Debug, Clone)]
+pub struct SandboxArgs {
     /// A sampler plug-in component (.wasm), e.g. guest/examples/mirostat
     #[arg(long)]
     pub sampler: Option<PathBuf>,
@@ -313,8 +326,9 @@ pub struct PolicyArgs {
     pub guest_step_timeout_ms: u64,
 }
 
-impl PolicyArgs {
-    fn config(&self) -> Result<RuntimeConfig> {
+impl SandboxArgs {
+    /// The runtime's configuration with `policy` (None: the embedded one), the limits checked.
+    fn config(&self, policy: Option<PathBuf>) -> Result<RuntimeConfig> {
         let mib = self.guest_memory_mib;
         if !(1..=1 << 20).contains(&mib) {
             bail!("--guest-memory-mib must be in 1..=1048576, got {mib}");
@@ -323,7 +337,7 @@ impl PolicyArgs {
             bail!("--guest-step-timeout-ms must be in 1..=86400000, got {}", self.guest_step_timeout_ms);
         }
         Ok(RuntimeConfig {
-            policy: self.policy.clone(),
+            policy,
             sampler: self.sampler.clone(),
             memory_limit: mib << 20,
             step_timeout: std::time::Duration::from_millis(self.guest_step_timeout_ms),

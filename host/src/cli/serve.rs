@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
 
-use super::{open, EngineArgs, ModelArgs};
+use super::{open, EngineArgs, ModelArgs, SandboxArgs};
 use crate::memory::cells::MAX_SEQ;
 use crate::runtime::{ModelHandle, Runtime, RuntimeConfig};
 use crate::server::{AppState, ServeOptions, ServedModel};
@@ -55,15 +55,8 @@ pub struct ServeArgs {
     pub shutdown_timeout: u64,
     #[command(flatten)]
     pub e: EngineArgs,
-    /// A sampler plug-in component (.wasm) the policies consult
-    #[arg(long)]
-    pub sampler: Option<PathBuf>,
-    /// Memory limit of each guest instance, MiB
-    #[arg(long, default_value_t = 1024)]
-    pub guest_memory_mib: usize,
-    /// Longest a guest may compute between two engine calls, milliseconds
-    #[arg(long, default_value_t = 10_000)]
-    pub guest_step_timeout_ms: u64,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
     /// The resolved models: (name, folder)
     #[arg(skip)]
     resolved: Vec<(String, PathBuf)>,
@@ -122,13 +115,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if a.max_body_mib == 0 || a.max_body_mib > 1024 {
         bail!("--max-body-mib must be in 1..=1024, got {}", a.max_body_mib);
     }
-    if !(1..=1 << 20).contains(&a.guest_memory_mib) {
-        bail!("--guest-memory-mib must be in 1..=1048576, got {}", a.guest_memory_mib);
-    }
-    if a.guest_step_timeout_ms == 0 || a.guest_step_timeout_ms > 24 * 3600 * 1000 {
-        bail!("--guest-step-timeout-ms must be in 1..=86400000, got {}", a.guest_step_timeout_ms);
-    }
-    let memory_limit = a.guest_memory_mib << 20;
+    // The limits are checked once, here, before any model loads.
+    let base = a.sandbox.config(None)?;
     let mut policies: Vec<(String, PathBuf)> = Vec::new();
     for spec in &a.policies {
         let (Some(name), file) = split_named(spec) else { bail!("--policy takes NAME=FILE.wasm, got {spec:?}") };
@@ -142,14 +130,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let (Some(name), dir) = split_named(spec) else { bail!("--lora takes NAME=DIR, got {spec:?}") };
         loras.push((name.to_string(), PathBuf::from(dir)));
     }
-    let rt_cfg = |policy: Option<PathBuf>| RuntimeConfig {
-        policy,
-        sampler: a.sampler.clone(),
-        memory_limit,
-        step_timeout: Duration::from_millis(a.guest_step_timeout_ms),
-        pool_size: max_concurrent,
-        ..RuntimeConfig::default()
-    };
+    let rt_cfg = |policy: Option<PathBuf>| RuntimeConfig { policy, pool_size: max_concurrent, ..base.clone() };
     let mut served = Vec::new();
     for (name, dir) in &a.resolved {
         let m = a.model_args(dir);
