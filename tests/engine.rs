@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{fixture, rel_err, Expected};
 use stllm::engine::{Engine, EngineError, EngineOptions, Event, FinishReason, GenerateRequest};
-use stllm::runner::{Runner, RunnerOptions, UBatch};
+use stllm::runner::{RowOut, Runner, RunnerOptions, UBatch, Want};
 use stllm::session::Logits;
 use stllm::{Model, ModelOptions, Session, SessionOptions};
 
@@ -94,6 +94,121 @@ fn device_argmax_equals_argmax_of_the_logits() {
         assert_eq!(tokens, want, "{name}");
         assert_eq!(tokens.len(), 6);
     }
+}
+
+#[test]
+fn device_candidates_equal_the_host_cut_of_the_logits() {
+    // Rows of one step may ask for different things: the whole logits row, the k largest
+    // logits, with or without the log-normaliser. The device's cut must be the host's.
+    for name in ["qwen3-f32-sharded", "nemotron_h-f32"] {
+        let m = model(name);
+        let vocab = m.hparams().n_vocab as u32;
+        let wants = [
+            Want::Top { k: 5, norm: true },
+            Want::Logits,
+            Want::Top { k: 1, norm: false },
+            Want::Top { k: 40, norm: false },
+        ];
+        let batch = |seed: u32, with_wants: bool| {
+            let mut ub = UBatch::default();
+            for s in 0..4u32 {
+                for (i, &t) in prompt(seed + s, 4, vocab).iter().enumerate() {
+                    let want = if with_wants { wants[s as usize] } else { Want::Logits };
+                    ub.push_want(t, i as u32, s, i == 3, want);
+                }
+            }
+            ub
+        };
+        let mut a = Runner::new(m.clone(), &opts_runner()).unwrap();
+        let mut b = Runner::new(m.clone(), &opts_runner()).unwrap();
+        let rows = a.run(&batch(11, false), false, false).unwrap().rows;
+        let got = b.run_select(&batch(11, true)).unwrap();
+        assert_eq!(got.len(), 4, "{name}");
+        for (j, (row, out)) in rows.iter().zip(&got).enumerate() {
+            match (wants[j], out) {
+                (Want::Logits, RowOut::Logits(l)) => {
+                    assert!(rel(std::slice::from_ref(l), std::slice::from_ref(row)) < 1e-5, "{name} row {j}")
+                }
+                (Want::Top { k, norm }, RowOut::Top(t)) => {
+                    let want = stllm_policy::sampling::top_candidates(row, k as usize, 0.0);
+                    let ids: Vec<u32> = want.iter().map(|c| c.id).collect();
+                    assert_eq!(t.ids, ids, "{name} row {j}");
+                    for (x, c) in t.logits.iter().zip(&want) {
+                        assert!((x - c.logit).abs() <= 1e-4 * c.logit.abs().max(1.0), "{name} row {j}");
+                    }
+                    match (norm, t.log_norm) {
+                        (true, Some(n)) => {
+                            let lse = stllm_policy::generate::log_sum_exp(row);
+                            assert!((n - lse).abs() < 1e-3, "{name} row {j}: {n} vs {lse}");
+                        }
+                        (false, None) => {}
+                        other => panic!("{name} row {j}: norm {other:?}"),
+                    }
+                }
+                other => panic!("{name} row {j}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn guest_sequences_get_device_candidates_equal_to_their_logits() {
+    // `Sequence::decode_top` (what a guest's decode-top runs on) against the logits of the
+    // same positions through `Sequence::decode`, with other sequences in the same steps.
+    let m = model("qwen3-f32-sharded");
+    let vocab = m.hparams().n_vocab as u32;
+    let engine = Arc::new(Engine::new(m.clone(), EngineOptions { n_cells: 512, ..Default::default() }).unwrap());
+    let p = prompt(5, 9, vocab);
+    let mut a = engine.open_sequence(64).unwrap();
+    let mut b = engine.open_sequence(64).unwrap();
+    let full = a.decode(&p, Logits::Last).unwrap().pop().unwrap();
+    let top = b.decode_top(&p, 8, true).unwrap();
+    let want = stllm_policy::sampling::top_candidates(&full, 8, 0.0);
+    assert_eq!(top.ids, want.iter().map(|c| c.id).collect::<Vec<_>>());
+    let lse = stllm_policy::generate::log_sum_exp(&full);
+    assert!((top.log_norm.unwrap() - lse).abs() < 1e-3);
+    // Next token, greedy (k = 0 means 1).
+    let t = top.ids[0];
+    let full = a.decode(&[t], Logits::Last).unwrap().pop().unwrap();
+    let top = b.decode_top(&[t], 0, false).unwrap();
+    assert_eq!(top.ids, vec![stllm::sampling::argmax(&full)]);
+    assert_eq!(top.log_norm, None);
+    assert_eq!((a.len(), b.len()), (10, 10));
+}
+
+#[test]
+fn async_decodes_are_awaited_one_at_a_time_per_sequence() {
+    // A guest's decode is awaited (no thread blocks on it): on a single-threaded runtime, two
+    // sequences' decodes are in flight together; a sequence takes one operation at a time, and
+    // its length counts the tokens in flight.
+    let m = model("qwen3-f32-sharded");
+    let vocab = m.hparams().n_vocab as u32;
+    let engine = Arc::new(Engine::new(m.clone(), EngineOptions { n_cells: 512, ..Default::default() }).unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (p, q) = (prompt(21, 7, vocab), prompt(22, 5, vocab));
+    let mut alone = engine.open_sequence(64).unwrap();
+    let want = alone.decode(&p, Logits::Last).unwrap().pop().unwrap();
+    let mut a = engine.open_sequence(64).unwrap();
+    let mut b = engine.open_sequence(64).unwrap();
+    let fa = a.decode_top_async(&p, 3, false).unwrap();
+    let fb = b.decode_async(&q, Logits::Last).unwrap();
+    assert_eq!(a.len(), 7, "the length counts the tokens in flight");
+    for err in [a.decode_top_async(&[1], 1, false).err(), a.fork().err(), a.truncate(0).err()] {
+        let e = err.expect("refused while in flight").to_string();
+        assert!(e.contains("in flight"), "{e}");
+    }
+    let (ra, rb) = rt.block_on(async { (fa.await, fb.await) });
+    let top = ra.unwrap();
+    let ids: Vec<u32> = stllm_policy::sampling::top_candidates(&want, 3, 0.0).iter().map(|c| c.id).collect();
+    assert_eq!(top.ids, ids);
+    assert_eq!(rb.unwrap().len(), 1);
+    // Done: the sequence takes the next one; a failed decode gives its length back.
+    let t = top.ids[0];
+    let r = rt.block_on(a.decode_top_async(&[t], 1, false).unwrap()).unwrap();
+    assert_eq!(r.ids.len(), 1);
+    assert_eq!(a.len(), 8);
+    assert!(a.decode_top_async(&[vocab], 1, false).is_err());
+    assert_eq!(a.len(), 8);
 }
 
 #[test]

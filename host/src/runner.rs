@@ -99,22 +99,57 @@ pub struct RunnerOptions {
     pub n_seq_max: usize,
 }
 
+/// What [`Runner::run_select`] returns for one output row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Want {
+    /// The whole logits row
+    #[default]
+    Logits,
+    /// The `k` largest logits (at least 1), cut on the device where the logits are, and with
+    /// `norm` the row's log-normaliser: only these cross back to the host.
+    Top { k: u32, norm: bool },
+}
+
+/// An output row of [`Runner::run_select`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOut {
+    Logits(Vec<f32>),
+    Top(TopRow),
+}
+
+/// The largest logits of a row, highest first (ties: lower id first).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TopRow {
+    pub ids: Vec<u32>,
+    /// Raw logits of `ids`
+    pub logits: Vec<f32>,
+    /// log(sum(exp(logits))) over the whole vocabulary, when asked for
+    pub log_norm: Option<f32>,
+}
+
 /// Tokens of one step: token `i` is `tokens[i]` at position `pos[i]` of sequence `seq[i]`;
-/// logits are returned for the tokens with `out[i]`, in order.
+/// a row is returned for the tokens with `out[i]`, in order, of the kind `want[i]` says.
 #[derive(Debug, Clone, Default)]
 pub struct UBatch {
     pub tokens: Vec<u32>,
     pub pos: Vec<u32>,
     pub seq: Vec<SeqId>,
     pub out: Vec<bool>,
+    pub want: Vec<Want>,
 }
 
 impl UBatch {
     pub fn push(&mut self, token: u32, pos: u32, seq: SeqId, out: bool) {
+        self.push_want(token, pos, seq, out, Want::Logits);
+    }
+
+    /// [`UBatch::push`] with what the output row (if `out`) should hold.
+    pub fn push_want(&mut self, token: u32, pos: u32, seq: SeqId, out: bool, want: Want) {
         self.tokens.push(token);
         self.pos.push(pos);
         self.seq.push(seq);
         self.out.push(out);
+        self.want.push(want);
     }
 
     pub fn len(&self) -> usize {
@@ -135,8 +170,8 @@ pub struct StepOut {
     /// One row per output token: logits (`n_vocab`) or, for embeddings, final hidden states
     /// (empty for [`Runner::run_argmax`])
     pub rows: Vec<Vec<f32>>,
-    /// [`Runner::run_argmax`]: the most likely next token of each output row
-    pub tokens: Vec<u32>,
+    /// [`Runner::run_select`]: one entry per output row
+    pub select: Vec<RowOut>,
     /// With tracing: per layer (0 = embeddings), row-major `[n_tokens][n_embd]`
     pub hidden: Vec<Vec<Vec<f32>>>,
 }
@@ -167,6 +202,8 @@ struct StepGraph {
     graph: Graph,
     inp: StepInputs,
     result: Tensor,
+    /// [`Output::Select`]: the candidates' ids and logits (and probabilities with `norm`)
+    sel: Option<SelectTensors>,
     /// Per active adapter: its per-token weight row (input), and the adapter kept alive
     lora: Vec<(Tensor, Arc<LoraAdapter>)>,
     /// With two or more adapters: the stack's (slot ids, weights) inputs, and the stack kept alive
@@ -175,15 +212,31 @@ struct StepGraph {
     _ctx: Context,
 }
 
+#[derive(Clone, Copy)]
+struct SelectTensors {
+    /// I32 [k, n_out]: the candidates of each row, in no order
+    ids: Tensor,
+    /// F32 [1, k, n_out]: their logits
+    logits: Tensor,
+    /// F32 [1, k, n_out]: their softmax probabilities (the log-normaliser follows from them)
+    probs: Option<Tensor>,
+}
+
 /// What a step returns per output row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Output {
     Logits,
     /// The final normalised hidden states
     Embeddings,
-    /// The index of the largest logit, taken on the device: greedy decoding reads back one
-    /// integer per row instead of `n_vocab` floats (19 MB a step at 32 rows of a 152k vocabulary).
-    Argmax,
+    /// Candidates cut on the device: every row's `k` largest logits (`k` = 1: the argmax op),
+    /// with `norm` their softmax probabilities, with `full` the logits too (for the rows that
+    /// want them). Greedy decoding reads back one integer per row instead of `n_vocab` floats
+    /// (19 MB a step at 32 rows of a 152k vocabulary).
+    Select {
+        k: u32,
+        norm: bool,
+        full: bool,
+    },
 }
 
 /// What fixes a step graph: tokens, cells attended, logits rows, attention segments and mode.
@@ -427,7 +480,44 @@ impl Runner {
     /// [`Runner::run`] for greedy decoding: the argmax of each output row's logits, computed on
     /// the device (ties may resolve to another index than [`crate::sampling::argmax`]).
     pub fn run_argmax(&mut self, ub: &UBatch) -> Result<Vec<u32>, DecodeError> {
-        Ok(self.run_as(ub, false, Output::Argmax)?.tokens)
+        let mut ub = ub.clone();
+        ub.want.iter_mut().for_each(|w| *w = Want::Top { k: 1, norm: false });
+        self.run_select(&ub)?
+            .into_iter()
+            .map(|r| match r {
+                RowOut::Top(t) => {
+                    t.ids.first().copied().ok_or(DecodeError::Step("a row without a finite logit".into()))
+                }
+                RowOut::Logits(_) => Err(DecodeError::Step("a logits row where the argmax was asked".into())),
+            })
+            .collect()
+    }
+
+    /// [`Runner::run`] returning for each output row what `ub.want` asks: its logits, or its
+    /// largest ones cut on the device (where the logits are: only those come back).
+    pub fn run_select(&mut self, ub: &UBatch) -> Result<Vec<RowOut>, DecodeError> {
+        if ub.want.len() != ub.len() {
+            return Err(DecodeError::Options(format!("{} row kinds for {} tokens", ub.want.len(), ub.len())));
+        }
+        let wants = || ub.want.iter().zip(&ub.out).filter(|(_, &o)| o).map(|(w, _)| *w);
+        let n_vocab = self.model.hparams().n_vocab;
+        let (mut k, mut norm, mut full) = (0u32, false, false);
+        for w in wants() {
+            match w {
+                Want::Logits => full = true,
+                Want::Top { k: kw, norm: nw } => {
+                    k = k.max(kw.max(1));
+                    norm |= nw;
+                }
+            }
+        }
+        if k == 0 {
+            let out = self.run_as(ub, false, Output::Logits)?;
+            return Ok(out.rows.into_iter().map(RowOut::Logits).collect());
+        }
+        // A few graph shapes (the candidates' count is part of it): powers of two.
+        let k = k.checked_next_power_of_two().unwrap_or(u32::MAX).min(n_vocab as u32);
+        Ok(self.run_as(ub, false, Output::Select { k, norm, full })?.select)
     }
 
     fn run_as(&mut self, ub: &UBatch, trace: bool, output: Output) -> Result<StepOut, DecodeError> {
@@ -489,17 +579,23 @@ impl Runner {
             return Err(DecodeError::Options("a traced step must hold one sequence".into()));
         }
         let mut rows: Vec<(usize, Vec<f32>)> = Vec::new();
-        let mut tokens: Vec<(usize, u32)> = Vec::new();
+        let mut select: Vec<(usize, RowOut)> = Vec::new();
         let mut hidden = Vec::new();
         for (n_seqs, idx) in parts {
             let mut sub = UBatch::default();
             for &i in &idx {
-                sub.push(ub.tokens[i], ub.pos[i], ub.seq[i], ub.out[i]);
+                sub.push_want(
+                    ub.tokens[i],
+                    ub.pos[i],
+                    ub.seq[i],
+                    ub.out[i],
+                    ub.want.get(i).copied().unwrap_or_default(),
+                );
             }
             let out = self.run_one(&sub, trace, output, (n_seqs, idx.len() / n_seqs))?;
             let outs = idx.iter().copied().filter(|&i| ub.out[i]);
             rows.extend(outs.clone().zip(out.rows));
-            tokens.extend(outs.zip(out.tokens));
+            select.extend(outs.zip(out.select));
             hidden = out.hidden;
             let rs = self.rs.as_mut().expect("recurrent");
             for &i in &idx {
@@ -507,10 +603,10 @@ impl Runner {
             }
         }
         rows.sort_by_key(|(i, _)| *i);
-        tokens.sort_by_key(|(i, _)| *i);
+        select.sort_by_key(|(i, _)| *i);
         Ok(StepOut {
             rows: rows.into_iter().map(|(_, r)| r).collect(),
-            tokens: tokens.into_iter().map(|(_, t)| t).collect(),
+            select: select.into_iter().map(|(_, t)| t).collect(),
             hidden,
         })
     }
@@ -710,23 +806,43 @@ impl Runner {
                 lora_stack: stack_inputs,
             };
             let mut result = self.model.arch.build(&mut f);
-            if output == Output::Argmax {
-                result = ctx.argmax(result);
-            }
-            let result = result.set_output();
             taps = f.taps.take().unwrap_or_default();
+            let mut sel = None;
+            if let Output::Select { k, norm, full } = output {
+                if !result.is_contiguous() {
+                    result = ctx.cont(result);
+                }
+                let (nv, no) = (hp.n_vocab as i64, n_out as i64);
+                // k <= n_vocab (run_select); the argmax op for one candidate is the cheaper one.
+                let ids = if k == 1 { ctx.reshape_2d(ctx.argmax(result), 1, no) } else { ctx.top_k(result, k as i32) };
+                let pick = |t: Tensor| ctx.get_rows(ctx.reshape_3d(t, 1, nv, no), ids).set_output();
+                let s = SelectTensors {
+                    ids: ids.set_output(),
+                    logits: pick(result),
+                    probs: norm.then(|| pick(ctx.soft_max_ext(result, None, 1.0))),
+                };
+                for t in [Some(s.ids), Some(s.logits), s.probs].into_iter().flatten() {
+                    graph.expand(t);
+                }
+                sel = Some(s);
+                if full {
+                    result = result.set_output();
+                }
+            } else {
+                result = result.set_output();
+            }
             graph.expand(result);
             t_alloc = std::time::Instant::now();
             self.sched.reset();
             self.sched.alloc(&graph)?;
             let lora = lora_inputs.into_iter().zip(active.iter().cloned()).collect();
             let stack = stack_inputs.zip(stack_keep.clone()).map(|(si, st)| (si.ids, si.w, st));
-            self.step = Some(StepGraph { shape, graph, inp, result, lora, stack, _ctx: ctx });
+            self.step = Some(StepGraph { shape, graph, inp, result, sel, lora, stack, _ctx: ctx });
         } else {
             t_alloc = std::time::Instant::now();
         }
         let step = self.step.as_ref().expect("built above");
-        let (inp, result) = (step.inp, step.result);
+        let (inp, result, sel) = (step.inp, step.result, step.sel);
         let t_inputs = std::time::Instant::now();
         let ids: Vec<i32> = ub.tokens.iter().map(|&t| t as i32).collect();
         let pos: Vec<i32> = ub.pos.iter().map(|&p| p as i32).collect();
@@ -758,10 +874,15 @@ impl Runner {
         let rows = |t: Tensor, width: usize| -> Result<Vec<Vec<f32>>, GgmlError> {
             Ok(t.read_f32()?.chunks(width).map(<[f32]>::to_vec).collect())
         };
-        let (mut rows_out, mut tokens) = (vec![], vec![]);
+        let (mut rows_out, mut select) = (vec![], vec![]);
         match output {
             _ if out.is_empty() => {}
-            Output::Argmax => tokens = result.read_i32()?.into_iter().map(|t| t as u32).collect(),
+            Output::Select { .. } => {
+                let sel = sel.expect("a select step has its tensors");
+                let wants: Vec<Want> =
+                    out.iter().map(|&i| ub.want.get(i as usize).copied().unwrap_or_default()).collect();
+                select = read_select(sel, result, &wants, hp.n_vocab)?;
+            }
             Output::Embeddings => rows_out = rows(result, hp.n_embd)?,
             Output::Logits => rows_out = rows(result, hp.n_vocab)?,
         }
@@ -782,7 +903,7 @@ impl Runner {
             compute_us = (t_read - t_compute).as_micros() as u64,
             read_us = t_read.elapsed().as_micros() as u64,
         );
-        Ok(StepOut { rows: rows_out, tokens, hidden })
+        Ok(StepOut { rows: rows_out, select, hidden })
     }
 
     /// The tokens' cells of `seq`, in position order, as bytes (for a prompt-cache file).
@@ -804,6 +925,42 @@ impl Runner {
         }
         Ok(())
     }
+}
+
+/// Read a select step's rows back: the candidates of each row, sorted and cut to what the row
+/// asked for, and the logits rows of those that want them.
+fn read_select(sel: SelectTensors, logits: Tensor, wants: &[Want], n_vocab: usize) -> Result<Vec<RowOut>, GgmlError> {
+    let ids = sel.ids.read_i32()?;
+    let vals = sel.logits.read_f32()?;
+    let probs = sel.probs.map(|p| p.read_f32()).transpose()?;
+    let kk = ids.len() / wants.len().max(1);
+    let mut out = Vec::with_capacity(wants.len());
+    for (j, want) in wants.iter().enumerate() {
+        match *want {
+            Want::Logits => out.push(RowOut::Logits(logits.read_f32_at(j * n_vocab, n_vocab)?)),
+            Want::Top { k, norm } => {
+                let r = j * kk..(j + 1) * kk;
+                let mut c: Vec<(u32, f32, f32)> = ids[r.clone()]
+                    .iter()
+                    .zip(&vals[r.clone()])
+                    .enumerate()
+                    .filter(|(_, (&id, v))| id >= 0 && (id as usize) < n_vocab && v.is_finite())
+                    .map(|(i, (&id, &v))| (id as u32, v, probs.as_ref().map_or(0.0, |p| p[r.start + i])))
+                    .collect();
+                c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                // logsumexp = l - ln(p) for any candidate; the top one is the most precise.
+                let log_norm = (norm && probs.is_some())
+                    .then(|| c.first().map_or(f32::INFINITY, |&(_, l, p)| if p > 0.0 { l - p.ln() } else { l }));
+                c.truncate(k.max(1) as usize);
+                out.push(RowOut::Top(TopRow {
+                    ids: c.iter().map(|x| x.0).collect(),
+                    logits: c.iter().map(|x| x.1).collect(),
+                    log_norm,
+                }));
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn write_input(t: Tensor, f: impl FnOnce(Tensor) -> Result<(), GgmlError>) -> Result<(), GgmlError> {

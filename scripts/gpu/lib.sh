@@ -20,6 +20,19 @@ unpack_stllm() {
   fi
 }
 
+# add_tokenizer DIR: put the carried Qwen3 tokenizer files (prepare.sh: scratch/gpu/tokenizer-qwen3,
+# tokenizer.json xz-compressed) into a model folder, for what runs through the policy component.
+add_tokenizer() {
+  local f
+  [ -d scratch/gpu/tokenizer-qwen3 ] || { echo "no scratch/gpu/tokenizer-qwen3 (prepare.sh packs it when npm is there)" >&2; return 1; }
+  for f in scratch/gpu/tokenizer-qwen3/*; do
+    case "$f" in
+      *.xz) python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "$1/$(basename "$f" .xz)" ;;
+      *) cp "$f" "$1/" ;;
+    esac
+  done
+}
+
 # tag PEER SHAPE STEP: keep the JSON lines of stdin, add the three keys, append to bench.jsonl.
 tag() {
   python3 -c 'import json, sys

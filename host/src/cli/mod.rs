@@ -510,6 +510,15 @@ pub enum Command {
         /// same engine, instead of `Engine::generate`
         #[arg(long)]
         through_policy: bool,
+        /// With --concurrent: sampling temperature of every request (0 = greedy)
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// With --concurrent: top-k of every request (0 = off)
+        #[arg(long, default_value_t = 0)]
+        top_k: u32,
+        /// With --concurrent: request i samples with seed SEED + i
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
 }
 
@@ -703,8 +712,12 @@ pub fn run(mut cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&serde_json::json!({ "tokens": out }))?);
             }
         }
-        Command::Bench { m, prompt, gen, json, concurrent, through_policy, .. } if !concurrent.is_empty() => {
-            bench_concurrent(&m, &concurrent, prompt, gen, json, through_policy)?
+        Command::Bench { m, prompt, gen, json, concurrent, through_policy, temperature, top_k, seed, .. }
+            if !concurrent.is_empty() =>
+        {
+            let sampling = SamplingParams { temperature, top_k, seed, ..Default::default() };
+            sampling.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            bench_concurrent(&m, &concurrent, prompt, gen, json, through_policy, &sampling)?
         }
         Command::Bench { m, prompt, gen, repeat, json, .. } => bench(&m, prompt, gen, repeat.max(1), json)?,
         Command::Run { m, prompt, raw, system, g, p, json } => {
@@ -744,9 +757,13 @@ pub fn run(mut cli: Cli) -> Result<()> {
         }
         Command::Template { tokenizer, revision, messages, no_generation_prompt, tools, vars, p } => {
             let rt = runtime_tokenizer_only(&crate::hub::resolve(&tokenizer, revision.as_deref())?, &p)?;
-            let msgs = std::fs::read_to_string(&messages).with_context(|| format!("reading {}", messages.display()))?;
+            let msgs = crate::files::read_string_capped(&messages, crate::files::MAX_JSON)
+                .with_context(|| format!("reading {}", messages.display()))?;
             let tools = tools
-                .map(|t| std::fs::read_to_string(&t).with_context(|| format!("reading {}", t.display())))
+                .map(|t| {
+                    crate::files::read_string_capped(&t, crate::files::MAX_JSON)
+                        .with_context(|| format!("reading {}", t.display()))
+                })
                 .transpose()?;
             let text = tokio_rt()?.block_on(rt.apply_chat_template(
                 &msgs,
@@ -841,6 +858,7 @@ fn bench_concurrent(
     gen: usize,
     json: bool,
     through_policy: bool,
+    sampling: &SamplingParams,
 ) -> Result<()> {
     use crate::engine::{Engine, EngineOptions, Event, GenerateRequest};
     if prompt == 0 || gen < 2 {
@@ -867,21 +885,13 @@ fn bench_concurrent(
             },
         )?;
         let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sampler = {
-            let (model, peak, done) = (model.clone(), peak.clone(), done.clone());
-            std::thread::spawn(move || {
-                while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                    let (free, total) = model.device_memory();
-                    peak.fetch_max(total.saturating_sub(free), std::sync::atomic::Ordering::Relaxed);
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-            })
-        };
+        // Stopped and joined when this iteration ends, errors included: a thread still asking
+        // the device for its memory while the process exits would call into a shut-down driver.
+        let sampler = MemorySampler::start(&model, peak.clone());
         let t0 = Instant::now();
         let engine = Arc::new(engine);
         let (t0, times): (Instant, Vec<Vec<Instant>>) = if through_policy {
-            policy_times(m, &engine, n, prompt, gen, n_vocab, &adapter_names)?
+            policy_times(m, &engine, n, prompt, gen, n_vocab, &adapter_names, sampling)?
         } else {
             let gens = (0..n)
                 .map(|i| {
@@ -892,6 +902,7 @@ fn bench_concurrent(
                             .get(i % adapter_names.len().max(1))
                             .map(|(name, w)| vec![(name.clone(), *w)])
                             .unwrap_or_default(),
+                        sampling: SamplingParams { seed: sampling.seed.wrapping_add(i as u64), ..sampling.clone() },
                         ..GenerateRequest::greedy(random_tokens(i as u64 + 1, prompt, n_vocab), gen)
                     };
                     engine.generate(req)
@@ -912,8 +923,7 @@ fn bench_concurrent(
             (t0, times)
         };
         let end = Instant::now();
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = sampler.join();
+        drop(sampler);
         if times.iter().any(|t| t.len() != gen) {
             bail!("a request ended early ({:?} tokens of {gen})", times.iter().map(Vec::len).collect::<Vec<_>>());
         }
@@ -929,23 +939,66 @@ fn bench_concurrent(
         if json {
             let out = serde_json::json!({
                 "engine": "stllm", "bench": "concurrent", "through_policy": through_policy, "model": m.dir, "architecture": model.hparams().arch,
-                "dtype": model.dtype.name(), "device": model.device_name(), "seqs": n, "prompt": prompt, "gen": gen,
+                "temperature": sampling.temperature, "top_k": sampling.top_k,
+                "dtype": model.dtype.name(), "device": model.device_name(), "seqs": n, "concurrent": n, "prompt": prompt, "gen": gen,
                 "decode_tok_s": decode, "mean_ttft_ms": ttft_ms, "steps": st.steps,
+                "busy_ms": st.busy.as_secs_f64() * 1e3, "gather_wait_ms": st.gather_wait.as_secs_f64() * 1e3,
+                "mean_turnaround_us": st.ext_turnaround.as_secs_f64() * 1e6 / st.ext_turnarounds.max(1) as f64,
                 "vram_peak_mib": peak_mib, "memory": mem,
             });
             println!("{}", serde_json::to_string(&out)?);
         } else {
             println!(
-                "{n} concurrent: decode {decode:.1} tok/s aggregate, mean TTFT {ttft_ms:.1} ms, {} steps, device peak {peak_mib:.0} MiB",
-                st.steps
+                "{n} concurrent: decode {decode:.1} tok/s aggregate, mean TTFT {ttft_ms:.1} ms, {} steps ({:.0} ms computing, \
+                 {:.0} ms waiting for guests), device peak {peak_mib:.0} MiB",
+                st.steps,
+                st.busy.as_secs_f64() * 1e3,
+                st.gather_wait.as_secs_f64() * 1e3
             );
+            if st.ext_turnarounds > 0 {
+                println!(
+                    "  guests' mean turnaround (reply to next decode): {:.0} µs over {}",
+                    st.ext_turnaround.as_secs_f64() * 1e6 / st.ext_turnarounds as f64,
+                    st.ext_turnarounds
+                );
+            }
         }
     }
     Ok(())
 }
 
+/// Samples the device memory in use every 20 ms into `peak` until dropped (then joined).
+struct MemorySampler {
+    done: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MemorySampler {
+    fn start(model: &Arc<Model>, peak: Arc<std::sync::atomic::AtomicUsize>) -> MemorySampler {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (model, stop) = (model.clone(), done.clone());
+        let thread = std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (free, total) = model.device_memory();
+                peak.fetch_max(total.saturating_sub(free), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        MemorySampler { done, thread: Some(thread) }
+    }
+}
+
+impl Drop for MemorySampler {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// `bench --concurrent --through-policy`: the requests run through the default policy component
-/// on `engine` (token prompts, greedy, no stop), as `stllm serve` runs them; the arrival time of
+/// on `engine` (token prompts, the bench's sampling, no stop), as `stllm serve` runs them; the arrival time of
 /// every generated token and when the requests started. Instances are created (and their
 /// tokenizers parsed) before that.
 #[allow(clippy::too_many_arguments)]
@@ -957,23 +1010,14 @@ fn policy_times(
     gen: usize,
     n_vocab: u32,
     adapters: &[(String, f32)],
+    sampling: &SamplingParams,
 ) -> Result<(Instant, Vec<Vec<Instant>>)> {
     use std::sync::Mutex;
     let handle = ModelHandle::from_dir(&m.dir, None)?.with_engine(engine.clone());
     let rt = Arc::new(Runtime::new(Arc::new(handle), RuntimeConfig { pool_size: n, ..RuntimeConfig::default() })?);
     let trt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    trt.block_on(async {
-        let warm: Vec<_> = (0..n)
-            .map(|_| {
-                let rt = rt.clone();
-                tokio::spawn(async move { rt.tokenize("warm up", false).await })
-            })
-            .collect();
-        for w in warm {
-            w.await??;
-        }
-        anyhow::Ok(())
-    })?;
+    // Every request gets a ready instance (created, its tokenizer parsed) before the clock starts.
+    trt.block_on(rt.prewarm(n))?;
     let t0 = Instant::now();
     let times: Vec<Arc<Mutex<Vec<Instant>>>> = (0..n).map(|_| Arc::default()).collect();
     trt.block_on(async {
@@ -987,7 +1031,12 @@ fn policy_times(
                     max_tokens: gen as u32,
                     stop: vec![],
                     ignore_eos: true,
-                    sampling: crate::runtime::Sampling::default(),
+                    sampling: crate::runtime::Sampling {
+                        temperature: sampling.temperature,
+                        top_k: sampling.top_k,
+                        seed: sampling.seed.wrapping_add(i as u64),
+                        ..crate::runtime::Sampling::default()
+                    },
                     adapters: adapters
                         .get(i % adapters.len().max(1))
                         .map(|(name, w)| vec![crate::runtime::Adapter { name: name.clone(), weight: *w }]),

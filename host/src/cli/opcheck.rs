@@ -330,6 +330,40 @@ fn moe_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
             v[0].chunks(width as usize).map(|r| r.iter().copied().fold(f64::NEG_INFINITY, f64::max)).collect()
         }),
     });
+    // Guests' candidates cut on the device: the k largest of a vocabulary-wide row (in no
+    // order, so each row's picked values and their softmax probabilities are summed).
+    let (width, n_rows, k) = (151_936i64, 5i64, 64i64);
+    cases.push(Case {
+        op: "top_k+soft_max",
+        what: format!("f32 [{width}x{n_rows}], top {k}: sums of the picked values and of their probabilities"),
+        tol: 1e-5,
+        device_tol: None,
+        inputs: vec![Input::floats(DType::F32, &[width, n_rows], rng.vec((width * n_rows) as usize, 8.0))],
+        build: Box::new(move |c, t| {
+            let ids = c.top_k(t[0], k as i32);
+            let pick = |x| c.sum_rows(c.reshape_2d(c.get_rows(c.reshape_3d(x, 1, width, n_rows), ids), k, n_rows));
+            let probs = c.soft_max_ext(t[0], None, 1.0);
+            c.concat(pick(t[0]), pick(probs), 0)
+        }),
+        reference: Box::new(move |v| {
+            let mut out = Vec::new();
+            let (mut vals, mut probs) = (Vec::new(), Vec::new());
+            for r in v[0].chunks(width as usize) {
+                let max = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = r.iter().map(|x| (x - max).exp()).sum();
+                let mut s = r.to_vec();
+                s.sort_by(|a, b| b.total_cmp(a));
+                s.truncate(k as usize);
+                vals.push(s.iter().sum::<f64>());
+                probs.push(s.iter().map(|x| (x - max).exp() / z).sum::<f64>());
+            }
+            for j in 0..n_rows as usize {
+                out.push(vals[j]);
+                out.push(probs[j]);
+            }
+            out
+        }),
+    });
     cases.push(Case {
         op: "sum_rows+div",
         what: format!("f32 [{ne}x{rows}] / its row sums"),

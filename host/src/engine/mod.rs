@@ -26,7 +26,7 @@ mod scheduler;
 pub use scheduler::SNAPSHOT_EVERY;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -197,6 +197,13 @@ pub struct EngineStats {
     pub preemptions: u64,
     /// Time spent computing steps
     pub busy: Duration,
+    /// Caller-driven sequences' turnarounds: from the reply to a decode until the next decode
+    /// of the same sequence arrived (a guest's sampling, detokenizing and streaming), summed,
+    /// and how many
+    pub ext_turnaround: Duration,
+    pub ext_turnarounds: u64,
+    /// Time steps waited for caller-driven sequences to come back (see the gather window)
+    pub gather_wait: Duration,
     /// Generated tokens per second of busy time
     pub decode_tokens_per_s: f64,
     /// Weights, KV cache and compute buffer on the model's device, and the device's free memory
@@ -215,7 +222,22 @@ struct Submit {
     submitted: Instant,
 }
 
-type Reply<T> = std::sync::mpsc::Sender<Result<T, DecodeError>>;
+/// Where the compute thread answers an operation: a thread blocked on it, or an async task
+/// (a guest's host call awaits its step without a thread of its own).
+pub(super) enum Reply<T> {
+    Blocking(std::sync::mpsc::Sender<Result<T, DecodeError>>),
+    Async(tokio::sync::oneshot::Sender<Result<T, DecodeError>>),
+}
+
+impl<T> Reply<T> {
+    /// Answer; a caller that went away is no error.
+    pub(super) fn send(self, r: Result<T, DecodeError>) {
+        match self {
+            Reply::Blocking(tx) => drop(tx.send(r)),
+            Reply::Async(tx) => drop(tx.send(r)),
+        }
+    }
+}
 
 /// Operations on externally driven sequences ([`Sequence`]).
 enum ExtOp {
@@ -237,11 +259,13 @@ enum ExtOp {
     Decode {
         id: u64,
         tokens: Vec<u32>,
+        /// Rows wanted: every token's logits, else the last token's `want`
         all: bool,
+        want: crate::runner::Want,
         /// Set to the prompt positions taken from the prefix cache (a fresh sequence's first
         /// decode).
         reused: Arc<std::sync::atomic::AtomicUsize>,
-        reply: Reply<Vec<Vec<f32>>>,
+        reply: Reply<Vec<crate::runner::RowOut>>,
     },
     Close {
         id: u64,
@@ -482,8 +506,22 @@ impl Engine {
 
     fn call<T>(&self, op: impl FnOnce(Reply<T>) -> ExtOp) -> Result<T, DecodeError> {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.send_op(op(tx))?;
+        self.send_op(op(Reply::Blocking(tx)))?;
         rx.recv().unwrap_or_else(|_| Err(DecodeError::Stopped("its compute thread ended".into())))
+    }
+
+    /// [`Engine::call`] for async callers: the op is queued now, the returned future waits
+    /// for its answer.
+    fn call_async<T>(
+        &self,
+        op: impl FnOnce(Reply<T>) -> ExtOp,
+    ) -> Result<impl std::future::Future<Output = Result<T, DecodeError>> + Send + 'static, DecodeError>
+    where
+        T: Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send_op(op(Reply::Async(tx)))?;
+        Ok(async move { rx.await.unwrap_or_else(|_| Err(DecodeError::Stopped("its compute thread ended".into()))) })
     }
 
     /// Open a sequence driven by the caller (decode / fork / truncate), as guests' `sequence`
@@ -507,7 +545,14 @@ impl Engine {
         let adapters = self.resolve(adapters.unwrap_or(&self.default_adapters))?;
         self.call(|reply| ExtOp::Open { id, adapters, reply })?;
         let max_len = if max_len == 0 { self.max_seq_len } else { max_len.min(self.max_seq_len) };
-        Ok(Sequence { id, engine: self.clone(), len: 0, max_len, reused: Default::default() })
+        Ok(Sequence {
+            id,
+            engine: self.clone(),
+            len: Default::default(),
+            in_flight: Default::default(),
+            max_len,
+            reused: Default::default(),
+        })
     }
 }
 
@@ -575,14 +620,17 @@ impl Engine {
 pub struct Sequence {
     id: u64,
     engine: Arc<Engine>,
-    len: usize,
+    /// Positions held, counting a decode in flight (put back if it fails)
+    len: Arc<AtomicUsize>,
+    /// An async decode is queued and its future has not ended
+    in_flight: Arc<AtomicBool>,
     max_len: usize,
     reused: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Sequence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sequence").field("id", &self.id).field("len", &self.len).finish()
+        f.debug_struct("Sequence").field("id", &self.id).field("len", &self.len()).finish()
     }
 }
 
@@ -590,6 +638,90 @@ impl Sequence {
     /// Append `tokens`; the logits of the last one, or of each with `Logits::All`. Blocks until
     /// the engine's step that completes them.
     pub fn decode(&mut self, tokens: &[u32], which: crate::session::Logits) -> Result<Vec<Vec<f32>>, DecodeError> {
+        let all = which == crate::session::Logits::All;
+        let need = self.check(tokens)?;
+        let id = self.id;
+        let (tokens, want, reused) = (tokens.to_vec(), crate::runner::Want::Logits, self.reused.clone());
+        let rows = self.engine.call(|reply| ExtOp::Decode { id, tokens, all, want, reused, reply })?;
+        self.len.store(need, Ordering::Relaxed);
+        logits_rows(rows)
+    }
+
+    /// Append `tokens`; the `k` largest logits of the last one (at least one, highest first),
+    /// cut where the logits are (on the GPU: only the candidates cross back), and with `norm`
+    /// the log-normaliser of its whole row. Blocks like [`Sequence::decode`].
+    pub fn decode_top(&mut self, tokens: &[u32], k: u32, norm: bool) -> Result<crate::runner::TopRow, DecodeError> {
+        let need = self.check(tokens)?;
+        let id = self.id;
+        let (tokens, reused) = (tokens.to_vec(), self.reused.clone());
+        let want = crate::runner::Want::Top { k: k.max(1), norm };
+        let rows = self.engine.call(|reply| ExtOp::Decode { id, tokens, all: false, want, reused, reply })?;
+        self.len.store(need, Ordering::Relaxed);
+        top_row(rows)
+    }
+
+    /// [`Sequence::decode`] for async callers: checks and queues the tokens now, and returns a
+    /// future of the rows that no thread blocks on (a guest's `decode`). Queue one at a time
+    /// per sequence: a second one before the first completes is refused.
+    pub fn decode_async(
+        &mut self,
+        tokens: &[u32],
+        which: crate::session::Logits,
+    ) -> Result<impl std::future::Future<Output = Result<Vec<Vec<f32>>, DecodeError>> + Send + 'static, DecodeError>
+    {
+        let all = which == crate::session::Logits::All;
+        let f = self.queue(tokens, all, crate::runner::Want::Logits)?;
+        Ok(async move { logits_rows(f.await?) })
+    }
+
+    /// [`Sequence::decode_top`] for async callers (a guest's `decode-top`), as
+    /// [`Sequence::decode_async`].
+    pub fn decode_top_async(
+        &mut self,
+        tokens: &[u32],
+        k: u32,
+        norm: bool,
+    ) -> Result<
+        impl std::future::Future<Output = Result<crate::runner::TopRow, DecodeError>> + Send + 'static,
+        DecodeError,
+    > {
+        let f = self.queue(tokens, false, crate::runner::Want::Top { k: k.max(1), norm })?;
+        Ok(async move { top_row(f.await?) })
+    }
+
+    fn queue(
+        &mut self,
+        tokens: &[u32],
+        all: bool,
+        want: crate::runner::Want,
+    ) -> Result<
+        impl std::future::Future<Output = Result<Vec<crate::runner::RowOut>, DecodeError>> + Send + 'static,
+        DecodeError,
+    > {
+        let need = self.check(tokens)?;
+        let id = self.id;
+        let (tokens, reused) = (tokens.to_vec(), self.reused.clone());
+        let f = self.engine.call_async(move |reply| ExtOp::Decode { id, tokens, all, want, reused, reply })?;
+        // The length counts the tokens from now on (a second decode checks against it) and is
+        // put back if the step fails; until the future ends (or is dropped) no other decode is
+        // queued.
+        let old = self.len.swap(need, Ordering::Relaxed);
+        self.in_flight.store(true, Ordering::Relaxed);
+        let guard = InFlight(self.in_flight.clone());
+        let len = self.len.clone();
+        Ok(async move {
+            let _guard = guard;
+            let r = f.await;
+            if r.is_err() {
+                len.store(old, Ordering::Relaxed);
+            }
+            r
+        })
+    }
+
+    /// Refuse what no step could compute; the length after appending `tokens`.
+    fn check(&self, tokens: &[u32]) -> Result<usize, DecodeError> {
+        self.idle()?;
         if tokens.is_empty() {
             return Err(DecodeError::Empty);
         }
@@ -597,28 +729,34 @@ impl Sequence {
         if let Some(&token) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
             return Err(DecodeError::TokenOutOfRange { token, n_vocab });
         }
-        let need = self.len + tokens.len();
+        let need = self.len() + tokens.len();
         if need > self.max_len {
             return Err(DecodeError::ContextFull { need, n_ctx: self.max_len });
         }
-        let all = which == crate::session::Logits::All;
-        let id = self.id;
-        let tokens = tokens.to_vec();
-        let reused = self.reused.clone();
-        let rows = self.engine.call(|reply| ExtOp::Decode { id, tokens, all, reused, reply })?;
-        self.len = need;
-        Ok(rows)
+        Ok(need)
+    }
+
+    /// Refuse an operation while an async decode of this sequence is in flight.
+    fn idle(&self) -> Result<(), DecodeError> {
+        if self.in_flight.load(Ordering::Relaxed) {
+            return Err(DecodeError::Options(
+                "a decode of this sequence is still in flight (one operation at a time per sequence)".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// A new sequence sharing this one's cells (no copy).
     pub fn fork(&self) -> Result<Sequence, DecodeError> {
+        self.idle()?;
         let id = self.engine.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let src = self.id;
         self.engine.call(|reply| ExtOp::Fork { src, id, reply })?;
         Ok(Sequence {
             id,
             engine: self.engine.clone(),
-            len: self.len,
+            len: Arc::new(AtomicUsize::new(self.len())),
+            in_flight: Default::default(),
             max_len: self.max_len,
             reused: Default::default(),
         })
@@ -626,9 +764,10 @@ impl Sequence {
 
     /// Keep the first `len` positions.
     pub fn truncate(&mut self, len: usize) -> Result<(), DecodeError> {
+        self.idle()?;
         let id = self.id;
         self.engine.call(|reply| ExtOp::Truncate { id, len, reply })?;
-        self.len = len;
+        self.len.store(len, Ordering::Relaxed);
         Ok(())
     }
 
@@ -639,11 +778,11 @@ impl Sequence {
 
     /// Positions so far.
     pub fn len(&self) -> usize {
-        self.len
+        self.len.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     pub fn max_len(&self) -> usize {
@@ -652,6 +791,31 @@ impl Sequence {
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+}
+
+/// Clears a sequence's in-flight flag when an async decode's future ends or is dropped.
+struct InFlight(Arc<AtomicBool>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+fn logits_rows(rows: Vec<crate::runner::RowOut>) -> Result<Vec<Vec<f32>>, DecodeError> {
+    rows.into_iter()
+        .map(|r| match r {
+            crate::runner::RowOut::Logits(l) => Ok(l),
+            crate::runner::RowOut::Top(_) => Err(DecodeError::Step("candidates where logits were asked".into())),
+        })
+        .collect()
+}
+
+fn top_row(mut rows: Vec<crate::runner::RowOut>) -> Result<crate::runner::TopRow, DecodeError> {
+    match rows.pop() {
+        Some(crate::runner::RowOut::Top(t)) => Ok(t),
+        _ => Err(DecodeError::Step("no candidates came back".into())),
     }
 }
 

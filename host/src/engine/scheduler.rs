@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 use std::collections::HashMap;
 
 use super::prefix::PrefixCache;
-use super::{Event, ExtOp, FinishReason, Finished, Shared, Submit};
+use super::{Event, ExtOp, FinishReason, Finished, Reply, Shared, Submit};
 use crate::memory::cells::{SeqId, MAX_SEQ};
-use crate::runner::{DecodeError, Runner, UBatch};
-use crate::sampling::{sample_logits, Sampler};
+use crate::runner::{DecodeError, RowOut, Runner, UBatch, Want};
+use crate::sampling::{sample_logits, Candidate, Sampler};
 
 pub(super) struct Config {
     pub max_seqs: usize,
@@ -75,15 +75,17 @@ struct Ext {
     seq: SeqId,
     cached: Vec<u32>,
     pending: Vec<u32>,
-    /// Return a row per pending token (else only the last)
+    /// Return a logits row per pending token (else only the last's `want`)
     all: bool,
-    rows: Vec<Vec<f32>>,
-    reply: Option<std::sync::mpsc::Sender<Result<Vec<Vec<f32>>, DecodeError>>>,
+    want: Want,
+    rows: Vec<RowOut>,
+    reply: Option<Reply<Vec<RowOut>>>,
     admitted: u64,
     /// LoRA adapters its tokens are computed with (fixed for its life; a fork inherits them)
     adapters: crate::lora::AdapterList,
-    /// The step whose reply it got last (a caller answers within a round trip: see `gather`)
-    replied: u64,
+    /// When its last decode was answered, until its next one arrives (a caller answers within a
+    /// round trip: see `gather`)
+    replied_at: Option<Instant>,
 }
 
 /// Who a part of a ubatch belongs to.
@@ -103,16 +105,15 @@ struct Sched {
     free_ids: Vec<SeqId>,
     admitted: u64,
     ext: HashMap<u64, Ext>,
-    /// Steps run, and how long the last one took
-    steps: u64,
+    /// How long the last step that computed something took
     last_step: Duration,
 }
 
 /// Longest a step waits for caller-driven sequences that were answered by the previous step
 /// (each is in a round trip through its caller: a guest samples, streams and asks for the next
 /// token). Without it every step would take whichever of them came back first and the rest would
-/// trail one step behind, halving the batch. The wait is also capped by a quarter of the last
-/// step's time.
+/// trail one step behind, halving the batch. The wait is also capped by the last step's time:
+/// a sequence that misses it loses one step, a wait loses at most one step's worth of compute.
 const GATHER: Duration = Duration::from_millis(3);
 
 /// Hybrid models: a prompt's recurrent state is snapshotted (kept as a prefix-cache entry) every
@@ -132,7 +133,6 @@ pub(super) fn run(runner: Runner, cfg: Config, shared: Arc<Shared>) {
         free_ids: (0..MAX_SEQ as SeqId).rev().collect(),
         admitted: 0,
         ext: HashMap::new(),
-        steps: 0,
         last_step: Duration::ZERO,
     };
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.main_loop()));
@@ -175,7 +175,7 @@ impl Sched {
                     }
                     for e in self.ext.values_mut() {
                         if let Some(tx) = e.reply.take() {
-                            let _ = tx.send(Err(DecodeError::Stopped("shutting down".into())));
+                            tx.send(Err(DecodeError::Stopped("shutting down".into())));
                         }
                     }
                     return;
@@ -193,26 +193,33 @@ impl Sched {
             self.reap_cancelled();
             self.admit();
             let t = Instant::now();
-            self.step();
-            self.steps += 1;
-            self.last_step = t.elapsed();
+            // Only a step that computed something sets the gather window.
+            if self.step() {
+                self.last_step = t.elapsed();
+            }
             self.publish_stats();
         }
     }
 
-    /// Wait (briefly, see [`GATHER`]) for the caller-driven sequences the last step answered, so
-    /// the next step computes them together.
+    /// Wait (briefly, see [`GATHER`]) for the caller-driven sequences in a round trip, so the
+    /// next step computes them together: those answered within the last two steps' time that
+    /// have not asked again. (Not only those the last step answered: after a step that missed
+    /// some, the next would otherwise wait for the few it had and let the rest trail behind for
+    /// good, two half steps per token.)
     fn gather(&mut self) {
-        let limit = GATHER.min(self.last_step / 4);
+        let limit = GATHER.min(self.last_step);
         if limit.is_zero() {
             return;
         }
+        let horizon = self.last_step.max(GATHER) * 2;
         let t0 = Instant::now();
         loop {
-            let step = self.steps;
-            let missing = self.ext.values().any(|e| e.replied == step && e.pending.is_empty() && e.reply.is_none());
+            let missing = self.ext.values().any(|e| {
+                e.pending.is_empty() && e.reply.is_none() && e.replied_at.is_some_and(|t| t.elapsed() < horizon)
+            });
             let left = limit.saturating_sub(t0.elapsed());
             if !missing || left.is_zero() {
+                self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).gather_wait += t0.elapsed();
                 return;
             }
             let ops: Vec<ExtOp> = {
@@ -412,11 +419,12 @@ impl Sched {
             cached,
             pending: vec![],
             all: false,
+            want: Want::Logits,
             rows: vec![],
             reply: None,
             admitted: self.admitted,
             adapters,
-            replied: 0,
+            replied_at: None,
         };
         self.ext.insert(id, e);
         Ok(())
@@ -425,14 +433,14 @@ impl Sched {
     fn ext_op(&mut self, op: ExtOp) {
         match op {
             ExtOp::Open { id, adapters, reply } => {
-                let _ = reply.send(self.open_ext(id, None, vec![], adapters));
+                reply.send(self.open_ext(id, None, vec![], adapters));
             }
             ExtOp::Fork { src, id, reply } => {
                 let r = match self.ext.get(&src).map(|e| (e.seq, e.cached.clone(), e.adapters.clone())) {
                     Some((src_seq, cached, adapters)) => self.open_ext(id, Some(src_seq), cached, adapters),
                     None => Err(DecodeError::Closed("fork")),
                 };
-                let _ = reply.send(r);
+                reply.send(r);
             }
             ExtOp::Truncate { id, len, reply } => {
                 let r = match self.ext.get_mut(&id) {
@@ -447,13 +455,19 @@ impl Sched {
                     Some(e) => Err(DecodeError::Truncate { len, n_past: e.cached.len() }),
                     None => Err(DecodeError::Closed("truncate")),
                 };
-                let _ = reply.send(r);
+                reply.send(r);
             }
-            ExtOp::Decode { id, tokens, all, reused, reply } => {
+            ExtOp::Decode { id, tokens, all, want, reused, reply } => {
                 let Some(e) = self.ext.get_mut(&id) else {
-                    let _ = reply.send(Err(DecodeError::Closed("decode")));
+                    reply.send(Err(DecodeError::Closed("decode")));
                     return;
                 };
+                if e.reply.is_some() || !e.pending.is_empty() {
+                    reply.send(Err(DecodeError::Options(
+                        "a decode of this sequence is still in flight (one at a time per sequence)".into(),
+                    )));
+                    return;
+                }
                 if e.cached.is_empty() && !all {
                     // A fresh sequence may start from a cached prefix.
                     let (seq, salt) = (e.seq, adapters_salt(&e.adapters));
@@ -483,7 +497,13 @@ impl Sched {
                     e.pending = tokens;
                 }
                 let e = self.ext.get_mut(&id).expect("checked above");
+                if let Some(t) = e.replied_at.take() {
+                    let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+                    st.ext_turnaround += t.elapsed();
+                    st.ext_turnarounds += 1;
+                }
                 e.all = all;
+                e.want = want;
                 e.rows.clear();
                 e.reply = Some(reply);
             }
@@ -492,7 +512,7 @@ impl Sched {
                     Some(e) => self.runner.read_seq(e.seq).map(|(_, data)| data).map_err(DecodeError::from),
                     None => Err(DecodeError::Closed("read")),
                 };
-                let _ = reply.send(r);
+                reply.send(r);
             }
             ExtOp::LoadPrefix { tokens, data, reply } => {
                 let n = tokens.len();
@@ -510,12 +530,12 @@ impl Sched {
                     },
                     None => Err(DecodeError::NoSequence { max: MAX_SEQ }),
                 };
-                let _ = reply.send(r);
+                reply.send(r);
             }
             ExtOp::Close { id } => {
                 if let Some(e) = self.ext.remove(&id) {
                     if let Some(tx) = e.reply {
-                        let _ = tx.send(Err(DecodeError::Closed("a pending decode")));
+                        tx.send(Err(DecodeError::Closed("a pending decode")));
                     }
                     let salt = adapters_salt(&e.adapters);
                     self.runner.set_adapters(e.seq, vec![]);
@@ -548,7 +568,7 @@ impl Sched {
             x.pending.clear();
             x.rows.clear();
             if let Some(tx) = x.reply.take() {
-                let _ = tx.send(Err(e));
+                tx.send(Err(e));
             }
         }
     }
@@ -565,7 +585,8 @@ impl Sched {
         gens.chain(exts).collect()
     }
 
-    fn step(&mut self) {
+    /// One step; whether it computed anything.
+    fn step(&mut self) -> bool {
         // Sequences at the length limit end here.
         let mut i = 0;
         while i < self.active.len() {
@@ -578,7 +599,7 @@ impl Sched {
             }
         }
         if self.participants().is_empty() {
-            return;
+            return false;
         }
         // Room for one token per decoding sequence: evict cached prefixes, then pre-empt.
         loop {
@@ -613,7 +634,7 @@ impl Sched {
                 );
             }
             tracing::warn!(error = %err, "KV cache exhausted");
-            return;
+            return false;
         }
         // Prefill wants more cells: evict cached prefixes (never pre-empt for prefill).
         let want: usize = self.participants().iter().map(|p| p.1).sum::<usize>().min(self.runner.n_ubatch());
@@ -642,14 +663,28 @@ impl Sched {
                 }
                 step_adapters.extend(new);
             }
-            let (seq, cached, pending, all) = match who {
+            // What the last token's row holds: greedy requests (no penalties) and guests asking
+            // for candidates get them cut on the device, one integer per row for the argmax.
+            let (seq, cached, pending, all, want) = match who {
                 Who::Gen(i) => {
                     let r = &self.active[i];
-                    (r.seq.expect("active"), r.cached.len(), &r.pending, false)
+                    let p = &r.sampler.params;
+                    // Penalties reach beyond any cut; top-k sorts, so its k candidates give the
+                    // very draw the whole row would.
+                    let want = if p.has_penalties() {
+                        Want::Logits
+                    } else if p.greedy() {
+                        Want::Top { k: 1, norm: false }
+                    } else if p.top_k > 0 {
+                        Want::Top { k: p.top_k, norm: false }
+                    } else {
+                        Want::Logits
+                    };
+                    (r.seq.expect("active"), r.cached.len(), &r.pending, false, want)
                 }
                 Who::Ext(id) => {
                     let e = &self.ext[&id];
-                    (e.seq, e.cached.len(), &e.pending, e.all)
+                    (e.seq, e.cached.len(), &e.pending, e.all, if e.all { Want::Logits } else { e.want })
                 }
             };
             let mut take = pending.len().min(room);
@@ -660,29 +695,17 @@ impl Sched {
             }
             let completes = take == pending.len();
             for (j, &t) in pending[..take].iter().enumerate() {
-                ub.push(t, (cached + j) as u32, seq, all || (completes && j + 1 == take));
+                ub.push_want(t, (cached + j) as u32, seq, all || (completes && j + 1 == take), want);
             }
             parts.push((who, take, completes));
         }
         if ub.is_empty() {
-            return;
+            return false;
         }
-        // Greedy rows only (no penalties, no external caller wanting logits): the argmax is taken
-        // on the device and one integer per row comes back instead of a logits row.
-        let greedy = parts.iter().all(|&(who, _, completes)| match who {
-            Who::Gen(i) => {
-                !completes || self.active[i].sampler.params.greedy() && !self.active[i].sampler.params.has_penalties()
-            }
-            Who::Ext(_) => false,
-        });
         let t0 = Instant::now();
-        let out = if greedy {
-            self.runner.run_argmax(&ub).map(|t| (vec![], t))
-        } else {
-            self.runner.run(&ub, false, false).map(|o| (o.rows, vec![]))
-        };
+        let out = self.runner.run_select(&ub);
         let dt = t0.elapsed();
-        let (rows, tokens) = match out {
+        let rows = match out {
             Ok(o) => o,
             Err(e) => {
                 // The step failed as a whole: fail the requests in it, keep serving the rest.
@@ -699,11 +722,10 @@ impl Sched {
                     let r = self.active.swap_remove(i);
                     self.retire(r, FinishReason::Error(e.to_string()));
                 }
-                return;
+                return true;
             }
         };
         let mut rows = rows.into_iter();
-        let mut tokens = tokens.into_iter();
         let mut snapshots: Vec<(SeqId, u64, Vec<u32>)> = Vec::new();
         let mut finished: Vec<(usize, FinishReason)> = Vec::new();
         let (mut n_prompt, mut n_gen, mut n_ext) = (0u64, 0u64, 0u64);
@@ -722,10 +744,10 @@ impl Sched {
                     }
                     if completes {
                         if let Some(tx) = e.reply.take() {
-                            let _ = tx.send(Ok(std::mem::take(&mut e.rows)));
+                            tx.send(Ok(std::mem::take(&mut e.rows)));
                         }
                         // This step's number once `main_loop` counts it.
-                        e.replied = self.steps + 1;
+                        e.replied_at = Some(Instant::now());
                     }
                     continue;
                 }
@@ -742,11 +764,13 @@ impl Sched {
                 }
                 continue;
             }
-            let t = if greedy {
-                tokens.next().expect("one token per completing sequence")
-            } else {
-                let logits = rows.next().expect("one row per completing sequence");
-                sample_logits(&mut r.sampler, &logits, &r.history)
+            let t = match rows.next().expect("one row per completing sequence") {
+                RowOut::Top(top) if top.ids.len() <= 1 => top.ids.first().copied().unwrap_or(0),
+                RowOut::Top(top) => {
+                    let cands = top.ids.iter().zip(&top.logits).map(|(&id, &logit)| Candidate { id, logit }).collect();
+                    r.sampler.sample(cands, &r.history).unwrap_or(top.ids[0])
+                }
+                RowOut::Logits(logits) => sample_logits(&mut r.sampler, &logits, &r.history),
             };
             r.history.push(t);
             r.generated += 1;
@@ -782,6 +806,7 @@ impl Sched {
             let r = self.active.swap_remove(i);
             self.retire(r, reason);
         }
+        true
     }
 
     fn publish_stats(&self) {

@@ -173,6 +173,12 @@ impl Context {
         Tensor::from_raw(unsafe { sys::ggml_argsort_top_k(self.c(), a.raw(), k) })
     }
 
+    /// Indices (I32) of the `k` largest values of each row of `a` (F32, contiguous), in no
+    /// particular order: [n0, n1, ...] -> [k, n1, ...]. `k` must be at most `n0`.
+    pub fn top_k(&self, a: Tensor, k: i32) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_top_k(self.c(), a.raw(), k) })
+    }
+
     /// Sum of each row: [n0, ...] -> [1, ...].
     pub fn sum_rows(&self, a: Tensor) -> Tensor {
         Tensor::from_raw(unsafe { sys::ggml_sum_rows(self.c(), a.raw()) })

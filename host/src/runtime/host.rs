@@ -29,8 +29,8 @@ pub struct ModelHandle {
     engine: OnceLock<Arc<Engine>>,
 }
 
-fn read_opt(path: &Path) -> std::io::Result<Option<String>> {
-    match std::fs::read_to_string(path) {
+fn read_opt(path: &Path, max: u64) -> std::io::Result<Option<String>> {
+    match crate::files::read_string_capped(path, max) {
         Ok(s) => Ok(Some(s)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
@@ -42,9 +42,9 @@ impl ModelHandle {
     /// generation_config.json; a separate chat_template.jinja is folded into the config as
     /// transformers does).
     pub fn from_dir(dir: &Path, model: Option<Arc<Model>>) -> std::io::Result<ModelHandle> {
-        let tokenizer_json = read_opt(&dir.join("tokenizer.json"))?;
-        let mut tokenizer_config_json = read_opt(&dir.join("tokenizer_config.json"))?;
-        if let Some(tmpl) = read_opt(&dir.join("chat_template.jinja"))? {
+        let tokenizer_json = read_opt(&dir.join("tokenizer.json"), crate::files::MAX_TOKENIZER)?;
+        let mut tokenizer_config_json = read_opt(&dir.join("tokenizer_config.json"), crate::files::MAX_JSON)?;
+        if let Some(tmpl) = read_opt(&dir.join("chat_template.jinja"), crate::files::MAX_JSON)? {
             let mut cfg: serde_json::Value = tokenizer_config_json
                 .as_deref()
                 .and_then(|s| serde_json::from_str(s).ok())
@@ -54,7 +54,7 @@ impl ModelHandle {
                 tokenizer_config_json = Some(cfg.to_string());
             }
         }
-        let generation_config_json = read_opt(&dir.join("generation_config.json"))?;
+        let generation_config_json = read_opt(&dir.join("generation_config.json"), crate::files::MAX_JSON)?;
         Ok(ModelHandle {
             model,
             tokenizer_json,
@@ -295,19 +295,27 @@ impl EngineHost<'_> {
             return Ok(Err(types::Error::InvalidInput(format!("min-p must be in [0, 1], got {min_p}"))));
         }
         let sess = self.table.get(&s)?.session.clone();
-        let r = blocking(move || {
-            let mut g = sess.lock().unwrap_or_else(|p| p.into_inner());
-            g.decode(&tokens, Logits::Last).map(|mut rows| {
-                let logits = rows.pop().unwrap_or_default();
-                let log_norm = if norm { stllm_policy::generate::log_sum_exp(&logits) } else { 0.0 };
-                let candidates = stllm_policy::sampling::top_candidates(&logits, k as usize, min_p)
-                    .into_iter()
-                    .map(|c| types::Candidate { id: c.id, logit: c.logit })
-                    .collect::<Vec<_>>();
-                engine::TopCandidates { candidates, log_norm }
-            })
-        })
-        .await?;
+        // The candidates are cut where the logits are (on the GPU only they cross back); the
+        // min-p floor is applied to them here. The step is awaited, not blocked on.
+        let queued = sess.lock().unwrap_or_else(|p| p.into_inner()).decode_top_async(&tokens, k, norm);
+        let r = match queued {
+            Ok(f) => f.await,
+            Err(e) => Err(e),
+        }
+        .map(|top| {
+            let floor = match (min_p > 0.0, top.logits.first()) {
+                (true, Some(&best)) => best + min_p.ln(),
+                _ => f32::NEG_INFINITY,
+            };
+            let candidates = top
+                .ids
+                .iter()
+                .zip(&top.logits)
+                .filter(|(_, &l)| l >= floor)
+                .map(|(&id, &logit)| types::Candidate { id, logit })
+                .collect::<Vec<_>>();
+            engine::TopCandidates { candidates, log_norm: top.log_norm.unwrap_or(0.0) }
+        });
         self.returned_to_guest();
         Ok(r.map_err(decode_err))
     }
@@ -320,11 +328,12 @@ impl engine::HostSequence for EngineHost<'_> {
         tokens: Vec<u32>,
     ) -> wasmtime::Result<Result<Vec<f32>, types::Error>> {
         let sess = self.table.get(&s)?.session.clone();
-        let r = blocking(move || {
-            let mut g = sess.lock().unwrap_or_else(|p| p.into_inner());
-            g.decode(&tokens, Logits::Last).map(|mut rows| rows.pop().unwrap_or_default())
-        })
-        .await?;
+        let queued = sess.lock().unwrap_or_else(|p| p.into_inner()).decode_async(&tokens, Logits::Last);
+        let r = match queued {
+            Ok(f) => f.await,
+            Err(e) => Err(e),
+        }
+        .map(|mut rows| rows.pop().unwrap_or_default());
         self.returned_to_guest();
         Ok(r.map_err(decode_err))
     }
@@ -335,11 +344,11 @@ impl engine::HostSequence for EngineHost<'_> {
         tokens: Vec<u32>,
     ) -> wasmtime::Result<Result<Vec<Vec<f32>>, types::Error>> {
         let sess = self.table.get(&s)?.session.clone();
-        let r = blocking(move || {
-            let mut g = sess.lock().unwrap_or_else(|p| p.into_inner());
-            g.decode(&tokens, Logits::All)
-        })
-        .await?;
+        let queued = sess.lock().unwrap_or_else(|p| p.into_inner()).decode_async(&tokens, Logits::All);
+        let r = match queued {
+            Ok(f) => f.await,
+            Err(e) => Err(e),
+        };
         self.returned_to_guest();
         Ok(r.map_err(decode_err))
     }

@@ -374,7 +374,7 @@ fn load_component(engine: &Engine, path: Option<&Path>, default: &[u8]) -> Resul
     let t0 = Instant::now();
     let c = match path {
         Some(p) => {
-            let bytes = std::fs::read(p)
+            let bytes = crate::files::read_capped(p, crate::files::MAX_COMPONENT)
                 .map_err(|e| RuntimeError::Load { path: p.display().to_string(), msg: e.to_string() })?;
             Component::new(engine, &bytes)
                 .map_err(|e| RuntimeError::Load { path: p.display().to_string(), msg: format!("{e:#}") })?
@@ -524,6 +524,28 @@ impl Runtime {
                 Err(err)
             }
         }
+    }
+
+    /// Create and initialise (a first call parses the tokenizer) up to `n` pooled instances now
+    /// (at most the pool's size), so that as many concurrent requests start without paying for
+    /// it; returns how many the pool holds.
+    pub async fn prewarm(&self, n: usize) -> Result<usize, RuntimeError> {
+        // Each instance is initialised as soon as it exists (its step clock starts at `begin`)
+        // and held until all are, so none is taken twice.
+        let mut held = Vec::new();
+        for _ in 0..n.min(self.cfg.pool_size) {
+            let mut i = self.begin().await?;
+            match i.bindings.stllm_inference_policy().call_tokenize(&mut i.store, "", false).await {
+                Ok(Ok(_)) => held.push(i),
+                r => {
+                    self.end(i, r)?;
+                }
+            }
+        }
+        for i in held {
+            self.checkin(i);
+        }
+        Ok(self.pool.lock().unwrap_or_else(|p| p.into_inner()).len())
     }
 
     /// Token ids of `text` (`add_special`: like `add_special_tokens=True`).
