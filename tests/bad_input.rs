@@ -206,6 +206,39 @@ fn broken_config_and_missing_files() {
 }
 
 #[test]
+fn non_regular_files_are_refused_not_read_forever() {
+    // /dev/zero as config.json (a symbolic link, as in the Hugging Face cache): refused by its
+    // kind instead of read until memory runs out.
+    let tmp = copy_fixture("llama-f32");
+    std::fs::remove_file(tmp.path().join("config.json")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", tmp.path().join("config.json")).unwrap();
+    assert!(load(tmp.path()).to_string().contains("not a regular file"));
+    cli_fails(tmp.path(), "not a regular file");
+
+    // A FIFO named model.safetensors: refused before it is opened (the open would block).
+    let tmp = copy_fixture("llama-f32");
+    let st = tmp.path().join("model.safetensors");
+    std::fs::remove_file(&st).unwrap();
+    assert!(Command::new("mkfifo").arg(&st).status().unwrap().success());
+    assert!(load(tmp.path()).to_string().contains("not a regular file"));
+    cli_fails(tmp.path(), "not a regular file");
+
+    // /dev/zero as tokenizer.json, for the tokenizer-only commands.
+    let tmp = copy_fixture("llama-f32");
+    std::fs::remove_file(tmp.path().join("tokenizer.json")).ok();
+    std::os::unix::fs::symlink("/dev/zero", tmp.path().join("tokenizer.json")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_stllm"))
+        .args(["tokenize", "--tokenizer"])
+        .arg(tmp.path())
+        .args(["--text", "hello"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.status.code().is_some(), "{stderr}");
+    assert!(stderr.contains("not a regular file"), "{stderr}");
+}
+
+#[test]
 fn index_naming_a_missing_shard_or_tensor() {
     let tmp = copy_fixture("qwen3-f32-sharded");
     std::fs::remove_file(tmp.path().join("model-00003-of-00004.safetensors")).unwrap();

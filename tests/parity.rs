@@ -192,6 +192,42 @@ fn quantized_kv_caches() {
     assert!(Session::new(model, &opts).err().unwrap().to_string().contains("needs flash attention"));
 }
 
+/// The tensors of a checkpoint with per-expert projections in transformers 5's fused layout.
+fn fuse_experts(all: Vec<common::RawTensor>, gate: &str, up: &str, down: &str) -> Vec<common::RawTensor> {
+    let mut out: Vec<common::RawTensor> = Vec::new();
+    let mut layers = std::collections::BTreeMap::<String, Vec<&common::RawTensor>>::new();
+    for t in &all {
+        match t.0.split_once(".experts.") {
+            Some((block, _)) => layers.entry(block.to_string()).or_default().push(t),
+            None => out.push(t.clone()),
+        }
+    }
+    assert!(!layers.is_empty(), "the checkpoint has experts");
+    for (block, experts) in layers {
+        let fused_block = block.replace(".block_sparse_moe", ".mlp");
+        let get = |e: usize, part: &str| {
+            let n = format!("{block}.experts.{e}.{part}.weight");
+            experts.iter().find(|t| t.0 == n).unwrap_or_else(|| panic!("{n}"))
+        };
+        let n_exp = experts.len() / 3;
+        let (ff, h) = (get(0, gate).2[0], get(0, gate).2[1]);
+        let mut gu = Vec::new();
+        let mut dn = Vec::new();
+        for e in 0..n_exp {
+            gu.extend_from_slice(&get(e, gate).3);
+            gu.extend_from_slice(&get(e, up).3);
+            dn.extend_from_slice(&get(e, down).3);
+        }
+        out.push((format!("{fused_block}.experts.gate_up_proj"), "F32".into(), vec![n_exp, 2 * ff, h], gu));
+        out.push((format!("{fused_block}.experts.down_proj"), "F32".into(), vec![n_exp, h, ff], dn));
+    }
+    // Mixtral's router moves with its block.
+    for t in &mut out {
+        t.0 = t.0.replace(".block_sparse_moe.gate.", ".mlp.gate.");
+    }
+    out
+}
+
 /// MoE checkpoints in transformers 5's fused layout (`mlp.experts.gate_up_proj` [E, 2·ff, H] with
 /// the gate rows first, `mlp.experts.down_proj` [E, H, ff], Mixtral's block renamed to `mlp`)
 /// give exactly the logits of the Hub's per-expert layout.
@@ -208,40 +244,71 @@ fn moe_fused_expert_layout_gives_the_same_logits() {
         let want = logits(&fixture(name));
         let tmp = common::copy_fixture(name);
         let path = tmp.path().join("model.safetensors");
-        let all = common::read_all(&path);
-        let mut out: Vec<common::RawTensor> = Vec::new();
-        let mut layers = std::collections::BTreeMap::<String, Vec<&common::RawTensor>>::new();
-        for t in &all {
-            match t.0.split_once(".experts.") {
-                Some((block, _)) => layers.entry(block.to_string()).or_default().push(t),
-                None => out.push(t.clone()),
-            }
-        }
-        assert!(!layers.is_empty(), "{name} has experts");
-        for (block, experts) in layers {
-            let fused_block = block.replace(".block_sparse_moe", ".mlp");
-            let get = |e: usize, part: &str| {
-                let n = format!("{block}.experts.{e}.{part}.weight");
-                experts.iter().find(|t| t.0 == n).unwrap_or_else(|| panic!("{n}"))
-            };
-            let n_exp = experts.len() / 3;
-            let (ff, h) = (get(0, gate).2[0], get(0, gate).2[1]);
-            let mut gu = Vec::new();
-            let mut dn = Vec::new();
-            for e in 0..n_exp {
-                gu.extend_from_slice(&get(e, gate).3);
-                gu.extend_from_slice(&get(e, up).3);
-                dn.extend_from_slice(&get(e, down).3);
-            }
-            out.push((format!("{fused_block}.experts.gate_up_proj"), "F32".into(), vec![n_exp, 2 * ff, h], gu));
-            out.push((format!("{fused_block}.experts.down_proj"), "F32".into(), vec![n_exp, h, ff], dn));
-        }
-        // Mixtral's router moves with its block.
-        for t in &mut out {
-            t.0 = t.0.replace(".block_sparse_moe.gate.", ".mlp.gate.");
-        }
+        let out = fuse_experts(common::read_all(&path), gate, up, down);
         common::write_safetensors(&path, &out);
         assert_eq!(logits(tmp.path()), want, "{name}");
+    }
+}
+
+/// Copy fixture `name` as a checkpoint of `sources.len()` layers, layer `i` a copy of the
+/// fixture's layer `sources[i]` (its config's `layers_block_type` follows, when it has one).
+fn with_layers(name: &str, sources: &[usize], fuse: bool) -> tempfile::TempDir {
+    let tmp = common::copy_fixture(name);
+    let path = tmp.path().join("model.safetensors");
+    let all = common::read_all(&path);
+    let layer_of = |n: &str| -> Option<(usize, String, String)> {
+        let (head, rest) = n.split_once("layers.")?;
+        let (idx, tail) = rest.split_once('.')?;
+        Some((idx.parse().ok()?, format!("{head}layers."), tail.to_string()))
+    };
+    let mut out: Vec<common::RawTensor> = all.iter().filter(|t| layer_of(&t.0).is_none()).cloned().collect();
+    for (i, &src) in sources.iter().enumerate() {
+        for t in &all {
+            if let Some((l, head, tail)) = layer_of(&t.0) {
+                if l == src {
+                    out.push((format!("{head}{i}.{tail}"), t.1.clone(), t.2.clone(), t.3.clone()));
+                }
+            }
+        }
+    }
+    if fuse {
+        out = fuse_experts(out, "gate_proj", "up_proj", "down_proj");
+    }
+    common::write_safetensors(&path, &out);
+    let cfg_path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["num_hidden_layers"] = sources.len().into();
+    if let Some(types) = cfg.get("layers_block_type").and_then(|v| v.as_array()).cloned() {
+        cfg["layers_block_type"] = sources.iter().map(|&s| types[s].clone()).collect::<Vec<_>>().into();
+    }
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    tmp
+}
+
+/// Valid checkpoints with many layers load and run: the weights' tensor headers grow with what
+/// the architectures derive from the file tensors (BF16 Mamba projections kept as F16, reshaped
+/// vectors, split fused experts), which once overflowed their context and aborted the process.
+/// The shapes of the reports: a Nemotron-H-like hybrid in BF16 with 20 Mamba layers and no
+/// experts, a 40-layer nemotron_h in F32, and a 48-layer Qwen3-MoE in the fused layout.
+#[test]
+fn many_layer_checkpoints_load_and_run() {
+    // nemotron_h-bf16's layers: 0 Mamba, 1 MoE, 2 attention, 3 Mamba, 4 MLP, 5 MoE, 6 Mamba:
+    // 20 Mamba, 10 MLP and 10 attention layers, no experts.
+    let hybrid: Vec<usize> = (0..40).map(|i| [0, 4, 3, 2][i % 4]).collect();
+    let cases = [
+        ("nemotron_h-bf16", hybrid, false),
+        ("nemotron_h-f32", (0..40).map(|i| i % 6).collect::<Vec<_>>(), false),
+        ("qwen3_moe-f32", (0..48).map(|i| if i == 0 { 0 } else { 1 + (i - 1) % 2 }).collect(), true),
+    ];
+    for (name, sources, fuse) in cases {
+        let tmp = with_layers(name, &sources, fuse);
+        let model = Model::load(tmp.path(), &ModelOptions { threads: 2, ..Default::default() })
+            .unwrap_or_else(|e| panic!("{name} with {} layers: {e}", sources.len()));
+        assert_eq!(model.hparams().n_layer, sources.len(), "{name}");
+        let model = Arc::new(model);
+        let exp = Expected::load(&fixture(name));
+        let rows = session(&model, 512, None).decode(&exp.ids("tokens")[..6], Logits::All).unwrap();
+        assert!(rows.iter().flatten().all(|x| x.is_finite()), "{name}: non-finite logits");
     }
 }
 

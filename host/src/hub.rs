@@ -85,7 +85,7 @@ pub fn resolve_in(cache: &Path, repo: &str, revision: Option<&str>) -> Result<Pa
     let refs = dir.join("refs");
     let ref_file = refs.join(rev);
     let commit = if ref_file.is_file() {
-        let s = std::fs::read_to_string(&ref_file).map_err(|e| io(&ref_file, e))?;
+        let s = crate::files::read_string_capped(&ref_file, 4096).map_err(|e| io(&ref_file, e))?;
         Some(s.trim().to_string())
     } else {
         None

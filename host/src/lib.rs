@@ -28,6 +28,7 @@
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod engine;
+pub mod files;
 pub(crate) mod ggml;
 pub(crate) mod graph;
 pub mod hub;

@@ -354,6 +354,22 @@ impl Context {
         t
     }
 
+    /// [`Context::new_tensor`] for contexts whose tensor count depends on the input (a model's
+    /// weights): refuses, instead of ggml aborting, when no header fits any more.
+    pub fn try_new_tensor(&self, dtype: DType, shape: &[i64], name: &str) -> Result<Tensor, GgmlError> {
+        // SAFETY: reads the sizes of a live context.
+        let (need, size, used) = unsafe {
+            (sys::ggml_tensor_overhead(), sys::ggml_get_mem_size(self.raw()), sys::ggml_used_mem(self.raw()))
+        };
+        if used.saturating_add(need) > size {
+            return Err(GgmlError::Alloc {
+                what: format!("a tensor header for {name} (the context holds {} of them)", size / need.max(1)),
+                bytes: need,
+            });
+        }
+        Ok(self.new_tensor(dtype, shape, name))
+    }
+
     /// Allocate one backend buffer holding every tensor of this context.
     pub fn alloc_tensors(&self, backend: &Backend) -> Result<Buffer, GgmlError> {
         // SAFETY: context and backend are valid; returns null on failure.
@@ -572,6 +588,16 @@ impl Tensor {
         self.check_bytes(n * 4, 0)?;
         // SAFETY: `out` has exactly nbytes of room (contiguous F32).
         unsafe { sys::ggml_backend_tensor_get(self.raw(), out.as_mut_ptr().cast(), 0, n * 4) };
+        Ok(out)
+    }
+
+    /// Read `n` elements of an F32 tensor (contiguous) from element `start` on.
+    pub fn read_f32_at(&self, start: usize, n: usize) -> Result<Vec<f32>, GgmlError> {
+        self.expect_dtype(DType::F32)?;
+        let mut out = vec![0f32; n];
+        self.check_bytes(n * 4, start * 4)?;
+        // SAFETY: bounds checked; `out` has exactly `n * 4` bytes of room.
+        unsafe { sys::ggml_backend_tensor_get(self.raw(), out.as_mut_ptr().cast(), start * 4, n * 4) };
         Ok(out)
     }
 

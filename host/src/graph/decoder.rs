@@ -48,6 +48,9 @@ pub struct DecoderConfig {
     pub layer_types: Option<Vec<String>>,
 }
 
+/// Most decoder layers a config may declare.
+pub const MAX_LAYERS: usize = 4096;
+
 fn default_eps() -> f64 {
     1e-6
 }
@@ -77,6 +80,24 @@ impl DecoderConfig {
         ] {
             if v == 0 {
                 return bad(name, "must be positive".into());
+            }
+        }
+        // Upper bounds before anything is sized from these (far beyond any published model;
+        // a layer count of 10^12 would otherwise be an allocation abort).
+        for (name, v, max) in [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_attention_heads, 1 << 12),
+            ("num_key_value_heads", self.n_head_kv(), 1 << 12),
+            ("head_dim", self.head_dim.unwrap_or(0), 1 << 12),
+            ("max_position_embeddings", self.max_position_embeddings.unwrap_or(0), 1 << 30),
+            ("sliding_window", self.sliding_window.unwrap_or(0), 1 << 30),
+            ("max_window_layers", self.max_window_layers.unwrap_or(0), MAX_LAYERS),
+        ] {
+            if v > max {
+                return bad(name, format!("{v} is beyond the supported maximum of {max}"));
             }
         }
         let nkv = self.n_head_kv();
@@ -189,7 +210,7 @@ impl DenseDecoder {
         let dims =
             AttnDims { n_embd, n_head: cfg.num_attention_heads, n_head_kv: cfg.n_head_kv(), head_dim: cfg.head_dim() };
         let n_ctx_train = cfg.max_position_embeddings.unwrap_or(4096);
-        let rope = RopeConfig::from_hf(&dir.config, dims.head_dim, n_ctx_train, &dir.config_path)?.build(w);
+        let rope = RopeConfig::from_hf(&dir.config, dims.head_dim, n_ctx_train, &dir.config_path)?.build(w)?;
         let eps = cfg.rms_norm_eps as f32;
         let embed_tokens = w.get("model.embed_tokens.weight", &[n_vocab, n_embd])?;
         // transformers' default for these families is untied; a tied model may still ship a copy

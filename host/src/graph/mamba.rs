@@ -75,7 +75,7 @@ impl Mamba2 {
         let conv_b = w.get_opt(&format!("{p}.conv1d.bias"), &[dims.conv_dim()])?;
         let dt_bias = w.get(&format!("{p}.dt_bias"), &[dims.n_head])?;
         let a_log = w.read_f32(&format!("{p}.A_log"), &[dims.n_head])?;
-        let a = w.derived(&format!("{p}.A"), &[1, dims.n_head as i64], a_log.iter().map(|x| -x.exp()).collect());
+        let a = w.derived(&format!("{p}.A"), &[1, dims.n_head as i64], a_log.iter().map(|x| -x.exp()).collect())?;
         let d = w.get_reshaped(&format!("{p}.D"), &[dims.n_head], &[1, dims.n_head as i64])?;
         let norm = w.get(&format!("{p}.norm.weight"), &[dims.d_inner()])?;
         let out_proj = w.get_f16_for_bf16(&format!("{p}.out_proj.weight"), &[dims.n_embd, dims.d_inner()])?;

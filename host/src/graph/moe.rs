@@ -12,6 +12,9 @@ use super::Forward;
 use crate::ggml::Tensor;
 use crate::loader::{LoadError, ModelDir, WeightBuilder};
 
+/// Most experts a MoE layer may have (published models have up to a few hundred).
+pub const MAX_EXPERTS: usize = 1 << 14;
+
 /// The expert-count keys MoE configs share. The Hub's Qwen3-MoE configs say `num_experts`,
 /// Mixtral's and transformers 5's `num_local_experts`; either is accepted.
 #[derive(Debug, Clone, Deserialize)]
@@ -46,6 +49,9 @@ impl MoeConfig {
 
     pub fn n_expert(&self, dir: &ModelDir) -> Result<usize, LoadError> {
         match self.num_experts.or(self.num_local_experts) {
+            Some(n) if n > MAX_EXPERTS => {
+                Err(Self::invalid(dir, "num_experts", format!("{n} is beyond the supported maximum of {MAX_EXPERTS}")))
+            }
             Some(n) if n > 0 => Ok(n),
             _ => Err(Self::invalid(
                 dir,

@@ -19,8 +19,23 @@ pub struct Rope {
     pub freq_factors: Option<Tensor>,
 }
 
-fn num(v: &Value, key: &str) -> Option<f64> {
-    v.get(key).and_then(Value::as_f64)
+/// A number of the config: absent (or null) is `None`; Python's bare `NaN` / `Infinity` (read as
+/// strings, see `loader::read_json`) are those numbers; anything else is an error naming the key,
+/// not a silent default.
+fn num(v: &Value, key: &str) -> Result<Option<f64>, String> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_f64()
+            .or_else(|| match x.as_str() {
+                Some("NaN") => Some(f64::NAN),
+                Some("Infinity") => Some(f64::INFINITY),
+                Some("-Infinity") => Some(f64::NEG_INFINITY),
+                _ => None,
+            })
+            .map(Some)
+            .ok_or_else(|| format!("expected a number, got {x}")),
+    }
 }
 
 /// What the config says about RoPE, before weights exist.
@@ -47,18 +62,18 @@ impl RopeConfig {
             .find(|v| v.is_object())
             .cloned()
             .unwrap_or(Value::Null);
-        let theta = num(&params, "rope_theta").or_else(|| num(cfg, "rope_theta")).unwrap_or(10000.0);
+        let num = |v: &Value, key: &str| num(v, key).map_err(|msg| bad(key, msg));
+        let theta = num(&params, "rope_theta")?.or(num(cfg, "rope_theta")?).unwrap_or(10000.0);
         if !(theta.is_finite() && theta > 0.0) {
             return Err(bad("rope_theta", format!("must be a positive number, got {theta}")));
         }
-        let partial =
-            num(&params, "partial_rotary_factor").or_else(|| num(cfg, "partial_rotary_factor")).unwrap_or(1.0);
+        let partial = num(&params, "partial_rotary_factor")?.or(num(cfg, "partial_rotary_factor")?).unwrap_or(1.0);
         if !(partial > 0.0 && partial <= 1.0) {
             return Err(bad("partial_rotary_factor", format!("must be in (0, 1], got {partial}")));
         }
         let n_dims = ((head_dim as f64 * partial) as usize) & !1;
         let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
-        let factor = num(&params, "factor");
+        let factor = num(&params, "factor")?;
         let need_factor = |kind: &str| -> Result<f64, LoadError> {
             match factor {
                 Some(f) if f.is_finite() && f >= 1.0 => Ok(f),
@@ -72,13 +87,16 @@ impl RopeConfig {
             "linear" => rc.freq_scale = 1.0 / need_factor(kind)?,
             "llama3" => {
                 let factor = need_factor(kind)?;
-                let low = num(&params, "low_freq_factor").unwrap_or(1.0);
-                let high = num(&params, "high_freq_factor").unwrap_or(4.0);
-                let orig = num(&params, "original_max_position_embeddings").unwrap_or(8192.0);
-                if !(high > low && low > 0.0 && orig > 0.0) {
+                let low = num(&params, "low_freq_factor")?.unwrap_or(1.0);
+                let high = num(&params, "high_freq_factor")?.unwrap_or(4.0);
+                let orig = num(&params, "original_max_position_embeddings")?.unwrap_or(8192.0);
+                if !(high.is_finite() && high > low && low > 0.0 && orig >= 1.0 && orig <= (1u64 << 30) as f64) {
                     return Err(bad(
                         "rope_scaling",
-                        format!("llama3 needs high_freq_factor > low_freq_factor > 0, got {high} and {low}"),
+                        format!(
+                            "llama3 needs high_freq_factor > low_freq_factor > 0 and original_max_position_embeddings \
+                             in 1..=2^30, got {high}, {low} and {orig}"
+                        ),
                     ));
                 }
                 rc.n_ctx_orig = orig as usize;
@@ -95,10 +113,13 @@ impl RopeConfig {
     }
 
     /// Make the runtime form; the llama3 divisors become a small F32 tensor in the weights.
-    pub fn build(&self, w: &mut WeightBuilder) -> Rope {
-        let freq_factors =
-            self.freq_factors.as_ref().map(|ff| w.derived("rope_freq_factors", &[ff.len() as i64], ff.clone()));
-        Rope {
+    pub fn build(&self, w: &mut WeightBuilder) -> Result<Rope, crate::loader::LoadError> {
+        let freq_factors = self
+            .freq_factors
+            .as_ref()
+            .map(|ff| w.derived("rope_freq_factors", &[ff.len() as i64], ff.clone()))
+            .transpose()?;
+        Ok(Rope {
             params: RopeParams {
                 n_dims: self.n_dims as i32,
                 mode: crate::ggml::ROPE_NEOX,
@@ -111,7 +132,7 @@ impl RopeConfig {
                 beta_slow: 1.0,
             },
             freq_factors,
-        }
+        })
     }
 }
 

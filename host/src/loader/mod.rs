@@ -58,7 +58,7 @@ impl LoadError {
 /// (published configs have them, e.g. `time_step_limit`); outside strings they read as strings
 /// of the same name, the way transformers 5 spells them (`{"__float__": "Infinity"}` stays as is).
 pub fn read_json(path: &Path) -> Result<serde_json::Value, LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
+    let text = crate::files::read_string_capped(path, crate::files::MAX_JSON).map_err(|e| LoadError::io(path, e))?;
     serde_json::from_str(&text)
         .or_else(|e| serde_json::from_str(&quote_python_floats(&text)).map_err(|_| e))
         .map_err(|source| LoadError::Json { path: path.to_path_buf(), source })
@@ -270,7 +270,11 @@ pub struct Weights {
 
 impl<'a> WeightBuilder<'a> {
     pub fn new(dir: &'a ModelDir, arch: &str) -> Result<Self, LoadError> {
-        let ctx = Context::new(dir.tensors.len() + 64, 0)?;
+        // Headers: one per file tensor, and at most as many again for what the architectures make
+        // of them (a BF16 projection kept as F16, a reshaped vector, the parts of a fused expert
+        // projection, stacks) and for derived tensors; each header is a few hundred bytes. The
+        // builder asks with `try_new_tensor`, so a count beyond this is an error, not an abort.
+        let ctx = Context::new(dir.tensors.len().saturating_mul(4).saturating_add(256), 0)?;
         Ok(WeightBuilder {
             dir,
             arch: arch.to_string(),
@@ -360,7 +364,7 @@ impl<'a> WeightBuilder<'a> {
         // operands on every backend; they are a negligible share of the bytes.
         let dtype = if shape.len() == 1 { DType::F32 } else { self.target_dtype(name, dtype, shape[shape.len() - 1]) };
         let ne: Vec<i64> = shape.iter().rev().map(|&d| d as i64).collect();
-        let t = self.ctx.new_tensor(dtype, &ne, name);
+        let t = self.ctx.try_new_tensor(dtype, &ne, name)?;
         self.used.insert(name.to_string());
         self.from_file.push(Source { tensor: t, name: name.to_string(), dst: 0, src: None });
         Ok(Some(t))
@@ -385,7 +389,8 @@ impl<'a> WeightBuilder<'a> {
         let dtype = dtype.unwrap_or(DType::F32);
         let dtype = self.target_dtype(names.first().map_or("", |n| n.as_str()), dtype, shape[1]);
         let ne = [shape[1] as i64, shape[0] as i64, names.len().max(1) as i64];
-        let t = self.ctx.new_tensor(dtype, &ne, &format!("{}#stacked", names.first().map_or("", |n| n.as_str())));
+        let t =
+            self.ctx.try_new_tensor(dtype, &ne, &format!("{}#stacked", names.first().map_or("", |n| n.as_str())))?;
         let per = dtype.row_size(ne[0]) * shape[0];
         for (i, name) in names.iter().enumerate() {
             self.used.insert(name.clone());
@@ -418,7 +423,7 @@ impl<'a> WeightBuilder<'a> {
         let [n, rows, cols] = shape;
         let mut out = Vec::with_capacity(parts.len());
         for (k, &(first, len)) in parts.iter().enumerate() {
-            let t = self.ctx.new_tensor(dtype, &[cols as i64, len as i64, n as i64], &format!("{name}#{k}"));
+            let t = self.ctx.try_new_tensor(dtype, &[cols as i64, len as i64, n as i64], &format!("{name}#{k}"))?;
             for e in 0..n {
                 self.from_file.push(Source {
                     tensor: t,
@@ -439,7 +444,7 @@ impl<'a> WeightBuilder<'a> {
         self.get(name, shape)?;
         debug_assert_eq!(shape.iter().product::<usize>() as i64, ne.iter().product::<i64>());
         let src = self.from_file.pop().expect("just declared");
-        let r = self.ctx.new_tensor(DType::F32, ne, name);
+        let r = self.ctx.try_new_tensor(DType::F32, ne, name)?;
         self.from_file.push(Source { tensor: r, name: src.name, dst: 0, src: None });
         Ok(r)
     }
@@ -455,7 +460,7 @@ impl<'a> WeightBuilder<'a> {
         }
         let src = self.from_file.pop().expect("just declared");
         let ne: Vec<i64> = shape.iter().rev().map(|&d| d as i64).collect();
-        let r = self.ctx.new_tensor(DType::F16, &ne, name);
+        let r = self.ctx.try_new_tensor(DType::F16, &ne, name)?;
         self.from_file.push(Source { tensor: r, name: src.name, dst: 0, src: None });
         Ok(r)
     }
@@ -482,10 +487,10 @@ impl<'a> WeightBuilder<'a> {
     }
 
     /// An F32 tensor computed at load time (ggml shape order).
-    pub fn derived(&mut self, name: &str, ne: &[i64], data: Vec<f32>) -> Tensor {
-        let t = self.ctx.new_tensor(DType::F32, ne, name);
+    pub fn derived(&mut self, name: &str, ne: &[i64], data: Vec<f32>) -> Result<Tensor, LoadError> {
+        let t = self.ctx.try_new_tensor(DType::F32, ne, name)?;
         self.derived.push((t, data));
-        t
+        Ok(t)
     }
 
     /// Check that every tensor of the files was used, allocate the weights on the backends

@@ -105,7 +105,7 @@ struct RawEntry {
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<SafetensorsFile, LoadError> {
         let corrupt = |msg: String| LoadError::Corrupt { file: path.to_path_buf(), msg };
-        let mut file = File::open(path).map_err(|e| LoadError::io(path, e))?;
+        let mut file = crate::files::open_regular(path).map_err(|e| LoadError::io(path, e))?;
         let file_len = file.metadata().map_err(|e| LoadError::io(path, e))?.len();
         let mut n = [0u8; 8];
         file.read_exact(&mut n).map_err(|_| corrupt(format!("file is {file_len} bytes, too short for a header")))?;

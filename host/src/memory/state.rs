@@ -68,7 +68,7 @@ pub fn load(
 ) -> Result<(Vec<u32>, Vec<u8>), StateError> {
     let io = |source| StateError::Io { path: path.to_path_buf(), source };
     let format = |msg: String| StateError::Format { path: path.to_path_buf(), msg };
-    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut f = crate::files::open_regular(path).map_err(io)?;
     let mut magic = [0u8; 8];
     f.read_exact(&mut magic).map_err(|_| format("too short".into()))?;
     if &magic != MAGIC {

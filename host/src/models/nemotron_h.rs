@@ -74,10 +74,15 @@ impl Cfg<'_> {
     }
 
     fn usize(&self, keys: &[&str], default: Option<usize>) -> Result<usize, LoadError> {
+        // Every count of these configs (sizes, heads, experts, groups, state dims) is far below
+        // this; anything above is refused before it sizes an allocation.
+        const MAX: u64 = 1 << 24;
         match self.get(keys) {
-            Some(x) => {
-                x.as_u64().map(|n| n as usize).ok_or_else(|| self.err(keys[0], format!("expected a count, got {x}")))
-            }
+            Some(x) => match x.as_u64() {
+                Some(n) if n <= MAX => Ok(n as usize),
+                Some(n) => Err(self.err(keys[0], format!("{n} is beyond the supported maximum of {MAX}"))),
+                None => Err(self.err(keys[0], format!("expected a count, got {x}"))),
+            },
             None => default.ok_or_else(|| self.err(keys[0], "missing".into())),
         }
     }
@@ -143,6 +148,12 @@ pub fn load(dir: &ModelDir, w: &mut WeightBuilder) -> Result<Box<dyn Architectur
     let kinds = c.kinds()?;
     if kinds.is_empty() {
         return Err(c.err("layers_block_type", "no layers".into()));
+    }
+    if kinds.len() > crate::graph::decoder::MAX_LAYERS {
+        return Err(c.err(
+            "layers_block_type",
+            format!("{} layers are beyond the supported maximum of {}", kinds.len(), crate::graph::decoder::MAX_LAYERS),
+        ));
     }
     if let Some(n) = c.get(&["num_hidden_layers"]).and_then(Value::as_u64) {
         if n as usize != kinds.len() && c.get(&["layers_block_type", "layer_types"]).is_none() {
