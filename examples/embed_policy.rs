@@ -27,7 +27,14 @@ impl WasiView for MyState {
 
 impl EngineView for MyState {
     fn engine_host(&mut self) -> EngineHost<'_> {
-        EngineHost { table: &mut self.table, handle: &self.model, last_return: None, plugin: None, plugin_error: None }
+        EngineHost {
+            table: &mut self.table,
+            handle: &self.model,
+            last_return: None,
+            plugin: None,
+            plugin_error: None,
+            opened: None,
+        }
     }
 }
 

@@ -239,6 +239,39 @@ fn non_regular_files_are_refused_not_read_forever() {
 }
 
 #[test]
+fn absurd_sizes_are_refused_not_wrapped() {
+    // Sizes from a user reach the cache's size arithmetic: values whose products wrap must be
+    // refused with a message, never slip past the fit check into ggml (an abort).
+    let model = std::sync::Arc::new(Model::load(&common::fixture("llama-f32"), &ModelOptions::default()).unwrap());
+    for (n_ctx, n_batch, needle) in
+        [(1usize << 56, 512, "KV cells: at most"), (64, 1 << 62, "tokens: at most"), (1 << 31, 1 << 20, "does not fit")]
+    {
+        let opts = stllm::SessionOptions { n_ctx: Some(n_ctx), n_batch, ..Default::default() };
+        let e = stllm::Session::new(model.clone(), &opts).err().expect("refused").to_string();
+        assert!(e.contains(needle), "{n_ctx} x {n_batch}: {e}");
+    }
+    let e = stllm::Engine::new(model.clone(), stllm::EngineOptions { n_cells: usize::MAX / 2, ..Default::default() })
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("at most"), "{e}");
+    for (flag, value, needle) in [
+        ("--ctx-size", "72057594037927936", "--ctx-size must be in 1..="),
+        ("--ctx-size", "0", "--ctx-size must be in 1..="),
+        ("--batch", "4611686018427387904", "--batch must be in 1..="),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_stllm"))
+            .args(["--quiet", "run", "--model"])
+            .arg(common::fixture("llama-f32"))
+            .args(["--prompt", "hi", flag, value])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(needle), "{flag} {value}: {stderr}");
+    }
+}
+
+#[test]
 fn index_naming_a_missing_shard_or_tensor() {
     let tmp = copy_fixture("qwen3-f32-sharded");
     std::fs::remove_file(tmp.path().join("model-00003-of-00004.safetensors")).unwrap();

@@ -211,6 +211,44 @@ fn sandbox_ends_only_the_misbehaving_request() {
     assert!(matches!(e, RuntimeError::Trap { .. }), "{e}");
     assert!(e.to_string().contains("unreachable"), "{e}");
     assert_eq!(run("ok").unwrap().text, "ok", "the next request works after a trap");
+    // Every misuse of the contract comes back as an error the guest sees.
+    let e = run("misuse").unwrap_err().to_string();
+    assert!(e.contains("misuse: 6 of 6 refused"), "{e}");
+    // Opening sequences until refused: the request ends with the refusal, its sequences are
+    // closed, and the next request works.
+    let e = run("sequences").unwrap_err();
+    assert!(matches!(e, RuntimeError::Guest { .. }), "{e}");
+    assert_eq!(run("ok").unwrap().text, "ok", "the next request works after hoarding sequences");
+    let engine = rt.handle().engine().unwrap().clone();
+    assert!(engine.wait_idle(Duration::from_secs(5)));
+    assert_eq!(engine.stats().sequences, 0, "the hoarded sequences were closed");
+    // A sequence kept in the guest's globals past its request is closed when the request ends
+    // (no pinned cells, no context carried over); using it later traps that guest only.
+    let e = run("keep").unwrap_err().to_string();
+    assert!(e.contains("kept a sequence"), "{e}");
+    assert!(engine.wait_idle(Duration::from_secs(5)));
+    assert_eq!(engine.stats().sequences, 0, "the kept sequence was closed");
+    let e = run("reuse").unwrap_err();
+    assert!(matches!(e, RuntimeError::Trap { .. }), "{e}");
+    assert_eq!(run("ok").unwrap().text, "ok", "the next request works");
+}
+
+#[test]
+fn a_request_has_a_budget_that_host_calls_do_not_renew() {
+    // A guest spinning on cheap host calls restarts the step clock at every call; its fuel for
+    // the request runs out all the same.
+    let (_d, chaos) = temp_file(CHAOS_POLICY, "chaos.wasm");
+    let cfg = RuntimeConfig { policy: Some(chaos), request_fuel: 100_000_000, ..RuntimeConfig::default() };
+    let rt = runtime("llama-f32", cfg);
+    let trt = tokio::runtime::Runtime::new().unwrap();
+    let run = |what: &str| {
+        trt.block_on(rt.generate(&request(Prompt::Text(what.into()), 4, greedy()), |_, _| true, no_cancel()))
+    };
+    let e = run("spin").unwrap_err();
+    assert!(matches!(e, RuntimeError::OutOfFuel { fuel: 100_000_000, .. }), "{e}");
+    assert!(e.to_string().contains("budget"), "{e}");
+    assert_eq!(run("ok").unwrap().text, "ok", "the next request gets a fresh budget");
+    assert_eq!(run("ok").unwrap().text, "ok");
 }
 
 #[test]

@@ -279,22 +279,38 @@ impl Runner {
         }
         let n_cells = opts.n_cells.max(1);
         let n_ubatch = opts.n_ubatch.max(1);
+        if n_cells > MAX_CELLS {
+            return Err(DecodeError::Options(format!("{n_cells} KV cells: at most {MAX_CELLS}")));
+        }
+        if n_ubatch > MAX_UBATCH {
+            return Err(DecodeError::Options(format!("a batch of {n_ubatch} tokens: at most {MAX_UBATCH}")));
+        }
         // Refuse up front what cannot fit, device by device: the cache of its layers plus a
-        // compute buffer for a full ubatch.
-        let layer_kv = 2 * n_cells * kv_type.row_size(hp.n_embd_kv() as i64);
+        // compute buffer for a full ubatch. Sizes in checked arithmetic: an overflow is "too
+        // large", never a wrapped small number that slips past the check.
+        let too_large = || {
+            DecodeError::Options(format!(
+                "a KV cache of {n_cells} cells with batches of {n_ubatch} tokens is too large to size"
+            ))
+        };
+        let layer_kv = n_cells.checked_mul(2 * kv_type.row_size(hp.n_embd_kv() as i64)).ok_or_else(too_large)?;
         let kv_layers = model.arch.kv_layers();
         let kv_backend: Vec<usize> = kv_layers.iter().map(|&l| model.placement.layers[l]).collect();
-        let mut counts = vec![0; model.backends.len()];
+        let mut counts = vec![0usize; model.backends.len()];
         for &b in &kv_backend {
             counts[b] += 1;
         }
-        let compute_need = compute_estimate(hp, n_cells, n_ubatch);
+        let compute_need = compute_estimate(hp, n_cells, n_ubatch).ok_or_else(too_large)?;
         // Hybrid models: the recurrent state of every sequence slot too.
         let shape = model.arch.recurrent();
         let mut rs_need = vec![0usize; model.backends.len()];
         if let Some(r) = &shape {
             for &l in &r.layers {
-                rs_need[model.placement.layers[l]] += 4 * (r.conv_row + r.ssm_row) * opts.n_seq_max.max(1);
+                let b = model.placement.layers[l];
+                rs_need[b] = (r.conv_row + r.ssm_row)
+                    .checked_mul(4 * opts.n_seq_max.max(1))
+                    .and_then(|x| x.checked_add(rs_need[b]))
+                    .ok_or_else(too_large)?;
             }
         }
         for (b, backend) in model.backends.iter().enumerate() {
@@ -305,7 +321,11 @@ impl Runner {
                         kv_type.name(),
                         counts[b]
                     ),
-                    counts[b] * layer_kv + rs_need[b] + compute_need,
+                    counts[b]
+                        .checked_mul(layer_kv)
+                        .and_then(|x| x.checked_add(rs_need[b]))
+                        .and_then(|x| x.checked_add(compute_need))
+                        .ok_or_else(too_large)?,
                 )?;
             }
         }
@@ -1025,11 +1045,20 @@ pub struct BackendMemory {
 
 /// A generous estimate of the compute buffer for ubatches of `n_ubatch` tokens over `n_cells`
 /// cells: the activations of one layer (kept alive at once), the masks, and a logits row per token.
-pub fn compute_estimate(hp: &crate::models::HParams, n_cells: usize, n_ubatch: usize) -> usize {
+/// `None` when it overflows.
+pub fn compute_estimate(hp: &crate::models::HParams, n_cells: usize, n_ubatch: usize) -> Option<usize> {
     let f = 4; // F32 activations
     let per_token = hp.n_embd * 8 + hp.n_ff * 3 + (hp.n_head + 2 * hp.n_head_kv) * hp.head_dim * 2;
-    n_ubatch * per_token * f + 2 * n_cells * n_ubatch * 2 + n_ubatch * hp.n_vocab * f
+    let acts = n_ubatch.checked_mul(per_token)?.checked_mul(f)?;
+    let masks = n_cells.checked_mul(n_ubatch)?.checked_mul(4)?;
+    let logits = n_ubatch.checked_mul(hp.n_vocab)?.checked_mul(f)?;
+    acts.checked_add(masks)?.checked_add(logits)
 }
+
+/// Most KV cells one runner holds (cells are addressed with 32-bit indices in the masks' rows).
+pub const MAX_CELLS: usize = 1 << 31;
+/// Most tokens in one ubatch.
+pub const MAX_UBATCH: usize = 1 << 20;
 
 /// Cells attended to are padded to a multiple of this.
 const KV_PAD: usize = 256;

@@ -80,6 +80,15 @@ pub struct EngineArgs {
 impl EngineArgs {
     /// Where and how to load the model.
     fn model_options(&self, threads: Option<usize>) -> Result<ModelOptions> {
+        use crate::runner::{MAX_CELLS, MAX_UBATCH};
+        if let Some(c) = self.ctx_size {
+            if !(1..=MAX_CELLS).contains(&c) {
+                bail!("--ctx-size must be in 1..={MAX_CELLS}, got {c}");
+            }
+        }
+        if !(1..=MAX_UBATCH).contains(&self.batch) {
+            bail!("--batch must be in 1..={MAX_UBATCH}, got {}", self.batch);
+        }
         let mut opts = self.dev.model_options(threads)?;
         opts.quantize = match self.quantize.as_deref() {
             None => None,
@@ -324,6 +333,10 @@ pub struct SandboxArgs {
     /// Longest a guest may compute between two engine calls, milliseconds
     #[arg(long, default_value_t = 10_000)]
     pub guest_step_timeout_ms: u64,
+    /// Most WebAssembly instructions a guest may execute for one request, however often it
+    /// calls the host (0: no limit)
+    #[arg(long, default_value_t = crate::runtime::DEFAULT_REQUEST_FUEL)]
+    pub guest_request_fuel: u64,
 }
 
 impl SandboxArgs {
@@ -341,6 +354,7 @@ impl SandboxArgs {
             sampler: self.sampler.clone(),
             memory_limit: mib << 20,
             step_timeout: std::time::Duration::from_millis(self.guest_step_timeout_ms),
+            request_fuel: self.guest_request_fuel,
             ..RuntimeConfig::default()
         })
     }
@@ -550,11 +564,12 @@ fn memory_estimate(model: &Model, m: &ModelArgs) -> Result<serde_json::Value> {
     let kv_layers = model.arch.kv_layers();
     let layer_kv_per_token = 2 * kv_type.row_size(hp.n_embd_kv() as i64);
     let kv_per_token = kv_layers.len() * layer_kv_per_token;
-    let kv = kv_per_token * n_ctx;
+    let too_large = || anyhow::anyhow!("a context of {n_ctx} positions is too large to size");
+    let kv = kv_per_token.checked_mul(n_ctx).ok_or_else(too_large)?;
     let rs = model.arch.recurrent();
     let rs_per_layer = rs.as_ref().map_or(0, |r| 4 * (r.conv_row + r.ssm_row));
     let recurrent = rs.as_ref().map_or(0, |r| r.layers.len() * rs_per_layer);
-    let compute = crate::runner::compute_estimate(hp, n_ctx, m.e.batch.max(1));
+    let compute = crate::runner::compute_estimate(hp, n_ctx, m.e.batch.max(1)).ok_or_else(too_large)?;
     let weights = model.weight_bytes();
     let (free, total) = model.device_memory();
     // Per backend: its layers' weights, cache and state, and a compute buffer where any layer or
@@ -567,19 +582,19 @@ fn memory_estimate(model: &Model, m: &ModelArgs) -> Result<serde_json::Value> {
         .map(|(b, (name, (free, total)))| {
             let w = model.weight_bytes_per_backend()[b];
             let on_b = |layers: &[usize]| layers.iter().filter(|&&l| model.placement.layers[l] == b).count();
-            let kv_b = on_b(&kv_layers) * layer_kv_per_token * n_ctx;
+            let kv_b = on_b(&kv_layers).saturating_mul(layer_kv_per_token).saturating_mul(n_ctx);
             let rs_b = rs.as_ref().map_or(0, |r| on_b(&r.layers) * rs_per_layer);
             let c = if counts[b] > 0 || b == model.placement.output { compute } else { 0 };
             serde_json::json!({
                 "name": name, "layers": counts[b], "weights": w, "kv": kv_b, "recurrent": rs_b, "compute_estimate": c,
-                "total": w + kv_b + rs_b + c, "free": free, "device_total": total,
+                "total": w.saturating_add(kv_b).saturating_add(rs_b).saturating_add(c), "free": free, "device_total": total,
             })
         })
         .collect();
     Ok(serde_json::json!({
         "ctx_size": n_ctx, "kv_type": kv_type.name(), "weights": weights, "kv_per_token": kv_per_token,
         "kv": kv, "recurrent_per_sequence": recurrent, "compute_estimate": compute,
-        "total": weights + kv + recurrent + compute,
+        "total": weights.saturating_add(kv).saturating_add(recurrent).saturating_add(compute),
         "device_free": free, "device_total": total, "backends": backends,
     }))
 }

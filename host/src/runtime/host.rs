@@ -247,7 +247,11 @@ impl engine::HostModel for EngineHost<'_> {
         })
         .await?;
         let out = match r {
-            Ok(s) => Ok(self.table.push(SequenceRes { session: Arc::new(Mutex::new(s)) })?),
+            Ok(s) => {
+                let r = self.table.push(SequenceRes { session: Arc::new(Mutex::new(s)) })?;
+                self.opened(r.rep());
+                Ok(r)
+            }
             Err(e) => Err(e),
         };
         self.returned_to_guest();
@@ -388,7 +392,11 @@ impl engine::HostSequence for EngineHost<'_> {
         let sess = self.table.get(&s)?.session.clone();
         let r = blocking(move || sess.lock().unwrap_or_else(|p| p.into_inner()).fork()).await?;
         let out = match r {
-            Ok(f) => Ok(self.table.push(SequenceRes { session: Arc::new(Mutex::new(f)) })?),
+            Ok(f) => {
+                let r = self.table.push(SequenceRes { session: Arc::new(Mutex::new(f)) })?;
+                self.opened(r.rep());
+                Ok(r)
+            }
             Err(e) => Err(decode_err(e)),
         };
         self.returned_to_guest();
@@ -480,7 +488,7 @@ impl plugin_sampler::Host for EngineHost<'_> {
             }
             Err(e) => {
                 let d = p.store.data();
-                let err = super::classify(&e, d.limits.refused, "sampler", d.limits.max_memory, p.step_timeout);
+                let err = super::classify(&e, d.limits.refused, "sampler", d.limits.max_memory, p.step_timeout, p.fuel);
                 let msg = err.to_string();
                 if let Some(slot) = self.plugin_error.as_deref_mut() {
                     *slot = Some(err);

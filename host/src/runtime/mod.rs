@@ -111,6 +111,8 @@ pub enum RuntimeError {
     Cancelled,
     #[error("the {what} component ran for more than {limit:?} without returning to the host (killed)")]
     Timeout { what: &'static str, limit: Duration },
+    #[error("the {what} component used up its budget of {fuel} WebAssembly instructions for this request (killed)")]
+    OutOfFuel { what: &'static str, fuel: u64 },
     #[error("the {what} component exceeded its memory limit of {limit_mib} MiB (killed)")]
     OutOfMemory { what: &'static str, limit_mib: usize },
     #[error("the {what} component trapped: {msg}")]
@@ -133,6 +135,12 @@ impl RuntimeError {
     }
 }
 
+/// The default [`RuntimeConfig::request_fuel`]: ~100 s of guest computation at the usual rate of
+/// ~10^9 instructions a second; a request's own work (templating, tokenizing a long prompt,
+/// sampling and detokenizing thousands of tokens, a first call parsing a 150k-entry tokenizer)
+/// takes a small fraction of it.
+pub const DEFAULT_REQUEST_FUEL: u64 = 100_000_000_000;
+
 /// Limits and components of a [`Runtime`].
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -148,6 +156,10 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// Idle initialised instances kept for reuse.
     pub pool_size: usize,
+    /// Most WebAssembly instructions a guest may execute for one request (its whole call,
+    /// however often it returns to the host; the sampler plug-in has its own); 0: no limit.
+    /// The step timeout bounds one stretch between host calls, this bounds the request.
+    pub request_fuel: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -159,6 +171,7 @@ impl Default for RuntimeConfig {
             step_timeout: Duration::from_secs(10),
             cache_dir: None,
             pool_size: 4,
+            request_fuel: DEFAULT_REQUEST_FUEL,
         }
     }
 }
@@ -195,6 +208,8 @@ pub struct GuestState {
     pub(crate) last_return: Instant,
     /// Why the sampler plug-in failed, if it did (reported instead of the policy's trap).
     pub(crate) plugin_error: Option<RuntimeError>,
+    /// Sequences opened during the current request (resource reps)
+    pub(crate) opened: Vec<u32>,
 }
 
 impl WasiView for GuestState {
@@ -261,6 +276,8 @@ pub struct Plugin {
     pub(crate) store: Store<SamplerState>,
     pub(crate) bindings: SamplerComponent,
     pub(crate) step_timeout: Duration,
+    /// Its budget for the request (see [`RuntimeConfig::request_fuel`])
+    pub(crate) fuel: u64,
 }
 
 /// The host's implementation of the `engine`, `streaming` and `plugin-sampler` interfaces,
@@ -273,9 +290,19 @@ pub struct EngineHost<'a> {
     /// The request's sampler plug-in, if any, and where its failure is recorded.
     pub plugin: Option<&'a mut Plugin>,
     pub plugin_error: Option<&'a mut Option<RuntimeError>>,
+    /// Where the sequences the guest opens are recorded (the runtime closes those still open
+    /// when the request ends), when the store tracks them.
+    pub opened: Option<&'a mut Vec<u32>>,
 }
 
 impl EngineHost<'_> {
+    /// Record a sequence the guest opened (see [`EngineHost::opened`]).
+    pub(crate) fn opened(&mut self, rep: u32) {
+        if let Some(v) = self.opened.as_deref_mut() {
+            v.push(rep);
+        }
+    }
+
     pub(crate) fn returned_to_guest(&mut self) {
         if let Some(t) = self.last_return.as_deref_mut() {
             *t = Instant::now();
@@ -309,6 +336,7 @@ impl EngineView for GuestState {
             last_return: Some(&mut self.last_return),
             plugin: self.plugin.as_mut(),
             plugin_error: Some(&mut self.plugin_error),
+            opened: Some(&mut self.opened),
         }
     }
 }
@@ -390,6 +418,8 @@ impl Runtime {
     pub fn new(handle: Arc<ModelHandle>, cfg: RuntimeConfig) -> Result<Runtime, RuntimeError> {
         let mut config = Config::new();
         config.epoch_interruption(true);
+        // Fuel bounds a request's guest computation as a whole (`request_fuel`).
+        config.consume_fuel(true);
         if let Some(dir) = cfg.cache_dir.clone().or_else(default_cache_dir) {
             if std::fs::create_dir_all(&dir).is_ok() {
                 let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
@@ -456,10 +486,12 @@ impl Runtime {
             plugin: None,
             last_return: Instant::now(),
             plugin_error: None,
+            opened: Vec::new(),
         };
         let mut store = Store::new(&self.engine, state);
         let limit = self.cfg.step_timeout;
         sandbox(&mut store, limit);
+        store.set_fuel(self.fuel()).map_err(|e| RuntimeError::Wasmtime(e.to_string()))?;
         let t0 = Instant::now();
         let bindings =
             self.policy_pre.instantiate_async(&mut store).await.map_err(|e| self.classify(&e, &store, "policy"))?;
@@ -475,13 +507,15 @@ impl Runtime {
     }
 
     fn classify(&self, e: &wasmtime::Error, store: &Store<GuestState>, what: &'static str) -> RuntimeError {
-        classify(e, store.data().limits.refused, what, self.cfg.memory_limit, self.cfg.step_timeout)
+        classify(e, store.data().limits.refused, what, self.cfg.memory_limit, self.cfg.step_timeout, self.fuel())
     }
 
     async fn new_plugin(&self) -> Result<Option<Plugin>, RuntimeError> {
         let Some(pre) = &self.sampler_pre else { return Ok(None) };
         let state = SamplerState {
-            wasi: Self::new_wasi(),
+            // The WIT promises a sampler nothing: WASI's interfaces are there (components built
+            // with Rust's std import them) but lead nowhere, not even to stderr.
+            wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
             limits: Limits { max_memory: self.cfg.memory_limit, refused: false },
             last_return: Instant::now(),
@@ -489,15 +523,27 @@ impl Runtime {
         let mut store = Store::new(&self.engine, state);
         let limit = self.cfg.step_timeout;
         sandbox(&mut store, limit);
+        let fuel = self.fuel();
+        store.set_fuel(fuel).map_err(|e| RuntimeError::Wasmtime(e.to_string()))?;
         let bindings = pre.instantiate_async(&mut store).await.map_err(|e| {
-            classify(&e, store.data().limits.refused, "sampler", self.cfg.memory_limit, self.cfg.step_timeout)
+            classify(&e, store.data().limits.refused, "sampler", self.cfg.memory_limit, self.cfg.step_timeout, fuel)
         })?;
-        Ok(Some(Plugin { store, bindings, step_timeout: limit }))
+        Ok(Some(Plugin { store, bindings, step_timeout: limit, fuel }))
     }
 
-    /// Take a pooled (or new) instance and reset its per-request state.
+    /// The fuel a request starts with.
+    fn fuel(&self) -> u64 {
+        if self.cfg.request_fuel == 0 {
+            u64::MAX
+        } else {
+            self.cfg.request_fuel
+        }
+    }
+
+    /// Take a pooled (or new) instance and reset its per-request state (its fuel too).
     async fn begin(&self) -> Result<Instance, RuntimeError> {
         let mut inst = self.checkout().await?;
+        inst.store.set_fuel(self.fuel()).map_err(|e| RuntimeError::Wasmtime(e.to_string()))?;
         let d = inst.store.data_mut();
         d.last_return = Instant::now();
         d.limits.refused = false;
@@ -510,6 +556,22 @@ impl Runtime {
     /// instance is in an undefined state and is dropped).
     fn end<R>(&self, mut inst: Instance, r: wasmtime::Result<Result<R, wit_types::Error>>) -> Result<R, RuntimeError> {
         inst.store.data_mut().plugin = None;
+        // Sequences the guest kept (in its globals) past the request are closed: they would pin
+        // KV cells and carry one request's context into the next. A later use of such a handle
+        // traps that guest.
+        let d = inst.store.data_mut();
+        let mut closed = 0;
+        for rep in std::mem::take(&mut d.opened) {
+            if d.table.delete(wasmtime::component::Resource::<host::SequenceRes>::new_own(rep)).is_ok() {
+                closed += 1;
+            }
+        }
+        if closed > 0 {
+            tracing::warn!(closed, "the policy kept sequences open past its request: closed");
+        }
+        if let Ok(left) = inst.store.get_fuel() {
+            tracing::debug!(fuel_used = self.fuel() - left, "guest call ended");
+        }
         match r {
             Ok(v) => {
                 self.checkin(inst);
@@ -649,11 +711,18 @@ fn version_hint(msg: String) -> String {
     }
 }
 
-fn classify(e: &wasmtime::Error, refused: bool, what: &'static str, mem: usize, limit: Duration) -> RuntimeError {
-    if let Some(t) = e.downcast_ref::<wasmtime::Trap>() {
-        if *t == wasmtime::Trap::Interrupt {
-            return RuntimeError::Timeout { what, limit };
-        }
+fn classify(
+    e: &wasmtime::Error,
+    refused: bool,
+    what: &'static str,
+    mem: usize,
+    limit: Duration,
+    fuel: u64,
+) -> RuntimeError {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => return RuntimeError::Timeout { what, limit },
+        Some(wasmtime::Trap::OutOfFuel) => return RuntimeError::OutOfFuel { what, fuel },
+        _ => {}
     }
     if refused {
         return RuntimeError::OutOfMemory { what, limit_mib: mem >> 20 };

@@ -114,6 +114,7 @@ impl ApiError {
             },
             other @ (RuntimeError::Guest { kind: GuestErrorKind::Internal, .. }
             | RuntimeError::Timeout { .. }
+            | RuntimeError::OutOfFuel { .. }
             | RuntimeError::OutOfMemory { .. }
             | RuntimeError::Trap { .. }
             | RuntimeError::Load { .. }

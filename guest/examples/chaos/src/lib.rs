@@ -1,6 +1,9 @@
 //! A deliberately misbehaving policy for the host's sandbox tests. `generate` with a text prompt
-//! of "loop" spins forever, "alloc" allocates without bound, "trap" panics (a wasm trap),
-//! "ok" returns at once; `tokenize` echoes the text's bytes as ids. Never ship this.
+//! of "loop" spins forever, "spin" spins forever calling the host (each call restarts the step
+//! clock), "alloc" allocates without bound, "trap" panics (a wasm trap), "sequences" opens
+//! sequences until the host refuses one, "misuse" passes the host absurd values, "keep" leaves a
+//! sequence in a global past its request and "reuse" decodes on it in the next, "ok" returns
+//! at once; `tokenize` echoes the text's bytes as ids. Never ship this.
 
 wit_bindgen::generate!({
     world: "policy-component",
@@ -12,6 +15,11 @@ use stllm::inference::streaming::Sink;
 use stllm::inference::types::Error;
 
 struct Chaos;
+
+std::thread_local! {
+    /// What "keep" leaves behind for "reuse".
+    static KEPT: std::cell::RefCell<Option<stllm::inference::engine::Sequence>> = const { std::cell::RefCell::new(None) };
+}
 
 impl Guest for Chaos {
     fn tokenize(text: String, _add_special: bool) -> Result<Vec<u32>, Error> {
@@ -44,6 +52,45 @@ impl Guest for Chaos {
                     hoard.push(vec![1u8; 16 << 20]);
                     std::hint::black_box(&hoard);
                 }
+            }
+            "spin" => loop {
+                std::hint::black_box(out.cancelled());
+            },
+            "sequences" => {
+                let model = stllm::inference::engine::current_model();
+                let mut held = Vec::new();
+                loop {
+                    match model.new_sequence(0) {
+                        Ok(s) => held.push(s),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            "misuse" => {
+                // Out-of-range ids, huge counts and lengths: each must come back as an error.
+                let model = stllm::inference::engine::current_model();
+                let seq = model.new_sequence(0)?;
+                let bad = [
+                    seq.decode(&[u32::MAX]).err(),
+                    seq.decode_top(&[1], u32::MAX, 2.0).err(),
+                    seq.decode_top(&[1], u32::MAX, f32::NAN).err(),
+                    seq.truncate(u32::MAX).err(),
+                    seq.decode(&[]).err(),
+                    model.embed(&[u32::MAX]).err(),
+                ];
+                let refused = bad.iter().filter(|e| e.is_some()).count();
+                Err(Error::InvalidInput(format!("misuse: {refused} of {} refused", bad.len())))
+            }
+            "keep" => {
+                let seq = stllm::inference::engine::current_model().new_sequence(0)?;
+                seq.decode(&[1, 2, 3])?;
+                KEPT.with(|k| *k.borrow_mut() = Some(seq));
+                out.emit("kept", &[]);
+                Err(Error::InvalidInput("kept a sequence".into()))
+            }
+            "reuse" => {
+                let n = KEPT.with(|k| k.borrow().as_ref().map(|s| s.len()));
+                Err(Error::InvalidInput(format!("reused: {n:?}")))
             }
             "trap" => panic!("chaos was asked to trap"),
             _ => {
