@@ -534,9 +534,12 @@ fn memory_is_reported_and_a_cache_that_cannot_fit_is_refused_up_front() {
     assert_eq!(mem.weights, m.weight_bytes());
     assert_eq!(mem.kv, engine.stats().kv_bytes);
     assert!(mem.compute > 0 && mem.device_total > 0, "{mem:?}");
-    // 2^40 cells: terabytes of KV cache. Refused before allocating, naming what and how much.
-    let e = Engine::new(m, EngineOptions { n_cells: 1 << 40, ..Default::default() }).unwrap_err().to_string();
+    // 2^31 cells: terabytes of KV cache. Refused before allocating, naming what and how much.
+    let e = Engine::new(m.clone(), EngineOptions { n_cells: 1 << 31, ..Default::default() }).unwrap_err().to_string();
     assert!(e.contains("the KV cache") && e.contains("does not fit") && e.contains("MiB free"), "{e}");
+    // Beyond what cells can be addressed with: refused as such.
+    let e = Engine::new(m, EngineOptions { n_cells: 1 << 40, ..Default::default() }).unwrap_err().to_string();
+    assert!(e.contains("KV cells: at most"), "{e}");
 }
 
 /// A hybrid model (Mamba-2 + attention + MoE layers, recurrent state per sequence) through the

@@ -290,6 +290,12 @@ fn adapters_that_cannot_load_say_why() {
         let e = load_err("llama-f32", dir).to_string();
         assert!(e.contains(says) && e.contains("not supported"), "{key}: {e}");
     }
+    // An alpha whose scale is not a finite number (1e300 / r overflows F32).
+    let mut c = cfg.clone();
+    c["lora_alpha"] = serde_json::json!(1e300);
+    std::fs::write(dir.join("adapter_config.json"), c.to_string()).unwrap();
+    let e = load_err("llama-f32", dir).to_string();
+    assert!(e.contains("lora_alpha") && e.contains("not a finite number"), "{e}");
     std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
     // A truncated tensor file.
     let st = dir.join("adapter_model.safetensors");

@@ -110,6 +110,29 @@ fn prompt_cache_round_trip_and_rejections() {
         assert!(b.load_state(&cut).unwrap_err().to_string().contains("truncated"));
         std::fs::write(&cut, b"definitely not a cache").unwrap();
         assert!(b.load_state(&cut).unwrap_err().to_string().contains("not a stllm prompt-cache file"));
+        // A damaged payload (one byte of the cells flipped) is refused by the checksum.
+        let mut damaged = bytes.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 0x40;
+        std::fs::write(&cut, &damaged).unwrap();
+        let e = b.load_state(&cut).unwrap_err().to_string();
+        assert!(e.contains("checksum"), "{e}");
+        // A header length beyond the file is refused before anything is allocated for it.
+        let mut lying = bytes[..16].to_vec();
+        lying[8..16].copy_from_slice(&(1u64 << 29).to_le_bytes());
+        std::fs::write(&cut, &lying).unwrap();
+        let e = b.load_state(&cut).unwrap_err().to_string();
+        assert!(e.contains("does not fit the file"), "{e}");
+        // Saving never writes over another file of the folder (the temporary name is its own).
+        let bystander = tmp.path().join(format!("{name}.partial"));
+        std::fs::write(&bystander, b"someone else's").unwrap();
+        a.save_state(&file).unwrap();
+        assert_eq!(std::fs::read(&bystander).unwrap(), b"someone else's");
+        let leftovers = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.'))
+            .count();
+        assert_eq!(leftovers, 0, "no temporary file left behind");
     }
     // Another model: refused, naming the architecture.
     let (m, _) = setup("qwen3-f32-sharded");

@@ -255,6 +255,11 @@ impl LoraAdapter {
             }
             let alpha = num(pattern(alpha_pattern, module), "alpha_pattern")?.unwrap_or(alpha_default);
             let scale = if rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 } as f32;
+            if !scale.is_finite() {
+                return Err(invalid(format!(
+                    "lora_alpha {alpha} with rank {r} gives the scale {scale} for {module}: not a finite number"
+                )));
+            }
             let read = |name: &str, buf: &mut Vec<u8>| -> Result<Vec<f32>, LoraError> {
                 let e = &st.tensors[name];
                 match e.dtype {

@@ -239,8 +239,11 @@ impl Model {
 /// `eos_token_id` of a config object, written as one id or a list of ids.
 pub fn eos_token_ids(config: &serde_json::Value) -> Vec<u32> {
     match config.get("eos_token_id") {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        // An id beyond u32 is no token (never truncated into one).
+        Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|x| u32::try_from(x).ok()).into_iter().collect(),
+        Some(serde_json::Value::Array(a)) => {
+            a.iter().filter_map(|x| x.as_u64()).filter_map(|x| u32::try_from(x).ok()).collect()
+        }
         _ => vec![],
     }
 }

@@ -88,6 +88,7 @@ impl Session {
             kv_type: self.runner.kv().dtype().name().to_string(),
             tokens: self.tokens.clone(),
             data_bytes: 0,
+            checksum: 0,
         }
     }
 

@@ -573,6 +573,7 @@ impl Engine {
             kv_type: self.kv_type.to_string(),
             tokens,
             data_bytes: 0,
+            checksum: 0,
         }
     }
 

@@ -3,16 +3,20 @@
 //! fingerprint of its config and weights) and the cache type; a file made for another model or
 //! cache type, a truncated file or a foreign file is rejected with an error that says which.
 //!
-//! Format: `STLLMKV1`, u64 LE header length, a JSON header, then the cell bytes of
+//! Format: `STLLMKV2`, u64 LE header length, a JSON header (with the FNV-1a 64 checksum of the
+//! cell bytes: a damaged payload is refused, not loaded), then the cell bytes of
 //! [`super::kv::KvCache::read_cells`] of the sequence's cells in position order (per layer: K rows, then V
-//! rows), so a file loads into whichever cells are free.
+//! rows), so a file loads into whichever cells are free. Files are written under a unique
+//! temporary name in the same folder (never over another file) and renamed when complete.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::ggml::GgmlError;
 
-const MAGIC: &[u8; 8] = b"STLLMKV1";
+const MAGIC: &[u8; 8] = b"STLLMKV2";
+/// The first format (no checksum), refused with a hint.
+const MAGIC_V1: &[u8; 8] = b"STLLMKV1";
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StateHeader {
@@ -22,6 +26,14 @@ pub struct StateHeader {
     pub kv_type: String,
     pub tokens: Vec<u32>,
     pub data_bytes: u64,
+    /// FNV-1a 64 of the cell bytes (filled in by [`save`])
+    #[serde(default)]
+    pub checksum: u64,
+}
+
+/// FNV-1a, 64 bits.
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,16 +57,27 @@ pub fn save(path: &Path, header: &StateHeader, data: &[u8]) -> Result<(), StateE
     let io = |source| StateError::Io { path: path.to_path_buf(), source };
     let mut h = header.clone();
     h.data_bytes = data.len() as u64;
+    h.checksum = fnv1a(data);
     let json = serde_json::to_vec(&h).expect("plain header serializes");
-    // Write to a temporary name and rename, so a crash never leaves a half-written cache.
-    let tmp = path.with_extension("partial");
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(MAGIC).map_err(io)?;
-    f.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
-    f.write_all(&json).map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    // Write to a temporary name of our own in the same folder (created exclusively: never over
+    // another file) and rename, so a crash never leaves a half-written cache.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let base = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "cache".into());
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let tmp = dir.join(format!(".{base}.{}.{stamp}.partial", std::process::id()));
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io)?;
+    let written = (|| {
+        f.write_all(MAGIC)?;
+        f.write_all(&(json.len() as u64).to_le_bytes())?;
+        f.write_all(&json)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(io)
 }
 
 /// Read a file's header and data and check them against `expect` (model and cache type), the
@@ -69,16 +92,21 @@ pub fn load(
     let io = |source| StateError::Io { path: path.to_path_buf(), source };
     let format = |msg: String| StateError::Format { path: path.to_path_buf(), msg };
     let mut f = crate::files::open_regular(path).map_err(io)?;
+    let file_len = f.metadata().map_err(io)?.len();
     let mut magic = [0u8; 8];
     f.read_exact(&mut magic).map_err(|_| format("too short".into()))?;
+    if &magic == MAGIC_V1 {
+        return Err(format("made by an older stllm (format 1, without a checksum): save it again".into()));
+    }
     if &magic != MAGIC {
         return Err(format("bad magic".into()));
     }
     let mut n = [0u8; 8];
     f.read_exact(&mut n).map_err(|_| format("truncated header".into()))?;
     let n = u64::from_le_bytes(n);
-    if n > 1 << 30 {
-        return Err(format(format!("header length {n} is implausible")));
+    // Checked against the file before anything is allocated for it.
+    if n > (1 << 30) || n > file_len.saturating_sub(16) {
+        return Err(format(format!("header length {n} does not fit the file's {file_len} bytes (truncated header)")));
     }
     let mut json = vec![0u8; n as usize];
     f.read_exact(&mut json).map_err(|_| format("truncated header".into()))?;
@@ -101,7 +129,7 @@ pub fn load(
     if cells > max_cells {
         return Err(StateError::TooLong { path: path.to_path_buf(), n: cells, n_ctx: max_cells });
     }
-    let want = (cells * cell_bytes) as u64;
+    let want = (cells as u64).saturating_mul(cell_bytes as u64);
     if h.data_bytes != want {
         return Err(format(format!("{} bytes of cells for {cells} positions, expected {want}", h.data_bytes)));
     }
@@ -109,6 +137,9 @@ pub fn load(
     f.take(want).read_to_end(&mut data).map_err(io)?;
     if data.len() as u64 != want {
         return Err(format(format!("truncated: {} of {want} bytes of cells", data.len())));
+    }
+    if fnv1a(&data) != h.checksum {
+        return Err(format("the cell bytes do not match the header's checksum (a damaged file)".into()));
     }
     Ok((h.tokens, data))
 }

@@ -185,7 +185,7 @@ impl engine::HostModel for EngineHost<'_> {
                 .and_then(|g| g.get(key))
                 .or_else(|| cfg.as_ref().and_then(|c| c.get(key)))
                 .and_then(|v| v.as_u64())
-                .map(|v| v as u32)
+                .and_then(|v| u32::try_from(v).ok())
         };
         let eos = match &h.model {
             Some(model) => model.eos_tokens(),
