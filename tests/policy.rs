@@ -119,6 +119,28 @@ fn bad_template_input_is_an_error_not_a_crash() {
     });
 }
 
+#[test]
+fn hostile_templates_end_with_a_named_error() {
+    // A chat template is the model folder's code: work, output and `tojson` indents are bounded,
+    // and each ends as an error that says so (not a hung, killed or aborted guest).
+    let tj = std::fs::read_to_string(common::fixture("llama-f32").join("tokenizer.json")).unwrap();
+    let render = |template: &str| {
+        let cfg = serde_json::json!({ "chat_template": template }).to_string();
+        let tok = Tokenizer::new(&tj, Some(&cfg)).unwrap();
+        let t = ChatTemplate::from_tokenizer(&tok).unwrap().expect("a template");
+        t.render(r#"[{"role": "user", "content": "hi"}]"#, true, None, None)
+    };
+    for (template, says) in [
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "fuel"),
+        ("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}", "exceeds"),
+        ("{{ messages | tojson(indent=1000000000) }}", "indent 1000000000 is beyond"),
+    ] {
+        let e = render(template).unwrap_err().to_string();
+        assert!(e.contains("chat template") && e.contains(says), "{template}: {e}");
+    }
+    assert!(render("{{ messages[0].content }}").unwrap() == "hi");
+}
+
 fn c(v: &[f32]) -> Vec<Candidate> {
     v.iter().enumerate().map(|(i, &l)| Candidate { id: i as u32, logit: l }).collect()
 }

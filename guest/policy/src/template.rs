@@ -47,6 +47,9 @@ impl ChatTemplate {
             .map_err(|e| Error::Internal(e.to_string()))?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // A template is the model folder's code: bounded in the work it may do (a loop over a
+        // huge range ends with a named error, not a hung or killed guest).
+        env.set_fuel(Some(MAX_TEMPLATE_FUEL));
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
@@ -109,8 +112,42 @@ impl ChatTemplate {
             }
         }
         let tmpl = self.env.get_template(name).map_err(|e| Error::Internal(e.to_string()))?;
-        tmpl.render(Value::from(minijinja::value::Serde(&Json::Object(ctx))))
-            .map_err(|e| Error::InvalidInput(format!("chat template: {}", render_error(&e))))
+        let mut out = Capped { buf: Vec::new(), max: MAX_RENDERED };
+        match tmpl.render_captured_to(Value::from(minijinja::value::Serde(&Json::Object(ctx))), &mut out) {
+            Ok(_) => String::from_utf8(out.buf).map_err(|e| Error::Internal(format!("chat template output: {e}"))),
+            Err(_) if out.buf.len() >= out.max => Err(Error::InvalidInput(format!(
+                "chat template: the rendered prompt exceeds {} MiB",
+                MAX_RENDERED >> 20
+            ))),
+            Err(e) => Err(Error::InvalidInput(format!("chat template: {}", render_error(&e)))),
+        }
+    }
+}
+
+/// Most text a chat template may render (far beyond any context a model takes).
+pub const MAX_RENDERED: usize = 64 << 20;
+/// The work a rendering may do, in minijinja's instructions.
+pub const MAX_TEMPLATE_FUEL: u64 = 200_000_000;
+/// Largest `tojson` indent.
+const MAX_INDENT: usize = 64;
+
+/// A writer that refuses past `max` bytes.
+struct Capped {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.max {
+            self.buf.extend_from_slice(&b[..self.max - self.buf.len()]);
+            return Err(std::io::Error::other("the rendered prompt is too long"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -163,6 +200,12 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value,
         v = sort_keys(v);
     }
     let indent = indent.and_then(|i| i.as_usize());
+    if let Some(n) = indent.filter(|&n| n > MAX_INDENT) {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: indent {n} is beyond {MAX_INDENT}"),
+        ));
+    }
     let mut buf = Vec::new();
     match (indent, separators) {
         (Some(n), _) => {
