@@ -213,7 +213,7 @@ fn sandbox_ends_only_the_misbehaving_request() {
     assert_eq!(run("ok").unwrap().text, "ok", "the next request works after a trap");
     // Every misuse of the contract comes back as an error the guest sees.
     let e = run("misuse").unwrap_err().to_string();
-    assert!(e.contains("misuse: 6 of 6 refused"), "{e}");
+    assert!(e.contains("misuse: 8 of 8 refused"), "{e}");
     // Opening sequences until refused: the request ends with the refusal, its sequences are
     // closed, and the next request works.
     let e = run("sequences").unwrap_err();

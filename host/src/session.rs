@@ -294,6 +294,12 @@ impl Session {
 
 /// Mean-pooled final (normalised) hidden state of `tokens`, computed in a scratch session.
 pub fn embed(model: &Arc<Model>, opts: &SessionOptions, tokens: &[u32]) -> Result<Vec<f32>, DecodeError> {
+    // One graph over all the tokens (its mask is quadratic in them): at most the model's
+    // training context and MAX_EMBED_TOKENS.
+    let n_ctx = model.hparams().n_ctx_train.clamp(1, MAX_EMBED_TOKENS);
+    if tokens.len() > n_ctx {
+        return Err(DecodeError::ContextFull { need: tokens.len(), n_ctx });
+    }
     let mut opts = opts.clone();
     opts.n_ctx = Some(tokens.len().max(1));
     opts.n_batch = opts.n_batch.max(tokens.len());
@@ -308,6 +314,9 @@ pub fn embed(model: &Arc<Model>, opts: &SessionOptions, tokens: &[u32]) -> Resul
     }
     Ok(mean)
 }
+
+/// Most tokens [`embed`] takes at once.
+pub const MAX_EMBED_TOKENS: usize = 32768;
 
 /// The policy crate's generation loop runs natively over a session (the same code the wasm
 /// component runs), for Rust apps that want tokenizer, template and samplers without wasm.

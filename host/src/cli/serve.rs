@@ -37,6 +37,10 @@ pub struct ServeArgs {
     /// with n choices holds n)
     #[arg(long, default_value_t = 64)]
     pub max_concurrent: usize,
+    /// Policy instances of each model's default policy created (and their tokenizer parsed)
+    /// before listening, so the first requests do not pay for it (at most --max-concurrent)
+    #[arg(long, default_value_t = 1)]
+    pub prewarm: usize,
     /// Requests waiting for a slot beyond which new ones are refused with 429
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
@@ -183,7 +187,21 @@ pub fn run(a: ServeArgs) -> Result<()> {
         shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
         max_n: 16.min(max_concurrent),
     };
-    let state = Arc::new(AppState::new(served, opts)?);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if a.prewarm > max_concurrent {
+        bail!("--prewarm must be at most --max-concurrent ({max_concurrent}), got {}", a.prewarm);
+    }
+    for m in &served {
+        let t0 = std::time::Instant::now();
+        // A policy that fails here fails its requests the same way (each answered 500, the
+        // server going on): a warning, not a refusal to start.
+        match rt.block_on(m.default_policy.prewarm(a.prewarm)) {
+            Ok(n) => {
+                tracing::info!(model = %m.name, instances = n, ms = t0.elapsed().as_millis() as u64, "policy instances ready")
+            }
+            Err(e) => tracing::warn!(model = %m.name, "could not prepare policy instances: {e}"),
+        }
+    }
+    let state = Arc::new(AppState::new(served, opts)?);
     rt.block_on(crate::server::serve(state))
 }

@@ -104,6 +104,9 @@ pub struct SequenceRes {
     session: Arc<Mutex<Sequence>>,
 }
 
+/// Most bytes of logits one `decode-all` call returns to a guest.
+pub const MAX_DECODE_ALL_BYTES: usize = 256 << 20;
+
 /// Receives each piece of generated text with its tokens (and their log-probabilities when the
 /// request asked for them); returns false to cancel.
 pub type OnText = Box<dyn FnMut(Chunk<'_>) -> bool + Send>;
@@ -348,6 +351,18 @@ impl engine::HostSequence for EngineHost<'_> {
         tokens: Vec<u32>,
     ) -> wasmtime::Result<Result<Vec<Vec<f32>>, types::Error>> {
         let sess = self.table.get(&s)?.session.clone();
+        // Every row crosses into the guest's memory: bounded.
+        let n_vocab = self.handle.model.as_ref().map_or(1, |m| m.hparams().n_vocab);
+        let bytes = tokens.len().saturating_mul(n_vocab).saturating_mul(4);
+        if bytes > MAX_DECODE_ALL_BYTES {
+            self.returned_to_guest();
+            return Ok(Err(types::Error::InvalidInput(format!(
+                "decode-all of {} tokens returns {} MiB of logits; at most {} MiB in one call (decode fewer tokens at once)",
+                tokens.len(),
+                bytes >> 20,
+                MAX_DECODE_ALL_BYTES >> 20
+            ))));
+        }
         let queued = sess.lock().unwrap_or_else(|p| p.into_inner()).decode_async(&tokens, Logits::All);
         let r = match queued {
             Ok(f) => f.await,

@@ -176,23 +176,54 @@ impl Default for RuntimeConfig {
     }
 }
 
-/// Memory limiter that remembers whether it refused a request (to name the failure).
+/// Memory limiter of a store (an instance and what it instantiates): `max_memory` bounds the
+/// bytes of all its linear memories together (a component with many memories gets no more),
+/// and the counts of instances, memories and tables are bounded too. Remembers whether it
+/// refused a growth (to name the failure).
 struct Limits {
     max_memory: usize,
     refused: bool,
+    /// Bytes of all the store's linear memories
+    used: usize,
 }
 
+impl Limits {
+    fn new(max_memory: usize) -> Limits {
+        Limits { max_memory, refused: false, used: 0 }
+    }
+}
+
+/// Most core instances, linear memories and tables one guest store may create (a Rust component
+/// for wasm32-wasip2 uses a handful of each).
+const MAX_INSTANCES: usize = 64;
+const MAX_MEMORIES: usize = 8;
+const MAX_TABLES: usize = 32;
+
 impl wasmtime::ResourceLimiter for Limits {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.max_memory {
+    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.used.saturating_sub(current).saturating_add(desired);
+        if total > self.max_memory {
             self.refused = true;
             return Ok(false);
         }
+        self.used = total;
         Ok(true)
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
     }
 }
 
@@ -481,7 +512,7 @@ impl Runtime {
         let state = GuestState {
             wasi: Self::new_wasi(),
             table: ResourceTable::new(),
-            limits: Limits { max_memory: self.cfg.memory_limit, refused: false },
+            limits: Limits::new(self.cfg.memory_limit),
             handle: self.handle.clone(),
             plugin: None,
             last_return: Instant::now(),
@@ -517,7 +548,7 @@ impl Runtime {
             // with Rust's std import them) but lead nowhere, not even to stderr.
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
-            limits: Limits { max_memory: self.cfg.memory_limit, refused: false },
+            limits: Limits::new(self.cfg.memory_limit),
             last_return: Instant::now(),
         };
         let mut store = Store::new(&self.engine, state);

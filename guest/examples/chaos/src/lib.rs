@@ -77,6 +77,8 @@ impl Guest for Chaos {
                     seq.truncate(u32::MAX).err(),
                     seq.decode(&[]).err(),
                     model.embed(&[u32::MAX]).err(),
+                    model.embed(&vec![1; 1 << 20]).err(),
+                    seq.decode_all(&vec![1; 1 << 20]).err(),
                 ];
                 let refused = bad.iter().filter(|e| e.is_some()).count();
                 Err(Error::InvalidInput(format!("misuse: {refused} of {} refused", bad.len())))
