@@ -26,7 +26,7 @@ fn model(name: &str, quantize: Option<DType>) -> Arc<Model> {
 
 fn session(m: &Arc<Model>, adapters: AdapterList) -> Session {
     let mut s = Session::new(m.clone(), &SessionOptions { n_ctx: Some(128), ..Default::default() }).unwrap();
-    s.set_adapters(adapters);
+    s.set_adapters(adapters).unwrap();
     s
 }
 
@@ -116,7 +116,7 @@ fn different_adapters_batch_together() {
             .iter()
             .map(|list| {
                 let mut r = Runner::new(m.clone(), &opts).unwrap();
-                r.set_adapters(0, list.clone());
+                r.set_adapters(0, list.clone()).unwrap();
                 let mut ub = UBatch::default();
                 for (i, &t) in prompt.iter().enumerate() {
                     ub.push(t, i as u32, 0, i + 1 == prompt.len());
@@ -132,7 +132,7 @@ fn different_adapters_batch_together() {
         let mut r = Runner::new(m.clone(), &opts).unwrap();
         let mut ub = UBatch::default();
         for (s, list) in lists.iter().enumerate() {
-            r.set_adapters(s as u32, list.clone());
+            r.set_adapters(s as u32, list.clone()).unwrap();
             for (i, &t) in prompt.iter().enumerate() {
                 ub.push(t, i as u32, s as u32, i + 1 == prompt.len());
             }
@@ -314,6 +314,21 @@ fn adapters_that_cannot_load_say_why() {
     common::write_safetensors(&st, &t);
     let e = load_err("llama-f32", dir).to_string();
     assert!(e.contains("q_proj: lora_A is") && e.contains("the base matrix is"), "{e}");
+}
+
+/// An adapter finds its base matrices by address: one loaded for another model (even of the same
+/// checkpoint) is refused on a session of this one, never silently missing or mismatching.
+#[test]
+fn an_adapter_of_another_model_is_refused() {
+    let a = model("llama-f32", None);
+    let b = model("llama-f32", None);
+    a.load_adapter("x", &adapter("llama-a")).unwrap();
+    let x = a.adapter("x").unwrap();
+    let mut s = Session::new(b.clone(), &SessionOptions { n_ctx: Some(64), ..Default::default() }).unwrap();
+    let e = s.set_adapters(vec![(x.clone(), 1.0)]).unwrap_err().to_string();
+    assert!(e.contains("loaded for another model"), "{e}");
+    // Its own model takes it.
+    session(&a, vec![(x, 1.0)]);
 }
 
 /// More distinct adapters than one step computes (`MAX_STEP_ADAPTERS`): the engine spreads the

@@ -72,6 +72,8 @@ pub struct LoraAdapter {
     dir: PathBuf,
     /// Unique over the process: what a step graph is keyed by
     id: u64,
+    /// [`Model::uid`] of the model whose matrices it adapts (it finds them by address)
+    model: u64,
     stamp: Vec<Stamp>,
     /// By the adapted matrix's tensor address, with the backend index holding it
     pairs: HashMap<usize, (LoraPair, usize)>,
@@ -331,6 +333,7 @@ impl LoraAdapter {
             name: name.to_string(),
             dir: dir.to_path_buf(),
             id,
+            model: model.uid(),
             stamp,
             pairs,
             rank,
@@ -342,6 +345,11 @@ impl LoraAdapter {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// [`Model::uid`] of the model it was loaded for.
+    pub fn model_uid(&self) -> u64 {
+        self.model
     }
 
     pub fn dir(&self) -> &Path {
@@ -504,7 +512,7 @@ impl LoraStack {
         // On a GPU the rank is padded to 32: ggml-cuda's mat-mul-by-id kernel wants row counts in
         // blocks of 32, and otherwise falls back to a path that synchronises the stream (no
         // CUDA-graph replay). The CPU takes any rank.
-        let pad = if model.backends.len() > 1 { 32 } else { 1 };
+        let pad = if model.on_device() { 32 } else { 1 };
         let rank = adapters.iter().map(|a| a.rank).max().unwrap_or(0).max(1).next_multiple_of(pad);
         // Every low-rank module of any adapter: (in, out, backend), by matrix address.
         let mut modules: Vec<(usize, i64, i64, usize)> = Vec::new();

@@ -73,6 +73,8 @@ pub struct Model {
     pub placement: Placement,
     /// LoRA adapters loaded for this model (their buffers are on the backends below)
     lora: crate::lora::LoraRegistry,
+    /// Unique over the process: what an adapter loaded for this model is tied to
+    uid: u64,
     // Declared last: freed after the weights that live on them. The devices in split order,
     // then the CPU (always there: the scheduler runs what a device cannot on it).
     pub(crate) backends: Vec<Backend>,
@@ -133,7 +135,22 @@ impl Model {
             placement,
             backends,
             lora: Default::default(),
+            uid: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
         })
+    }
+
+    /// Unique over the process (adapters loaded for this model carry it).
+    pub fn uid(&self) -> u64 {
+        self.uid
+    }
+
+    /// Whether any of the model's backends is a device (a GPU), not only CPUs: the one answer
+    /// to "is this on a GPU?" (graph padding, LoRA rank padding).
+    pub fn on_device(&self) -> bool {
+        self.backends.iter().any(|b| !b.is_cpu())
     }
 
     /// The LoRA adapters loaded for this model.

@@ -478,12 +478,20 @@ impl Runner {
     /// The LoRA adapters (each with its weight) sequence `seq`'s tokens are computed with from now
     /// on; empty: the base model. The caller keeps a sequence's adapters fixed while its cells
     /// are reused (its cached K/V were computed with them).
-    pub fn set_adapters(&mut self, seq: SeqId, adapters: AdapterList) {
+    /// An adapter loaded for another model is refused (it finds its matrices by address).
+    pub fn set_adapters(&mut self, seq: SeqId, adapters: AdapterList) -> Result<(), DecodeError> {
+        if let Some((a, _)) = adapters.iter().find(|(a, _)| a.model_uid() != self.model.uid()) {
+            return Err(DecodeError::Options(format!(
+                "LoRA adapter {:?} was loaded for another model; load it for this one",
+                a.name()
+            )));
+        }
         if adapters.is_empty() {
             self.adapters.remove(&seq);
         } else {
             self.adapters.insert(seq, adapters);
         }
+        Ok(())
     }
 
     /// The adapters of `seq`.
@@ -672,7 +680,7 @@ impl Runner {
         // and makes the GPU capture its CUDA graph again: with 32 sequences and 256 cells that
         // was every 8th step); a prompt chunk of one sequence keeps 256.
         // On the CPU there is no captured graph to keep, and masked cells still cost: 256 there.
-        let on_device = self.model.backends.iter().any(|b| !b.is_cpu());
+        let on_device = self.model.on_device();
         let pad = if on_device { kv_pad(&ub.seq) } else { KV_PAD };
         let n_kv = self.cells.n_kv().next_multiple_of(pad).min(self.cells.n_cells());
         let out: Vec<i32> = (0..n as i32).filter(|&i| ub.out[i as usize]).collect();

@@ -158,8 +158,9 @@ impl Session {
     /// The LoRA adapters (with weights) this session's tokens are computed with from now on;
     /// empty: the base model. Set them before decoding (or after [`Session::reset`]): tokens
     /// already in the cache keep what they were computed with.
-    pub fn set_adapters(&mut self, adapters: crate::lora::AdapterList) {
-        self.runner.set_adapters(SEQ, adapters);
+    /// Adapters loaded for another model are refused.
+    pub fn set_adapters(&mut self, adapters: crate::lora::AdapterList) -> Result<(), DecodeError> {
+        self.runner.set_adapters(SEQ, adapters)
     }
 
     /// Forget the sequence (its cells are freed).

@@ -611,7 +611,7 @@ fn open(m: &ModelArgs, min_ctx: usize) -> Result<Session> {
         .iter()
         .map(|(name, w)| Ok((s.model().adapter(name)?, *w)))
         .collect::<Result<Vec<_>, crate::lora::LoraError>>()?;
-    s.set_adapters(list);
+    s.set_adapters(list)?;
     Ok(s)
 }
 

@@ -308,7 +308,8 @@ impl Sched {
     /// Free a sequence id and every cell only it holds.
     fn free_seq(&mut self, seq: SeqId) {
         self.runner.cells.seq_rm(seq, 0, u32::MAX);
-        self.runner.set_adapters(seq, vec![]);
+        // No adapters cannot be refused.
+        let _ = self.runner.set_adapters(seq, vec![]);
         self.free_ids.push(seq);
     }
 
@@ -318,7 +319,8 @@ impl Sched {
         self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).requests_finished += 1;
         let Some(seq) = r.seq.take() else { return };
         let salt = adapters_salt(&r.sub.adapters);
-        self.runner.set_adapters(seq, vec![]);
+        // No adapters cannot be refused.
+        let _ = self.runner.set_adapters(seq, vec![]);
         self.cache_or_free(seq, salt, std::mem::take(&mut r.cached));
     }
 
@@ -349,8 +351,14 @@ impl Sched {
             }
             let mut r = self.waiting.pop_front().expect("front exists");
             let seq = self.free_ids.pop().expect("checked");
+            // The engine resolves adapters from its own model; one of another is refused.
+            if let Err(e) = self.runner.set_adapters(seq, r.sub.adapters.clone()) {
+                self.free_ids.push(seq);
+                r.finish(FinishReason::Error(e.to_string()));
+                self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).requests_finished += 1;
+                continue;
+            }
             r.seq = Some(seq);
-            self.runner.set_adapters(seq, r.sub.adapters.clone());
             self.admitted += 1;
             r.admitted = self.admitted;
             let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -412,8 +420,12 @@ impl Sched {
                 return Err(e);
             }
         }
+        if let Err(e) = self.runner.set_adapters(seq, adapters.clone()) {
+            self.runner.cells.seq_rm(seq, 0, u32::MAX);
+            self.free_ids.push(seq);
+            return Err(e);
+        }
         self.admitted += 1;
-        self.runner.set_adapters(seq, adapters.clone());
         let e = Ext {
             seq,
             cached,
@@ -538,7 +550,7 @@ impl Sched {
                         tx.send(Err(DecodeError::Closed("a pending decode")));
                     }
                     let salt = adapters_salt(&e.adapters);
-                    self.runner.set_adapters(e.seq, vec![]);
+                    let _ = self.runner.set_adapters(e.seq, vec![]);
                     self.cache_or_free(e.seq, salt, e.cached);
                 }
             }
