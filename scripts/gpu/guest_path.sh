@@ -17,12 +17,8 @@ conc=${CONC:-1,8,32}
 gen=${GEN:-128}
 cpu_gen=${CPU_GEN:-32}
 prompt=${PROMPT:-128}
-dir="$work/models/$shape"
-if [ ! -f "$dir/config.json" ]; then
-  python3 scripts/gpu/make_model.py "$shape" "$dir" >"$out/make-$shape.log" 2>&1
-fi
 # The policy component tokenizes (even token prompts are detokenized for the stream).
-add_tokenizer "$dir"
+policy_model "$shape"
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
 res="$out/guest_path.jsonl"

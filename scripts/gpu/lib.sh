@@ -33,6 +33,18 @@ add_tokenizer() {
   done
 }
 
+# policy_model SHAPE: the random-weight model of make_model.py in $work/models/SHAPE (made once
+# per machine) with the carried Qwen3 tokenizer, for what runs through the policy component;
+# sets $dir to its folder.
+policy_model() {
+  dir="$work/models/$1"
+  if [ ! -f "$dir/config.json" ]; then
+    python3 scripts/gpu/make_model.py "$1" "$dir" >"$out/make-$1.log" 2>&1 \
+      || { echo "make_model.py $1 failed:"; tail -5 "$out/make-$1.log"; return 1; }
+  fi
+  add_tokenizer "$dir"
+}
+
 # tag PEER SHAPE STEP: keep the JSON lines of stdin, add the three keys, append to bench.jsonl.
 tag() {
   python3 -c 'import json, sys

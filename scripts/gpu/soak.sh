@@ -19,11 +19,7 @@ shape=${SHAPE:-qwen3-0.6b}
 conc=${CONC:-32 64}
 requests=${REQUESTS:-256}
 max_tokens=${MAX_TOKENS:-128}
-dir="$work/models/$shape"
-if [ ! -f "$dir/config.json" ]; then
-  python3 scripts/gpu/make_model.py "$shape" "$dir" >"$out/make-$shape.log" 2>&1
-fi
-add_tokenizer "$dir"
+policy_model "$shape"
 python3 -c 'import httpx' 2>/dev/null || { echo "soak: httpx is not importable here"; exit 1; }
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 
