@@ -639,26 +639,28 @@ impl Sequence {
     /// Append `tokens`; the logits of the last one, or of each with `Logits::All`. Blocks until
     /// the engine's step that completes them.
     pub fn decode(&mut self, tokens: &[u32], which: crate::session::Logits) -> Result<Vec<Vec<f32>>, DecodeError> {
-        let all = which == crate::session::Logits::All;
-        let need = self.check(tokens)?;
-        let id = self.id;
-        let (tokens, want, reused) = (tokens.to_vec(), crate::runner::Want::Logits, self.reused.clone());
-        let rows = self.engine.call(|reply| ExtOp::Decode { id, tokens, all, want, reused, reply })?;
-        self.len.store(need, Ordering::Relaxed);
-        logits_rows(rows)
+        logits_rows(self.decode_blocking(tokens, which == crate::session::Logits::All, crate::runner::Want::Logits)?)
     }
 
     /// Append `tokens`; the `k` largest logits of the last one (at least one, highest first),
     /// cut where the logits are (on the GPU: only the candidates cross back), and with `norm`
     /// the log-normaliser of its whole row. Blocks like [`Sequence::decode`].
     pub fn decode_top(&mut self, tokens: &[u32], k: u32, norm: bool) -> Result<crate::runner::TopRow, DecodeError> {
+        top_row(self.decode_blocking(tokens, false, crate::runner::Want::Top { k: k.max(1), norm })?)
+    }
+
+    fn decode_blocking(
+        &mut self,
+        tokens: &[u32],
+        all: bool,
+        want: crate::runner::Want,
+    ) -> Result<Vec<crate::runner::RowOut>, DecodeError> {
         let need = self.check(tokens)?;
         let id = self.id;
         let (tokens, reused) = (tokens.to_vec(), self.reused.clone());
-        let want = crate::runner::Want::Top { k: k.max(1), norm };
-        let rows = self.engine.call(|reply| ExtOp::Decode { id, tokens, all: false, want, reused, reply })?;
+        let rows = self.engine.call(|reply| ExtOp::Decode { id, tokens, all, want, reused, reply })?;
         self.len.store(need, Ordering::Relaxed);
-        top_row(rows)
+        Ok(rows)
     }
 
     /// [`Sequence::decode`] for async callers: checks and queues the tokens now, and returns a
