@@ -211,10 +211,19 @@ pub fn top_candidates(logits: &[f32], k: usize, min_p: f32) -> Vec<Candidate> {
     }
     idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
     let mut out: Vec<Candidate> = idx.into_iter().map(|i| Candidate { id: i, logit: logits[i as usize] }).collect();
-    if min_p > 0.0 && !out.is_empty() {
-        // p_i / p_max = exp(l_i - l_max) >= min_p  <=>  l_i >= l_max + ln(min_p)
-        let floor = out[0].logit + min_p.ln();
+    if let Some(best) = out.first() {
+        let floor = min_p_floor(best.logit, min_p);
         out.retain(|c| c.logit >= floor);
     }
     out
+}
+
+/// The lowest logit min-p keeps when the best is `best`: p_i / p_max = exp(l_i - l_max) >= min_p
+/// <=> l_i >= l_max + ln(min_p) (min-p 0: no floor).
+pub fn min_p_floor(best: f32, min_p: f32) -> f32 {
+    if min_p > 0.0 {
+        best + min_p.ln()
+    } else {
+        f32::NEG_INFINITY
+    }
 }

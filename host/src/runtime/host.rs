@@ -310,10 +310,8 @@ impl EngineHost<'_> {
             Err(e) => Err(e),
         }
         .map(|top| {
-            let floor = match (min_p > 0.0, top.logits.first()) {
-                (true, Some(&best)) => best + min_p.ln(),
-                _ => f32::NEG_INFINITY,
-            };
+            let floor =
+                top.logits.first().map_or(f32::NEG_INFINITY, |&b| stllm_policy::sampling::min_p_floor(b, min_p));
             let candidates = top
                 .ids
                 .iter()
