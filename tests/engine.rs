@@ -211,6 +211,193 @@ fn async_decodes_are_awaited_one_at_a_time_per_sequence() {
     assert_eq!(a.len(), 8);
 }
 
+/// What the policy's own loop samples on a caller-driven sequence, token by token (the
+/// reference for runs): each row through `decode`/`decode_top`, then `pick`.
+fn loop_tokens(
+    seq: &mut stllm::engine::Sequence,
+    p: &[u32],
+    plan: &stllm::engine::RunPlan,
+) -> Vec<stllm::engine::Sampled> {
+    use stllm_policy::sampling::{min_p_floor, Candidate, Sampler};
+    let mut sampler = Sampler::new(plan.sampling.clone());
+    let (mut hist, mut input, mut out) = (p.to_vec(), p.to_vec(), vec![]);
+    while out.len() < plan.max_tokens as usize {
+        let lp = plan.row.logprobs.is_some();
+        let (cands, norm) = if plan.row.full {
+            let Ok(mut rows) = seq.decode(&input, Logits::Last) else { break };
+            let l = rows.pop().unwrap();
+            let norm = if lp { stllm_policy::generate::log_sum_exp(&l) } else { 0.0 };
+            (l.iter().enumerate().map(|(i, &logit)| Candidate { id: i as u32, logit }).collect::<Vec<_>>(), norm)
+        } else {
+            let Ok(top) = seq.decode_top(&input, plan.row.k, lp) else { break };
+            let floor = min_p_floor(top.logits[0], plan.row.min_p);
+            let c = top
+                .ids
+                .iter()
+                .zip(&top.logits)
+                .filter(|(_, &l)| l >= floor)
+                .map(|(&id, &logit)| Candidate { id, logit })
+                .collect();
+            (c, top.log_norm.unwrap_or(0.0))
+        };
+        let (t, e) =
+            stllm_policy::generate::pick(&mut sampler, cands, norm, &hist, &plan.logit_bias, plan.row.logprobs, None)
+                .unwrap();
+        out.push((t, e));
+        hist.push(t);
+        input = vec![t];
+        if plan.stop_tokens.contains(&t) {
+            break;
+        }
+    }
+    out
+}
+
+fn run_all(run: &mut stllm::engine::RunTokens) -> Vec<stllm::engine::Sampled> {
+    let mut out = vec![];
+    loop {
+        let got = run.next_blocking().unwrap();
+        if got.is_empty() {
+            return out;
+        }
+        out.extend(got);
+    }
+}
+
+#[test]
+fn runs_sample_on_the_compute_thread_what_the_loop_would() {
+    // `Sequence::run` (a guest's `sequence.run`): the compute thread samples each row by the
+    // policy's rule and computes the token next step. Same rule, seed and candidates: the
+    // tokens (and log-probabilities) of the loop that samples token by token, for greedy, top-k,
+    // whole rows with a logit bias, penalties and min-p, while another sequence decodes in the
+    // same steps.
+    use stllm::engine::RunPlan;
+    use stllm_policy::generate::RowPlan;
+    use stllm_policy::sampling::SamplingParams;
+    let m = model("qwen3-f32-sharded");
+    let vocab = m.hparams().n_vocab as u32;
+    let engine = Arc::new(Engine::new(m.clone(), EngineOptions { n_cells: 1024, ..Default::default() }).unwrap());
+    let p = prompt(31, 6, vocab);
+    let plan = |row: RowPlan, sampling: SamplingParams, bias: Vec<(u32, f32)>| RunPlan {
+        row,
+        sampling,
+        logit_bias: bias,
+        stop_tokens: vec![],
+        max_tokens: 12,
+    };
+    let sampled = SamplingParams { temperature: 0.8, top_k: 20, seed: 3, ..Default::default() };
+    let plans = [
+        plan(RowPlan { k: 1, full: false, min_p: 0.0, logprobs: None }, SamplingParams::default(), vec![]),
+        plan(RowPlan { k: 20, full: false, min_p: 0.0, logprobs: Some(3) }, sampled.clone(), vec![]),
+        plan(
+            RowPlan { k: 0, full: true, min_p: 0.0, logprobs: Some(2) },
+            SamplingParams { temperature: 1.0, seed: 9, ..Default::default() },
+            vec![(7, 2.5), (11, -100.0)],
+        ),
+        plan(
+            RowPlan { k: 64, full: false, min_p: 0.05, logprobs: None },
+            SamplingParams { temperature: 0.7, min_p: 0.05, repetition_penalty: 1.3, seed: 4, ..Default::default() },
+            vec![],
+        ),
+    ];
+    for (i, plan) in plans.iter().enumerate() {
+        let mut by_loop = engine.open_sequence(64).unwrap();
+        let want = loop_tokens(&mut by_loop, &p, plan);
+        let mut other = engine.open_sequence(64).unwrap();
+        let q = prompt(40 + i as u32, 5, vocab);
+        let mut seq = engine.open_sequence(64).unwrap();
+        let mut run = seq.run(&p, plan.clone()).unwrap();
+        // Another sequence decodes while the run goes on.
+        other.decode(&q, Logits::Last).unwrap();
+        let got = run_all(&mut run);
+        assert_eq!(
+            got.iter().map(|s| s.0).collect::<Vec<_>>(),
+            want.iter().map(|s| s.0).collect::<Vec<_>>(),
+            "plan {i}"
+        );
+        for (g, w) in got.iter().zip(&want) {
+            match (&g.1, &w.1) {
+                (Some(g), Some(w)) => {
+                    assert!((g.logprob - w.logprob).abs() < 1e-3, "plan {i}: {g:?} vs {w:?}");
+                    assert_eq!(
+                        g.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+                        w.top.iter().map(|t| t.0).collect::<Vec<_>>()
+                    );
+                }
+                (None, None) => {}
+                other => panic!("plan {i}: {other:?}"),
+            }
+        }
+        // The last token is yielded, not computed.
+        assert!(run.ended());
+        assert_eq!(seq.len(), p.len() + got.len() - 1, "plan {i}");
+        // The sequence takes other operations again.
+        seq.truncate(p.len()).unwrap();
+        assert_eq!(seq.len(), p.len());
+    }
+    assert!(engine.stats().run_tokens_sampled >= 48);
+}
+
+#[test]
+fn runs_end_at_stop_tokens_the_sequence_end_and_run_stop() {
+    use stllm::engine::RunPlan;
+    use stllm_policy::generate::RowPlan;
+    use stllm_policy::sampling::SamplingParams;
+    let m = model("qwen3-f32-sharded");
+    let vocab = m.hparams().n_vocab as u32;
+    let engine = Arc::new(Engine::new(m.clone(), EngineOptions { n_cells: 1024, ..Default::default() }).unwrap());
+    let p = prompt(32, 5, vocab);
+    let greedy = |max_tokens: u32, stop_tokens: Vec<u32>| RunPlan {
+        row: RowPlan { k: 1, full: false, min_p: 0.0, logprobs: None },
+        sampling: SamplingParams::default(),
+        logit_bias: vec![],
+        stop_tokens,
+        max_tokens,
+    };
+    let mut seq = engine.open_sequence(64).unwrap();
+    let all: Vec<u32> = run_all(&mut seq.run(&p, greedy(10, vec![])).unwrap()).iter().map(|s| s.0).collect();
+    assert_eq!(all.len(), 10);
+    // A stop token ends the run with it (its first occurrence).
+    let stop = all[3];
+    let first = all.iter().position(|&t| t == stop).unwrap();
+    let mut seq = engine.open_sequence(64).unwrap();
+    let got: Vec<u32> = run_all(&mut seq.run(&p, greedy(10, vec![stop])).unwrap()).iter().map(|s| s.0).collect();
+    assert_eq!(got, all[..=first]);
+    // The sequence's end: a sequence of p + 4 positions yields 5 tokens (the last one not
+    // computed), as the loop ends when its next decode no longer fits.
+    let mut seq = engine.open_sequence(p.len() + 4).unwrap();
+    let got = run_all(&mut seq.run(&p, greedy(100, vec![])).unwrap());
+    assert_eq!(got.len(), 5);
+    assert_eq!(seq.len(), p.len() + 4);
+    // Refused: a second run or a decode while one goes, no tokens, a bias out of the vocabulary.
+    let mut seq = engine.open_sequence(64).unwrap();
+    let mut run = seq.run(&p, greedy(40, vec![])).unwrap();
+    for e in [seq.run(&[1], greedy(1, vec![])).err(), seq.decode(&[1], Logits::Last).err(), seq.fork().err()] {
+        assert!(e.expect("refused while running").to_string().contains("in flight"));
+    }
+    let first = run.next_blocking().unwrap();
+    assert!(!first.is_empty());
+    // Stopped early: the tokens not yet computed are dropped and the sequence is usable.
+    let n = seq.run_stop().unwrap();
+    assert!(n >= p.len() && n < p.len() + 40, "{n}");
+    assert_eq!(seq.len(), n);
+    let row = seq.decode(&[1], Logits::Last).unwrap();
+    assert_eq!(row.len(), 1);
+    // What the reader has not read yet ends: no hang after a stop.
+    while !run.next_blocking().map(|v| v.is_empty()).unwrap_or(true) {}
+    let mut fresh = engine.open_sequence(64).unwrap();
+    assert!(fresh.run(&p, greedy(0, vec![])).is_err());
+    let bad = RunPlan { logit_bias: vec![(vocab, 1.0)], ..greedy(4, vec![]) };
+    assert!(fresh.run(&p, bad).is_err());
+    // A run on a closed sequence's engine operations still answer: dropping the reader ends it.
+    let mut seq = engine.open_sequence(64).unwrap();
+    drop(seq.run(&p, greedy(30, vec![])).unwrap());
+    assert!(engine.wait_idle(Duration::from_secs(30)));
+    let n = seq.run_stop().unwrap();
+    assert!(n <= p.len() + 30);
+    seq.decode(&[2], Logits::Last).unwrap();
+}
+
 #[test]
 fn seventy_sequences_in_one_step_stay_apart() {
     // 70 sequences prefill 3 tokens each in one ubatch, then decode one token each in one

@@ -20,12 +20,13 @@ unpack_stllm() {
   fi
 }
 
-# add_tokenizer DIR: put the carried Qwen3 tokenizer files (prepare.sh: scratch/gpu/tokenizer-qwen3,
-# tokenizer.json xz-compressed) into a model folder, for what runs through the policy component.
+# add_tokenizer DIR [NAME]: put a carried tokenizer's files (prepare.sh: scratch/gpu/tokenizer-NAME,
+# tokenizer.json xz-compressed; NAME qwen3 (default) or llama3) into a model folder, for what runs
+# through the policy component.
 add_tokenizer() {
-  local f
-  [ -d scratch/gpu/tokenizer-qwen3 ] || { echo "no scratch/gpu/tokenizer-qwen3 (prepare.sh packs it when npm is there)" >&2; return 1; }
-  for f in scratch/gpu/tokenizer-qwen3/*; do
+  local f src=scratch/gpu/tokenizer-${2:-qwen3}
+  [ -d "$src" ] || { echo "no $src (prepare.sh packs it when npm is there)" >&2; return 1; }
+  for f in "$src"/*; do
     case "$f" in
       *.xz) python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "$1/$(basename "$f" .xz)" ;;
       *) cp "$f" "$1/" ;;
@@ -34,15 +35,20 @@ add_tokenizer() {
 }
 
 # policy_model SHAPE: the random-weight model of make_model.py in $work/models/SHAPE (made once
-# per machine) with the carried Qwen3 tokenizer, for what runs through the policy component;
-# sets $dir to its folder.
+# per machine) with the carried tokenizer of its family (Llama 3's for llama-3-*, Qwen3's
+# otherwise), for what runs through the policy component; sets $dir to its folder.
 policy_model() {
   dir="$work/models/$1"
-  if [ ! -f "$dir/config.json" ]; then
+  # A folder left without weights by an interrupted make_model.py is made again.
+  if [ ! -f "$dir/config.json" ] || { [ ! -f "$dir/model.safetensors" ] && [ ! -f "$dir/model.safetensors.index.json" ]; }; then
+    rm -rf "$dir"
     python3 scripts/gpu/make_model.py "$1" "$dir" >"$out/make-$1.log" 2>&1 \
       || { echo "make_model.py $1 failed:"; tail -5 "$out/make-$1.log"; return 1; }
   fi
-  add_tokenizer "$dir"
+  case "$1" in
+    llama-3-*) add_tokenizer "$dir" llama3 ;;
+    *) add_tokenizer "$dir" qwen3 ;;
+  esac
 }
 
 # tag PEER SHAPE STEP: keep the JSON lines of stdin, add the three keys, append to bench.jsonl.

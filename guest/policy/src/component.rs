@@ -5,7 +5,7 @@
 
 use std::sync::OnceLock;
 
-use crate::generate::{self, Engine, Finish, LogprobEntry, PluginSampler, Request, Sink};
+use crate::generate::{self, Engine, Finish, LogprobEntry, PluginSampler, Request, Run, Sink};
 use crate::sampling::{Candidate, SamplingParams};
 use crate::template::ChatTemplate;
 use crate::tokenizer::Tokenizer;
@@ -80,6 +80,46 @@ impl Engine for Seq {
     }
     fn cached_tokens(&mut self) -> u32 {
         self.0.cached_tokens()
+    }
+    fn run(&mut self, tokens: &[u32], run: &Run) -> Result<bool, Error> {
+        let p = &run.sampling;
+        let plan = engine::RunPlan {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            seed: p.seed,
+            logit_bias: run.logit_bias.clone(),
+            candidates: run.row.k,
+            cut_min_p: run.row.min_p,
+            full_row: run.row.full,
+            logprobs: run.row.logprobs,
+            stop_tokens: run.stop_tokens.clone(),
+            max_tokens: run.max_tokens,
+        };
+        self.0.run(tokens, &plan).map_err(from_wit)?;
+        Ok(true)
+    }
+    fn run_next(&mut self) -> Result<Vec<(u32, Option<LogprobEntry>)>, Error> {
+        let got = self.0.run_next().map_err(from_wit)?;
+        Ok(got
+            .into_iter()
+            .map(|s| {
+                let lp = s.logprob.map(|e| LogprobEntry {
+                    id: e.id,
+                    logprob: e.logprob,
+                    top: e.top.into_iter().map(|t| (t.id, t.logprob)).collect(),
+                });
+                (s.id, lp)
+            })
+            .collect())
+    }
+    fn run_stop(&mut self) -> Result<(), Error> {
+        self.0.run_stop();
+        Ok(())
     }
 }
 

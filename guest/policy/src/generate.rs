@@ -30,6 +30,125 @@ pub trait Engine {
     fn cached_tokens(&mut self) -> u32 {
         0
     }
+    /// Append `tokens` and let the engine generate on by `run`'s rule (the host's
+    /// `sequence.run`: each token sampled where its row is and computed in the next step,
+    /// without a round trip through this loop). False when the engine cannot: the loop then
+    /// decodes and samples token by token.
+    fn run(&mut self, _tokens: &[u32], _run: &Run) -> Result<bool, Error> {
+        Ok(false)
+    }
+    /// The run's tokens since the last call (at least one); empty once it has ended.
+    fn run_next(&mut self) -> Result<Vec<(u32, Option<LogprobEntry>)>, Error> {
+        Ok(vec![])
+    }
+    /// End the run early (a stop string, a cancel).
+    fn run_stop(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// What a generation asks of each next-token row: the one rule the loop's own sampling and the
+/// host's runs ([`Engine::run`]) both follow, so either gives the same tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowPlan {
+    /// Candidates cut from each row (its `k` largest logits; ignored with `full`)
+    pub k: u32,
+    /// Sample from the whole row
+    pub full: bool,
+    /// Drop cut candidates below `min_p` times the top probability (0: none)
+    pub min_p: f32,
+    /// Log-probabilities with this many alternatives per token
+    pub logprobs: Option<u32>,
+}
+
+impl RowPlan {
+    /// The rows `req` needs (`plugin`: a sampler plug-in chooses, from a wide view).
+    pub fn new(req: &Request, plugin: bool) -> RowPlan {
+        let p = &req.sampling;
+        // How many candidates to ask the host for: 1 suffices for plain greedy; a plug-in or
+        // penalties need a wider view; full logits only when nothing truncates the distribution
+        // (or a logit bias may lift any token into it).
+        let mut k = if plugin {
+            DEFAULT_CANDIDATES
+        } else if p.greedy() && !p.has_penalties() {
+            1
+        } else if p.top_k > 0 && !p.has_penalties() {
+            p.top_k
+        } else {
+            DEFAULT_CANDIDATES.max(p.top_k)
+        };
+        if let Some(n) = req.logprobs {
+            k = k.max(n.max(1));
+        }
+        let full = !req.logit_bias.is_empty()
+            || (!plugin && !p.greedy() && p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 && !p.has_penalties());
+        // The host's min-p cut would hide alternatives the log-probabilities must show; the
+        // sampler applies min-p itself.
+        let min_p = if p.has_penalties() || req.logprobs.is_some() { 0.0 } else { p.min_p };
+        RowPlan { k, full, min_p, logprobs: req.logprobs }
+    }
+}
+
+/// What the host's run samples with ([`Engine::run`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub row: RowPlan,
+    pub sampling: SamplingParams,
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Tokens that end the run (the last one it yields)
+    pub stop_tokens: Vec<u32>,
+    pub max_tokens: u32,
+}
+
+/// Choose the next token from a row's candidates (the whole row, or its cut) with the request's
+/// rule: the log-probability entry (the model's own, before bias, penalties and temperature;
+/// `norm` is the row's log-normaliser), the logit bias (whole rows: index = id), then the
+/// plug-in or the sampler.
+pub fn pick(
+    sampler: &mut Sampler,
+    mut cands: Vec<Candidate>,
+    norm: f32,
+    history: &[u32],
+    logit_bias: &[(u32, f32)],
+    logprobs: Option<u32>,
+    plugin: Option<&mut dyn PluginSampler>,
+) -> Result<(u32, Option<LogprobEntry>), Error> {
+    let top_lp: Vec<(u32, f32)> = match logprobs {
+        Some(n) if n > 0 => {
+            let mut best: Vec<&Candidate> = cands.iter().filter(|c| c.logit.is_finite()).collect();
+            let n = (n as usize).min(best.len());
+            if best.len() > n {
+                best.select_nth_unstable_by(n, |a, b| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id)));
+                best.truncate(n);
+            }
+            best.sort_by(|a, b| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id)));
+            best.iter().map(|c| (c.id, c.logit - norm)).collect()
+        }
+        _ => vec![],
+    };
+    let raw_logit = |cands: &[Candidate], t: u32| cands.iter().find(|c| c.id == t).map(|c| c.logit);
+    let raw: Option<Vec<Candidate>> = (logprobs.is_some() && !logit_bias.is_empty()).then(|| cands.clone());
+    for &(id, b) in logit_bias {
+        if let Some(c) = cands.get_mut(id as usize).filter(|c| c.id == id) {
+            c.logit += b;
+        }
+    }
+    let t = match plugin {
+        Some(pl) => {
+            let mut c = cands.clone();
+            sampler.penalize(&mut c, history);
+            pl.sample(&c, history)
+        }
+        None => {
+            let c = if logprobs.is_some() { cands.clone() } else { std::mem::take(&mut cands) };
+            sampler.sample(c, history).ok_or_else(|| Error::Internal("no finite logits to sample from".into()))?
+        }
+    };
+    let lp = logprobs.map(|_| {
+        let l = raw_logit(raw.as_deref().unwrap_or(&cands), t).unwrap_or(f32::NEG_INFINITY);
+        LogprobEntry { id: t, logprob: l - norm, top: top_lp }
+    });
+    Ok((t, lp))
 }
 
 /// log(sum(exp(x))) over the finite entries, computed stably.
@@ -111,7 +230,7 @@ pub fn generate(
     req: &Request,
     eos: &[u32],
     sink: &mut dyn Sink,
-    mut plugin: Option<&mut dyn PluginSampler>,
+    plugin: Option<&mut dyn PluginSampler>,
 ) -> Result<Outcome, Error> {
     req.sampling.validate()?;
     if prompt.is_empty() {
@@ -125,30 +244,108 @@ pub fn generate(
     if let Some((id, b)) = req.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
         return Err(Error::InvalidInput(format!("logit_bias of token {id} is not finite ({b})")));
     }
-    let p = &req.sampling;
-    let mut sampler = Sampler::new(p.clone());
-    // How many candidates to ask the host for: 1 suffices for plain greedy; a plug-in or
-    // penalties need a wider view; full logits only when nothing truncates the distribution
-    // (or a logit bias may lift any token into it).
-    let mut k = if plugin.is_some() {
-        DEFAULT_CANDIDATES
-    } else if p.greedy() && !p.has_penalties() {
-        1
-    } else if p.top_k > 0 && !p.has_penalties() {
-        p.top_k
-    } else {
-        DEFAULT_CANDIDATES.max(p.top_k)
+    let plan = RowPlan::new(req, plugin.is_some());
+    // Without a plug-in the host can sample by the same rule where the rows are and run ahead
+    // of this loop (no round trip per token); else, or when it cannot, token by token here.
+    let running = plugin.is_none()
+        && engine.run(
+            prompt,
+            &Run {
+                row: plan,
+                sampling: req.sampling.clone(),
+                logit_bias: req.logit_bias.clone(),
+                stop_tokens: if req.ignore_eos { vec![] } else { eos.to_vec() },
+                max_tokens: req.max_tokens,
+            },
+        )?;
+    let mut src = Source {
+        running,
+        over: false,
+        queue: std::collections::VecDeque::new(),
+        sampler: Sampler::new(req.sampling.clone()),
+        plan,
+        plugin,
     };
-    let want_lp = req.logprobs.is_some();
-    if let Some(n) = req.logprobs {
-        k = k.max(n.max(1));
+    let r = generate_loop(tok, engine, &mut src, prompt, req, eos, sink);
+    if src.running && !src.over {
+        // Stop what the host would still compute (a stop string, a cancel, a failure).
+        let stopped = engine.run_stop();
+        if r.is_ok() {
+            stopped?;
+        }
     }
-    let full = !req.logit_bias.is_empty()
-        || (plugin.is_none() && !p.greedy() && p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 && !p.has_penalties());
-    // The host's min-p cut would hide alternatives the log-probabilities must show; the sampler
-    // applies min-p itself.
-    let min_p = if p.has_penalties() || want_lp { 0.0 } else { p.min_p };
+    r
+}
 
+/// Where the loop's tokens come from: the host's run, or decoding and sampling here.
+struct Source<'a> {
+    running: bool,
+    /// The run has ended (nothing more will come)
+    over: bool,
+    queue: std::collections::VecDeque<(u32, Option<LogprobEntry>)>,
+    sampler: Sampler,
+    plan: RowPlan,
+    plugin: Option<&'a mut dyn PluginSampler>,
+}
+
+impl Source<'_> {
+    /// The next token and its log-probability entry; `None` when the sequence is full.
+    fn next(
+        &mut self,
+        engine: &mut dyn Engine,
+        input: &[u32],
+        history: &[u32],
+        logit_bias: &[(u32, f32)],
+    ) -> Result<Option<(u32, Option<LogprobEntry>)>, Error> {
+        if self.running {
+            if self.queue.is_empty() && !self.over {
+                let got = engine.run_next()?;
+                self.over = got.is_empty();
+                self.queue.extend(got);
+            }
+            return Ok(self.queue.pop_front());
+        }
+        let want_lp = self.plan.logprobs.is_some();
+        let (k, min_p) = (self.plan.k, self.plan.min_p);
+        let step = if self.plan.full {
+            engine.decode(input).map(|logits| {
+                let norm = if want_lp { log_sum_exp(&logits) } else { 0.0 };
+                (
+                    logits.iter().enumerate().map(|(i, &l)| Candidate { id: i as u32, logit: l }).collect::<Vec<_>>(),
+                    norm,
+                )
+            })
+        } else if want_lp {
+            engine.decode_top_norm(input, k, min_p)
+        } else {
+            engine.decode_top(input, k, min_p).map(|c| (c, 0.0))
+        };
+        let (cands, norm) = match step {
+            Ok(x) => x,
+            // The sequence reached the end of its context after the prompt: the output ends
+            // there, as if `max_tokens` had been that many (a prompt that does not fit is an
+            // error).
+            Err(Error::ContextFull(_)) if history.len() > input.len() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let plugin: Option<&mut dyn PluginSampler> = match self.plugin {
+            Some(ref mut p) => Some(&mut **p),
+            None => None,
+        };
+        pick(&mut self.sampler, cands, norm, history, logit_bias, self.plan.logprobs, plugin).map(Some)
+    }
+}
+
+fn generate_loop(
+    tok: &Tokenizer,
+    engine: &mut dyn Engine,
+    src: &mut Source<'_>,
+    prompt: &[u32],
+    req: &Request,
+    eos: &[u32],
+    sink: &mut dyn Sink,
+) -> Result<Outcome, Error> {
+    let want_lp = req.logprobs.is_some();
     let mut history: Vec<u32> = prompt.to_vec();
     let mut out = Outcome {
         tokens: vec![],
@@ -171,70 +368,16 @@ pub fn generate(
     let mut next_input: Vec<u32> = prompt.to_vec();
     let mut first = true;
     while (out.tokens.len() as u32) < req.max_tokens {
-        let step = if full {
-            engine.decode(&next_input).map(|logits| {
-                let norm = if want_lp { log_sum_exp(&logits) } else { 0.0 };
-                (
-                    logits.iter().enumerate().map(|(i, &l)| Candidate { id: i as u32, logit: l }).collect::<Vec<_>>(),
-                    norm,
-                )
-            })
-        } else if want_lp {
-            engine.decode_top_norm(&next_input, k, min_p)
-        } else {
-            engine.decode_top(&next_input, k, min_p).map(|c| (c, 0.0))
-        };
-        let (mut cands, norm) = match step {
-            Ok(x) => x,
-            // The sequence reached the end of its context after the prompt: the output ends
-            // there, as if `max_tokens` had been that many (a prompt that does not fit is an
-            // error).
-            Err(Error::ContextFull(_)) if !out.tokens.is_empty() => {
-                out.finish = Finish::Length;
-                break;
-            }
-            Err(e) => return Err(e),
+        let Some((t, lp)) = src.next(engine, &next_input, &history, &req.logit_bias)? else {
+            out.finish = Finish::Length;
+            break;
         };
         if first {
             out.cached_tokens = engine.cached_tokens();
             first = false;
         }
-        // Log-probabilities are the model's own (before bias, penalties and temperature).
-        let top_lp: Vec<(u32, f32)> = match req.logprobs {
-            Some(n) if n > 0 => {
-                let mut best: Vec<&Candidate> = cands.iter().filter(|c| c.logit.is_finite()).collect();
-                let n = (n as usize).min(best.len());
-                if best.len() > n {
-                    best.select_nth_unstable_by(n, |a, b| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id)));
-                    best.truncate(n);
-                }
-                best.sort_by(|a, b| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id)));
-                best.iter().map(|c| (c.id, c.logit - norm)).collect()
-            }
-            _ => vec![],
-        };
-        let raw_logit = |cands: &[Candidate], t: u32| cands.iter().find(|c| c.id == t).map(|c| c.logit);
-        let raw: Option<Vec<Candidate>> = (want_lp && !req.logit_bias.is_empty()).then(|| cands.clone());
-        if !req.logit_bias.is_empty() {
-            for &(id, b) in &req.logit_bias {
-                if let Some(c) = cands.get_mut(id as usize).filter(|c| c.id == id) {
-                    c.logit += b;
-                }
-            }
-        }
-        let t = match plugin.as_deref_mut() {
-            Some(pl) => {
-                let mut c = cands.clone();
-                sampler.penalize(&mut c, &history);
-                pl.sample(&c, &history)
-            }
-            None => sampler
-                .sample(cands.clone(), &history)
-                .ok_or_else(|| Error::Internal("no finite logits to sample from".into()))?,
-        };
         if want_lp {
-            let l = raw_logit(raw.as_deref().unwrap_or(&cands), t).unwrap_or(f32::NEG_INFINITY);
-            let e = LogprobEntry { id: t, logprob: l - norm, top: top_lp };
+            let e = lp.unwrap_or(LogprobEntry { id: t, logprob: f32::NEG_INFINITY, top: vec![] });
             out.logprobs.push(e.clone());
             pending_lp.push(e);
         }

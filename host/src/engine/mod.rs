@@ -191,6 +191,8 @@ pub struct EngineStats {
     pub prompt_tokens_computed: u64,
     /// Tokens computed for caller-driven sequences (guests' prompts and outputs alike)
     pub ext_tokens_computed: u64,
+    /// Tokens sampled by caller-driven sequences' runs ([`Sequence::run`]) on the compute thread
+    pub run_tokens_sampled: u64,
     pub tokens_generated: u64,
     pub requests_finished: u64,
     pub steps: u64,
@@ -269,6 +271,21 @@ enum ExtOp {
     },
     Close {
         id: u64,
+    },
+    /// Append tokens and generate on by a plan ([`Sequence::run`])
+    Run {
+        id: u64,
+        tokens: Vec<u32>,
+        plan: Box<RunPlan>,
+        /// The sequence's cap on positions
+        max_len: usize,
+        reused: Arc<std::sync::atomic::AtomicUsize>,
+        tx: tokio::sync::mpsc::UnboundedSender<RunMsg>,
+    },
+    /// End a run; the positions held after it
+    RunStop {
+        id: u64,
+        reply: Reply<usize>,
     },
     /// The cells of a sequence, in position order (for a prompt-cache file)
     Read {
@@ -722,6 +739,63 @@ impl Sequence {
         })
     }
 
+    /// Append `tokens` and let the engine generate on: each next token is sampled by `plan`
+    /// where its row is (the candidates cut on the device, as for `decode_top`) and computed in
+    /// the next step, without waiting for the caller, until a stop token, `plan.max_tokens`
+    /// or the sequence's end. Read the tokens from the returned [`RunTokens`]; end the run
+    /// early with [`Sequence::run_stop`]. Other operations are refused until the run has ended
+    /// or is stopped; [`Sequence::len`] counts the positions before the run until then.
+    pub fn run(&mut self, tokens: &[u32], plan: RunPlan) -> Result<RunTokens, DecodeError> {
+        self.check(tokens)?;
+        if plan.max_tokens == 0 {
+            return Err(DecodeError::Options("a run needs max-tokens of at least 1".into()));
+        }
+        plan.sampling.validate().map_err(|e| DecodeError::Options(e.to_string()))?;
+        let n_vocab = self.engine.model.hparams().n_vocab;
+        if let Some((id, b)) = plan.logit_bias.iter().find(|(id, b)| *id as usize >= n_vocab || !b.is_finite()) {
+            return Err(DecodeError::Options(format!("logit bias {b} of token {id} (vocabulary {n_vocab})")));
+        }
+        if !(0.0..=1.0).contains(&plan.row.min_p) {
+            return Err(DecodeError::Options(format!("min-p must be in [0, 1], got {}", plan.row.min_p)));
+        }
+        if plan.row.logprobs.is_some_and(|n| n > stllm_policy::generate::MAX_TOP_LOGPROBS) {
+            return Err(DecodeError::Options(format!(
+                "at most {} log-probability alternatives",
+                stllm_policy::generate::MAX_TOP_LOGPROBS
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (id, tokens, reused, max_len) = (self.id, tokens.to_vec(), self.reused.clone(), self.max_len);
+        self.engine.send_op(ExtOp::Run { id, tokens, plan: Box::new(plan), max_len, reused, tx })?;
+        self.in_flight.store(true, Ordering::Relaxed);
+        Ok(RunTokens { rx, len: self.len.clone(), in_flight: self.in_flight.clone(), ended: false, failed: None })
+    }
+
+    /// End this sequence's run (tokens sampled and not yet computed are dropped); the
+    /// positions held after it. No run going: a no-op.
+    pub fn run_stop(&mut self) -> Result<usize, DecodeError> {
+        let id = self.id;
+        let len = self.engine.call(|reply| ExtOp::RunStop { id, reply })?;
+        self.len.store(len, Ordering::Relaxed);
+        self.in_flight.store(false, Ordering::Relaxed);
+        Ok(len)
+    }
+
+    /// [`Sequence::run_stop`] for async callers.
+    pub fn run_stop_async(
+        &mut self,
+    ) -> Result<impl std::future::Future<Output = Result<usize, DecodeError>> + Send + 'static, DecodeError> {
+        let id = self.id;
+        let f = self.engine.call_async(move |reply| ExtOp::RunStop { id, reply })?;
+        let (len, in_flight) = (self.len.clone(), self.in_flight.clone());
+        Ok(async move {
+            let n = f.await?;
+            len.store(n, Ordering::Relaxed);
+            in_flight.store(false, Ordering::Relaxed);
+            Ok(n)
+        })
+    }
+
     /// Refuse what no step could compute; the length after appending `tokens`.
     fn check(&self, tokens: &[u32]) -> Result<usize, DecodeError> {
         self.idle()?;
@@ -794,6 +868,115 @@ impl Sequence {
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+}
+
+/// What a sequence's run samples with: the policy crate's rule (rows, sampler, logit bias, stop
+/// tokens, most tokens), so a run gives the tokens the guest's own loop would.
+pub type RunPlan = stllm_policy::generate::Run;
+
+/// A token a run sampled, and its log-probability entry when the plan asked for them.
+pub type Sampled = (u32, Option<stllm_policy::generate::LogprobEntry>);
+
+/// What the compute thread sends a run's reader.
+pub(super) enum RunMsg {
+    Token(Sampled),
+    /// The run ended (a stop token, its most tokens, the sequence's end, or a failure), with
+    /// the positions held
+    End(Result<usize, DecodeError>),
+}
+
+/// The tokens of a run ([`Sequence::run`]), as the compute thread samples them. Dropping it
+/// ends the run at its next token; [`Sequence::run_stop`] then makes the sequence usable again.
+#[derive(Debug)]
+pub struct RunTokens {
+    rx: tokio::sync::mpsc::UnboundedReceiver<RunMsg>,
+    len: Arc<AtomicUsize>,
+    in_flight: Arc<AtomicBool>,
+    ended: bool,
+    /// A failure that came after tokens, reported by the next call
+    failed: Option<DecodeError>,
+}
+
+impl std::fmt::Debug for RunMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunMsg::Token((t, _)) => write!(f, "Token({t})"),
+            RunMsg::End(r) => write!(f, "End({r:?})"),
+        }
+    }
+}
+
+impl RunTokens {
+    /// The tokens sampled since the last call, waiting for at least one; empty once the run has
+    /// ended. A failure is reported once, after the tokens before it.
+    pub async fn next(&mut self) -> Result<Vec<Sampled>, DecodeError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        if self.ended {
+            return Ok(vec![]);
+        }
+        let first = self.rx.recv().await;
+        self.take(first)
+    }
+
+    /// [`RunTokens::next`] for threads outside an async runtime.
+    pub fn next_blocking(&mut self) -> Result<Vec<Sampled>, DecodeError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        if self.ended {
+            return Ok(vec![]);
+        }
+        let first = self.rx.blocking_recv();
+        self.take(first)
+    }
+
+    /// Whether the run has ended (its last tokens may still be unread).
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    fn take(&mut self, first: Option<RunMsg>) -> Result<Vec<Sampled>, DecodeError> {
+        let mut out = Vec::new();
+        let mut msg = first;
+        loop {
+            match msg {
+                Some(RunMsg::Token(t)) => out.push(t),
+                Some(RunMsg::End(r)) => {
+                    self.end();
+                    match r {
+                        Ok(len) => self.len.store(len, Ordering::Relaxed),
+                        Err(e) if out.is_empty() => return Err(e),
+                        Err(e) => self.failed = Some(e),
+                    }
+                    return Ok(out);
+                }
+                // The sequence was closed or the engine stopped under the run.
+                None => {
+                    self.end();
+                    let e = DecodeError::Stopped("the run's sequence was closed".into());
+                    if out.is_empty() {
+                        return Err(e);
+                    }
+                    self.failed = Some(e);
+                    return Ok(out);
+                }
+            }
+            match self.rx.try_recv() {
+                Ok(m) => msg = Some(m),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return Ok(out),
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => msg = None,
+            }
+        }
+    }
+
+    fn end(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            self.in_flight.store(false, Ordering::Relaxed);
+        }
     }
 }
 

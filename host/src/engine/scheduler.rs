@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use std::collections::HashMap;
 
 use super::prefix::PrefixCache;
-use super::{Event, ExtOp, FinishReason, Finished, Reply, Shared, Submit};
+use super::{Event, ExtOp, FinishReason, Finished, Reply, RunMsg, RunPlan, Shared, Submit};
 use crate::memory::cells::{SeqId, MAX_SEQ};
 use crate::runner::{DecodeError, RowOut, Runner, UBatch, Want};
 use crate::sampling::{sample_logits, Candidate, Sampler};
@@ -86,6 +86,56 @@ struct Ext {
     /// When its last decode was answered, until its next one arrives (a caller answers within a
     /// round trip: see `gather`)
     replied_at: Option<Instant>,
+    /// Generating on by a plan ([`super::Sequence::run`]): each completed row is sampled here
+    /// and the token computed next step
+    run: Option<ExtRun>,
+}
+
+/// A caller-driven sequence's run.
+struct ExtRun {
+    plan: Box<RunPlan>,
+    sampler: Sampler,
+    /// Tokens still to yield
+    left: usize,
+    /// The sequence's cap on positions
+    max_len: usize,
+    tx: tokio::sync::mpsc::UnboundedSender<RunMsg>,
+}
+
+impl ExtRun {
+    /// The candidates of a completed row (cut and min-p floored as the plan says) and its
+    /// log-normaliser.
+    fn candidates(&self, row: RowOut) -> (Vec<Candidate>, f32) {
+        match row {
+            RowOut::Top(top) => {
+                let floor = top
+                    .logits
+                    .first()
+                    .map_or(f32::NEG_INFINITY, |&b| stllm_policy::sampling::min_p_floor(b, self.plan.row.min_p));
+                let cands = top
+                    .ids
+                    .iter()
+                    .zip(&top.logits)
+                    .filter(|(_, &l)| l >= floor)
+                    .map(|(&id, &logit)| Candidate { id, logit })
+                    .collect();
+                (cands, top.log_norm.unwrap_or(0.0))
+            }
+            RowOut::Logits(l) => {
+                let norm = if self.plan.row.logprobs.is_some() { stllm_policy::generate::log_sum_exp(&l) } else { 0.0 };
+                (l.iter().enumerate().map(|(i, &logit)| Candidate { id: i as u32, logit }).collect(), norm)
+            }
+        }
+    }
+}
+
+/// The rows a run's plan samples from.
+fn run_want(plan: &RunPlan) -> Want {
+    if plan.row.full {
+        Want::Logits
+    } else {
+        Want::Top { k: plan.row.k.max(1), norm: plan.row.logprobs.is_some() }
+    }
 }
 
 /// Who a part of a ubatch belongs to.
@@ -176,6 +226,9 @@ impl Sched {
                     for e in self.ext.values_mut() {
                         if let Some(tx) = e.reply.take() {
                             tx.send(Err(DecodeError::Stopped("shutting down".into())));
+                        }
+                        if let Some(run) = e.run.take() {
+                            let _ = run.tx.send(RunMsg::End(Err(DecodeError::Stopped("shutting down".into()))));
                         }
                     }
                     return;
@@ -437,8 +490,64 @@ impl Sched {
             admitted: self.admitted,
             adapters,
             replied_at: None,
+            run: None,
         };
         self.ext.insert(id, e);
+        Ok(())
+    }
+
+    /// Queue `tokens` on caller-driven sequence `id` (a decode or a run): refused while another
+    /// is in flight; a fresh sequence's first tokens may start from a cached prefix.
+    fn ext_start(
+        &mut self,
+        id: u64,
+        tokens: Vec<u32>,
+        all: bool,
+        reused: &std::sync::atomic::AtomicUsize,
+    ) -> Result<(), DecodeError> {
+        let Some(e) = self.ext.get_mut(&id) else {
+            return Err(DecodeError::Closed("decode"));
+        };
+        if e.reply.is_some() || !e.pending.is_empty() || e.run.is_some() {
+            return Err(DecodeError::Options(
+                "a decode or run of this sequence is still in flight (one at a time per sequence)".into(),
+            ));
+        }
+        if e.cached.is_empty() && !all {
+            // A fresh sequence may start from a cached prefix.
+            let (seq, salt) = (e.seq, adapters_salt(&e.adapters));
+            let hit = self.usable_hit(salt, &tokens);
+            let reuse = hit.map_or(0, |h| h.len.min(tokens.len() - 1));
+            let shared = match hit {
+                Some(h) if reuse > 0 => self.runner.share_prefix(h.seq, seq, reuse as u32).is_ok(),
+                _ => false,
+            };
+            let e = self.ext.get_mut(&id).expect("checked above");
+            match hit {
+                Some(h) if shared => {
+                    self.prefix.touch(h.entry);
+                    reused.store(reuse, std::sync::atomic::Ordering::Relaxed);
+                    e.cached = tokens[..reuse].to_vec();
+                    e.pending = tokens[reuse..].to_vec();
+                    let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+                    st.prefix_hits += 1;
+                    st.prefix_tokens_reused += reuse as u64;
+                }
+                _ => {
+                    e.pending = tokens;
+                    self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).prefix_misses += 1;
+                }
+            }
+        } else {
+            e.pending = tokens;
+        }
+        let e = self.ext.get_mut(&id).expect("checked above");
+        if let Some(t) = e.replied_at.take() {
+            let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+            st.ext_turnaround += t.elapsed();
+            st.ext_turnarounds += 1;
+        }
+        e.rows.clear();
         Ok(())
     }
 
@@ -470,54 +579,40 @@ impl Sched {
                 reply.send(r);
             }
             ExtOp::Decode { id, tokens, all, want, reused, reply } => {
-                let Some(e) = self.ext.get_mut(&id) else {
-                    reply.send(Err(DecodeError::Closed("decode")));
-                    return;
-                };
-                if e.reply.is_some() || !e.pending.is_empty() {
-                    reply.send(Err(DecodeError::Options(
-                        "a decode of this sequence is still in flight (one at a time per sequence)".into(),
-                    )));
+                if let Err(e) = self.ext_start(id, tokens, all, &reused) {
+                    reply.send(Err(e));
                     return;
                 }
-                if e.cached.is_empty() && !all {
-                    // A fresh sequence may start from a cached prefix.
-                    let (seq, salt) = (e.seq, adapters_salt(&e.adapters));
-                    let hit = self.usable_hit(salt, &tokens);
-                    let reuse = hit.map_or(0, |h| h.len.min(tokens.len() - 1));
-                    let shared = match hit {
-                        Some(h) if reuse > 0 => self.runner.share_prefix(h.seq, seq, reuse as u32).is_ok(),
-                        _ => false,
-                    };
-                    let e = self.ext.get_mut(&id).expect("checked above");
-                    match hit {
-                        Some(h) if shared => {
-                            self.prefix.touch(h.entry);
-                            reused.store(reuse, std::sync::atomic::Ordering::Relaxed);
-                            e.cached = tokens[..reuse].to_vec();
-                            e.pending = tokens[reuse..].to_vec();
-                            let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
-                            st.prefix_hits += 1;
-                            st.prefix_tokens_reused += reuse as u64;
-                        }
-                        _ => {
-                            e.pending = tokens;
-                            self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).prefix_misses += 1;
-                        }
-                    }
-                } else {
-                    e.pending = tokens;
-                }
-                let e = self.ext.get_mut(&id).expect("checked above");
-                if let Some(t) = e.replied_at.take() {
-                    let mut st = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
-                    st.ext_turnaround += t.elapsed();
-                    st.ext_turnarounds += 1;
-                }
+                let e = self.ext.get_mut(&id).expect("started above");
                 e.all = all;
                 e.want = want;
-                e.rows.clear();
                 e.reply = Some(reply);
+            }
+            ExtOp::Run { id, tokens, plan, max_len, reused, tx } => {
+                if let Err(e) = self.ext_start(id, tokens, false, &reused) {
+                    let _ = tx.send(RunMsg::End(Err(e)));
+                    return;
+                }
+                let e = self.ext.get_mut(&id).expect("started above");
+                e.all = false;
+                e.want = run_want(&plan);
+                let sampler = Sampler::new(plan.sampling.clone());
+                e.run = Some(ExtRun { left: plan.max_tokens as usize, plan, sampler, max_len, tx });
+            }
+            ExtOp::RunStop { id, reply } => {
+                let r = match self.ext.get_mut(&id) {
+                    Some(e) if e.reply.is_none() => {
+                        if e.run.take().is_some() {
+                            // The sampled token not yet computed is dropped.
+                            e.pending.clear();
+                            e.rows.clear();
+                        }
+                        Ok(e.cached.len())
+                    }
+                    Some(_) => Err(DecodeError::Options("a decode of this sequence is in flight, not a run".into())),
+                    None => Err(DecodeError::Closed("run-stop")),
+                };
+                reply.send(r);
             }
             ExtOp::Read { id, reply } => {
                 let r = match self.ext.get(&id) {
@@ -581,6 +676,8 @@ impl Sched {
             x.rows.clear();
             if let Some(tx) = x.reply.take() {
                 tx.send(Err(e));
+            } else if let Some(run) = x.run.take() {
+                let _ = run.tx.send(RunMsg::End(Err(e)));
             }
         }
     }
@@ -740,7 +837,7 @@ impl Sched {
         let mut rows = rows.into_iter();
         let mut snapshots: Vec<(SeqId, u64, Vec<u32>)> = Vec::new();
         let mut finished: Vec<(usize, FinishReason)> = Vec::new();
-        let (mut n_prompt, mut n_gen, mut n_ext) = (0u64, 0u64, 0u64);
+        let (mut n_prompt, mut n_gen, mut n_ext, mut n_run) = (0u64, 0u64, 0u64, 0u64);
         for (who, take, completes) in parts {
             let i = match who {
                 Who::Gen(i) => i,
@@ -749,6 +846,34 @@ impl Sched {
                     n_ext += take as u64;
                     let computed: Vec<u32> = e.pending.drain(..take).collect();
                     e.cached.extend(computed);
+                    if completes && e.run.is_some() {
+                        let row = rows.next().expect("row for a completing sequence");
+                        let run = e.run.as_mut().expect("checked");
+                        let (cands, norm) = run.candidates(row);
+                        let (bias, lp) = (&run.plan.logit_bias, run.plan.row.logprobs);
+                        match stllm_policy::generate::pick(&mut run.sampler, cands, norm, &e.cached, bias, lp, None) {
+                            Ok((t, lp)) => {
+                                run.left -= 1;
+                                let sent = run.tx.send(RunMsg::Token((t, lp))).is_ok();
+                                n_run += 1;
+                                let over = !sent
+                                    || run.left == 0
+                                    || run.plan.stop_tokens.contains(&t)
+                                    || e.cached.len() >= run.max_len;
+                                if over {
+                                    let run = e.run.take().expect("checked");
+                                    let _ = run.tx.send(RunMsg::End(Ok(e.cached.len())));
+                                } else {
+                                    e.pending.push(t);
+                                }
+                            }
+                            Err(err) => {
+                                let run = e.run.take().expect("checked");
+                                let _ = run.tx.send(RunMsg::End(Err(DecodeError::Step(err.to_string()))));
+                            }
+                        }
+                        continue;
+                    }
                     if e.all {
                         e.rows.extend(rows.by_ref().take(take));
                     } else if completes {
@@ -807,6 +932,7 @@ impl Sched {
             st.prompt_tokens_computed += n_prompt;
             st.tokens_generated += n_gen;
             st.ext_tokens_computed += n_ext;
+            st.run_tokens_sampled += n_run;
         }
         if self.cfg.prefix_entries > 0 {
             for (seq, salt, tokens) in snapshots {

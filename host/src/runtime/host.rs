@@ -12,7 +12,7 @@ use wasmtime::component::Resource;
 
 use super::bindings::policy::stllm::inference::{engine, plugin_sampler, streaming, types};
 use super::EngineHost;
-use crate::engine::{Engine, EngineError, EngineOptions, Sequence};
+use crate::engine::{Engine, EngineError, EngineOptions, RunTokens, Sequence};
 use crate::runner::ErrorKind;
 use crate::session::{DecodeError, Logits, SessionOptions};
 use crate::Model;
@@ -102,6 +102,8 @@ pub struct ModelRes(pub Arc<ModelHandle>);
 /// The `sequence` resource: one sequence of the engine (its cells live in the shared cache).
 pub struct SequenceRes {
     session: Arc<Mutex<Sequence>>,
+    /// The tokens of its run, while one is going (`run` / `run-next`)
+    run: Option<RunTokens>,
 }
 
 /// Most bytes of logits one `decode-all` call returns to a guest.
@@ -251,7 +253,7 @@ impl engine::HostModel for EngineHost<'_> {
         .await?;
         let out = match r {
             Ok(s) => {
-                let r = self.table.push(SequenceRes { session: Arc::new(Mutex::new(s)) })?;
+                let r = self.table.push(SequenceRes { session: Arc::new(Mutex::new(s)), run: None })?;
                 self.opened(r.rep());
                 Ok(r)
             }
@@ -391,6 +393,89 @@ impl engine::HostSequence for EngineHost<'_> {
         self.top(s, tokens, k, min_p, true).await
     }
 
+    async fn run(
+        &mut self,
+        s: Resource<SequenceRes>,
+        tokens: Vec<u32>,
+        plan: engine::RunPlan,
+    ) -> wasmtime::Result<Result<(), types::Error>> {
+        let sess = self.table.get(&s)?.session.clone();
+        let plan = stllm_policy::generate::Run {
+            row: stllm_policy::generate::RowPlan {
+                k: plan.candidates,
+                full: plan.full_row,
+                min_p: plan.cut_min_p,
+                logprobs: plan.logprobs,
+            },
+            sampling: crate::sampling::SamplingParams {
+                temperature: plan.temperature,
+                top_k: plan.top_k,
+                top_p: plan.top_p,
+                min_p: plan.min_p,
+                repetition_penalty: plan.repetition_penalty,
+                presence_penalty: plan.presence_penalty,
+                frequency_penalty: plan.frequency_penalty,
+                seed: plan.seed,
+            },
+            logit_bias: plan.logit_bias,
+            stop_tokens: plan.stop_tokens,
+            max_tokens: plan.max_tokens,
+        };
+        let r = sess.lock().unwrap_or_else(|p| p.into_inner()).run(&tokens, plan);
+        let out = match r {
+            Ok(run) => {
+                self.table.get_mut(&s)?.run = Some(run);
+                Ok(())
+            }
+            Err(e) => Err(decode_err(e)),
+        };
+        self.returned_to_guest();
+        Ok(out)
+    }
+
+    async fn run_next(
+        &mut self,
+        s: Resource<SequenceRes>,
+    ) -> wasmtime::Result<Result<Vec<engine::Sampled>, types::Error>> {
+        let Some(mut run) = self.table.get_mut(&s)?.run.take() else {
+            self.returned_to_guest();
+            return Ok(Ok(vec![]));
+        };
+        // Awaited, not blocked on: the compute thread sends the tokens as it samples them.
+        let r = run.next().await;
+        if matches!(&r, Ok(v) if !v.is_empty()) {
+            self.table.get_mut(&s)?.run = Some(run);
+        }
+        self.returned_to_guest();
+        Ok(r.map_err(decode_err).map(|v| {
+            v.into_iter()
+                .map(|(id, lp)| engine::Sampled {
+                    id,
+                    logprob: lp.map(|e| types::LogprobEntry {
+                        id: e.id,
+                        logprob: e.logprob,
+                        top: e.top.into_iter().map(|(id, logprob)| types::TokenLogprob { id, logprob }).collect(),
+                    }),
+                })
+                .collect()
+        }))
+    }
+
+    async fn run_stop(&mut self, s: Resource<SequenceRes>) -> wasmtime::Result<u32> {
+        let res = self.table.get_mut(&s)?;
+        // Its reader goes first: the compute thread ends a run nobody reads at its next token.
+        res.run = None;
+        let sess = res.session.clone();
+        let queued = sess.lock().unwrap_or_else(|p| p.into_inner()).run_stop_async();
+        let n = match queued {
+            Ok(f) => f.await.ok(),
+            Err(_) => None,
+        };
+        let n = n.unwrap_or_else(|| sess.lock().unwrap_or_else(|p| p.into_inner()).len());
+        self.returned_to_guest();
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
     async fn cached_tokens(&mut self, s: Resource<SequenceRes>) -> wasmtime::Result<u32> {
         let sess = self.table.get(&s)?.session.clone();
         let n = sess.lock().unwrap_or_else(|p| p.into_inner()).cached_tokens();
@@ -406,7 +491,7 @@ impl engine::HostSequence for EngineHost<'_> {
         let r = blocking(move || sess.lock().unwrap_or_else(|p| p.into_inner()).fork()).await?;
         let out = match r {
             Ok(f) => {
-                let r = self.table.push(SequenceRes { session: Arc::new(Mutex::new(f)) })?;
+                let r = self.table.push(SequenceRes { session: Arc::new(Mutex::new(f)), run: None })?;
                 self.opened(r.rep());
                 Ok(r)
             }
