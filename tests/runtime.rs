@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use common::{fixture, temp_file, Expected};
 use stllm::runtime::{
-    FinishReason, GenerateRequest, ModelHandle, Prompt, Runtime, RuntimeConfig, RuntimeError, Sampling, CHAOS_POLICY,
-    MIROSTAT_SAMPLER,
+    FinishReason, GenerateRequest, Isolation, ModelHandle, Prompt, Runtime, RuntimeConfig, RuntimeError, Sampling,
+    CHAOS_POLICY, MIROSTAT_SAMPLER,
 };
 use stllm::{Model, ModelOptions, Session, SessionOptions};
 
@@ -193,6 +193,8 @@ fn sandbox_ends_only_the_misbehaving_request() {
         policy: Some(chaos),
         memory_limit: 64 << 20,
         step_timeout: Duration::from_millis(300),
+        // Reused instances: what a guest keeps past its request is what this test is about.
+        isolation: Some(Isolation::Pooled),
         ..RuntimeConfig::default()
     };
     let rt = runtime("llama-f32", cfg);
@@ -231,6 +233,34 @@ fn sandbox_ends_only_the_misbehaving_request() {
     let e = run("reuse").unwrap_err();
     assert!(matches!(e, RuntimeError::Trap { .. }), "{e}");
     assert_eq!(run("ok").unwrap().text, "ok", "the next request works");
+}
+
+#[test]
+fn per_request_instances_keep_nothing_from_one_request_to_the_next() {
+    // What one user's request leaves in a guest's globals must not reach the next user's:
+    // a component given by path gets a fresh instance per request unless pooling is asked for
+    // (the embedded policy, whose only global state is its parsed tokenizer, is pooled).
+    assert_eq!(RuntimeConfig::default().isolation(), Isolation::Pooled);
+    let (_d, chaos) = temp_file(CHAOS_POLICY, "chaos.wasm");
+    let trt = tokio::runtime::Runtime::new().unwrap();
+    for (isolation, leaks) in [(None, false), (Some(Isolation::PerRequest), false), (Some(Isolation::Pooled), true)] {
+        let cfg = RuntimeConfig { policy: Some(chaos.clone()), isolation, pool_size: 1, ..RuntimeConfig::default() };
+        assert_eq!(cfg.isolation() == Isolation::Pooled, leaks);
+        let rt = runtime("llama-f32", cfg);
+        assert_eq!(trt.block_on(rt.prewarm(1)).unwrap(), 1);
+        let run = |what: &str| {
+            trt.block_on(rt.generate(&request(Prompt::Text(what.into()), 4, greedy()), |_, _| true, no_cancel()))
+        };
+        let e = run("remember:alice's secret").unwrap_err().to_string();
+        assert!(e.contains("remembered"), "{e}");
+        let e = run("recall").unwrap_err().to_string();
+        assert_eq!(e.contains("alice's secret"), leaks, "{isolation:?}: {e}");
+        // A guest printing 1 MiB ends its request as it meant to (its output goes to tracing,
+        // capped per request, never blocking it) and the next request works.
+        let e = run("log").unwrap_err().to_string();
+        assert!(e.contains("logged 1 MiB"), "{e}");
+        assert_eq!(run("ok").unwrap().text, "ok");
+    }
 }
 
 #[test]

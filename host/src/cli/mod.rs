@@ -337,6 +337,20 @@ pub struct SandboxArgs {
     /// calls the host (0: no limit)
     #[arg(long, default_value_t = crate::runtime::DEFAULT_REQUEST_FUEL)]
     pub guest_request_fuel: u64,
+    /// Whether a policy instance serves one request or many: `pooled` (reused: what the
+    /// component keeps in its globals outlives a request) or `per-request` (a fresh instance each
+    /// request, nothing one leaves in guest memory reaches the next). Default: pooled for the
+    /// built-in policy (its only global state is the parsed tokenizer), per-request for a
+    /// component given with --policy
+    #[arg(long, value_enum)]
+    pub guest_isolation: Option<IsolationArg>,
+}
+
+/// `--guest-isolation` values.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IsolationArg {
+    Pooled,
+    PerRequest,
 }
 
 impl SandboxArgs {
@@ -355,6 +369,10 @@ impl SandboxArgs {
             memory_limit: mib << 20,
             step_timeout: std::time::Duration::from_millis(self.guest_step_timeout_ms),
             request_fuel: self.guest_request_fuel,
+            isolation: self.guest_isolation.map(|i| match i {
+                IsolationArg::Pooled => crate::runtime::Isolation::Pooled,
+                IsolationArg::PerRequest => crate::runtime::Isolation::PerRequest,
+            }),
             ..RuntimeConfig::default()
         })
     }

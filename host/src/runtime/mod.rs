@@ -5,8 +5,11 @@
 //!   loads another one. Compiled code is cached on disk (wasmtime's cache), so start-up after the
 //!   first run is fast.
 //! - Instances are heavy (the tokenizer is parsed inside the guest on first use), so each
-//!   [`Runtime`] keeps a pool of initialised instances and reuses them across requests; an
-//!   instance that trapped is discarded.
+//!   [`Runtime`] keeps a pool of instances. [`Isolation::Pooled`] (the embedded policy's default)
+//!   reuses them across requests; [`Isolation::PerRequest`] (the default for a component given
+//!   with `--policy`) gives every request one that never served another. An instance that trapped
+//!   is discarded. Guests' stdout and stderr go to `tracing` (target `stllm::guest`), at most
+//!   [`GUEST_LOG_CAP`] bytes a request.
 //! - Each instance has its own `Store` with a memory limit and a per-step time limit (epoch
 //!   interruption): a guest that loops, exhausts memory or traps ends its own request with a
 //!   clear [`RuntimeError`], and the host goes on.
@@ -15,6 +18,7 @@
 //!
 //! Only this module knows wasmtime.
 
+mod guest_log;
 mod host;
 
 use std::path::{Path, PathBuf};
@@ -26,6 +30,7 @@ use wasmtime::component::{Component, Linker, Resource, ResourceTable};
 use wasmtime::{Config, Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+pub use guest_log::{GuestLog, GUEST_LOG_CAP};
 pub use host::{Chunk, ModelHandle, ModelRes, SequenceRes, SinkRes};
 
 /// Generated bindings of the WIT worlds.
@@ -160,6 +165,30 @@ pub struct RuntimeConfig {
     /// however often it returns to the host; the sampler plug-in has its own); 0: no limit.
     /// The step timeout bounds one stretch between host calls, this bounds the request.
     pub request_fuel: u64,
+    /// Whether a policy instance serves one request or many (`None`: [`Isolation::Pooled`] for
+    /// the embedded policy, [`Isolation::PerRequest`] for a component given in `policy`).
+    pub isolation: Option<Isolation>,
+}
+
+/// How requests share policy instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// An instance goes back to the pool after a request and serves later ones: what the guest
+    /// keeps in its globals outlives the request (sequences excepted: those are closed). For
+    /// components you trust with every user's data; the embedded policy's only global state is
+    /// its parsed tokenizer and chat template.
+    Pooled,
+    /// Every request gets an instance that never served another (made ahead in the pool, dropped
+    /// after its request): nothing one request leaves in the guest's memory reaches the next. The
+    /// guest's own start-up (parsing its tokenizer) is paid by every request.
+    PerRequest,
+}
+
+impl RuntimeConfig {
+    /// The isolation in force (see [`RuntimeConfig::isolation`]).
+    pub fn isolation(&self) -> Isolation {
+        self.isolation.unwrap_or(if self.policy.is_some() { Isolation::PerRequest } else { Isolation::Pooled })
+    }
 }
 
 impl Default for RuntimeConfig {
@@ -172,6 +201,7 @@ impl Default for RuntimeConfig {
             cache_dir: None,
             pool_size: 4,
             request_fuel: DEFAULT_REQUEST_FUEL,
+            isolation: None,
         }
     }
 }
@@ -241,6 +271,8 @@ pub struct GuestState {
     pub(crate) plugin_error: Option<RuntimeError>,
     /// Sequences opened during the current request (resource reps)
     pub(crate) opened: Vec<u32>,
+    /// Its stdout and stderr, bounded per request
+    log: GuestLog,
 }
 
 impl WasiView for GuestState {
@@ -405,6 +437,8 @@ impl Drop for EpochTicker {
 struct Instance {
     store: Store<GuestState>,
     bindings: PolicyComponent,
+    /// It has served a request (or been initialised by one of its calls)
+    used: bool,
 }
 
 /// Runs policy components for one model. `Send + Sync`: share it with `Arc`.
@@ -413,9 +447,66 @@ pub struct Runtime {
     policy_pre: PolicyComponentPre<GuestState>,
     sampler_pre: Option<SamplerComponentPre<SamplerState>>,
     handle: Arc<ModelHandle>,
-    pool: Mutex<Vec<Instance>>,
+    /// Idle instances (shared with the tasks that refill it under [`Isolation::PerRequest`])
+    pool: Arc<Mutex<Vec<Instance>>>,
     cfg: RuntimeConfig,
     _ticker: EpochTicker,
+}
+
+/// A new policy instance in its own sandboxed store.
+async fn make_instance(
+    engine: &Engine,
+    pre: &PolicyComponentPre<GuestState>,
+    handle: &Arc<ModelHandle>,
+    cfg: &RuntimeConfig,
+    fuel: u64,
+) -> Result<Instance, RuntimeError> {
+    let log = GuestLog::default();
+    let state = GuestState {
+        // No files, no environment, no network: the guest sees only what the WIT gives it; what
+        // it prints goes to `tracing`, bounded (`GuestLog`).
+        wasi: WasiCtx::builder().stdout(log.clone()).stderr(log.clone()).build(),
+        log,
+        table: ResourceTable::new(),
+        limits: Limits::new(cfg.memory_limit),
+        handle: handle.clone(),
+        plugin: None,
+        last_return: Instant::now(),
+        plugin_error: None,
+        opened: Vec::new(),
+    };
+    let mut store = Store::new(engine, state);
+    sandbox(&mut store, cfg.step_timeout);
+    store.set_fuel(fuel).map_err(|e| RuntimeError::Wasmtime(e.to_string()))?;
+    let t0 = Instant::now();
+    let bindings = pre
+        .instantiate_async(&mut store)
+        .await
+        .map_err(|e| classify(&e, store.data().limits.refused, "policy", cfg.memory_limit, cfg.step_timeout, fuel))?;
+    tracing::debug!(elapsed_us = t0.elapsed().as_micros() as u64, "policy instance created");
+    Ok(Instance { store, bindings, used: false })
+}
+
+/// A new instance that has done its own start-up (a `tokenize` of nothing: the embedded policy
+/// parses its tokenizer and template then) and seen no request.
+async fn ready_instance(
+    engine: &Engine,
+    pre: &PolicyComponentPre<GuestState>,
+    handle: &Arc<ModelHandle>,
+    cfg: &RuntimeConfig,
+    fuel: u64,
+) -> Result<Instance, RuntimeError> {
+    let mut i = make_instance(engine, pre, handle, cfg, fuel).await?;
+    let r = i.bindings.stllm_inference_policy().call_tokenize(&mut i.store, "", false).await;
+    let refused = i.store.data().limits.refused;
+    match r {
+        Ok(_) => {
+            i.store.set_fuel(fuel).map_err(|e| RuntimeError::Wasmtime(e.to_string()))?;
+            i.store.data().log.reset();
+            Ok(i)
+        }
+        Err(e) => Err(classify(&e, refused, "policy", cfg.memory_limit, cfg.step_timeout, fuel)),
+    }
 }
 
 fn wt(e: impl std::fmt::Display) -> RuntimeError {
@@ -493,44 +584,51 @@ impl Runtime {
             None => None,
         };
         let ticker = EpochTicker::start(engine.clone());
-        Ok(Runtime { engine, policy_pre, sampler_pre, handle, pool: Mutex::new(Vec::new()), cfg, _ticker: ticker })
+        Ok(Runtime { engine, policy_pre, sampler_pre, handle, pool: Arc::default(), cfg, _ticker: ticker })
     }
 
     pub fn handle(&self) -> &Arc<ModelHandle> {
         &self.handle
     }
 
-    fn new_wasi() -> WasiCtx {
-        // No files, no environment, no network: the guest sees only what the WIT gives it.
-        WasiCtx::builder().inherit_stderr().build()
-    }
-
     async fn checkout(&self) -> Result<Instance, RuntimeError> {
         if let Some(inst) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
             return Ok(inst);
         }
-        let state = GuestState {
-            wasi: Self::new_wasi(),
-            table: ResourceTable::new(),
-            limits: Limits::new(self.cfg.memory_limit),
-            handle: self.handle.clone(),
-            plugin: None,
-            last_return: Instant::now(),
-            plugin_error: None,
-            opened: Vec::new(),
-        };
-        let mut store = Store::new(&self.engine, state);
-        let limit = self.cfg.step_timeout;
-        sandbox(&mut store, limit);
-        store.set_fuel(self.fuel()).map_err(|e| RuntimeError::Wasmtime(e.to_string()))?;
-        let t0 = Instant::now();
-        let bindings =
-            self.policy_pre.instantiate_async(&mut store).await.map_err(|e| self.classify(&e, &store, "policy"))?;
-        tracing::debug!(elapsed_us = t0.elapsed().as_micros() as u64, "policy instance created");
-        Ok(Instance { store, bindings })
+        make_instance(&self.engine, &self.policy_pre, &self.handle, &self.cfg, self.fuel()).await
+    }
+
+    /// [`Isolation::PerRequest`]: put a ready instance (its start-up done, no request seen) in
+    /// the pool in the background, in place of one a request used, so the next request does not
+    /// pay for the guest's start-up.
+    fn refill(&self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        if self.pool.lock().unwrap_or_else(|p| p.into_inner()).len() >= self.cfg.pool_size {
+            return;
+        }
+        let (engine, pre, handle, cfg, pool) =
+            (self.engine.clone(), self.policy_pre.clone(), self.handle.clone(), self.cfg.clone(), self.pool.clone());
+        let fuel = self.fuel();
+        rt.spawn(async move {
+            match ready_instance(&engine, &pre, &handle, &cfg, fuel).await {
+                Ok(i) => {
+                    let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
+                    if pool.len() < cfg.pool_size {
+                        pool.push(i);
+                    }
+                }
+                Err(e) => tracing::warn!("a fresh policy instance failed to start: {e}"),
+            }
+        });
     }
 
     fn checkin(&self, inst: Instance) {
+        if inst.used && self.cfg.isolation() == Isolation::PerRequest {
+            // Served a request: never another; a ready one takes its place.
+            drop(inst);
+            self.refill();
+            return;
+        }
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         if pool.len() < self.cfg.pool_size {
             pool.push(inst);
@@ -574,6 +672,7 @@ impl Runtime {
     /// Take a pooled (or new) instance and reset its per-request state (its fuel too).
     async fn begin(&self) -> Result<Instance, RuntimeError> {
         let mut inst = self.checkout().await?;
+        inst.used = true;
         inst.store.set_fuel(self.fuel()).map_err(|e| RuntimeError::Wasmtime(e.to_string()))?;
         let d = inst.store.data_mut();
         d.last_return = Instant::now();
@@ -600,6 +699,10 @@ impl Runtime {
         if closed > 0 {
             tracing::warn!(closed, "the policy kept sequences open past its request: closed");
         }
+        let dropped = d.log.reset();
+        if dropped > 0 {
+            tracing::warn!(dropped, cap = GUEST_LOG_CAP, "bytes of the guest's output past its cap were dropped");
+        }
         if let Ok(left) = inst.store.get_fuel() {
             tracing::debug!(fuel_used = self.fuel() - left, "guest call ended");
         }
@@ -623,9 +726,19 @@ impl Runtime {
     /// (at most the pool's size), so that as many concurrent requests start without paying for
     /// it; returns how many the pool holds.
     pub async fn prewarm(&self, n: usize) -> Result<usize, RuntimeError> {
+        let mut held = Vec::new();
+        if self.cfg.isolation() == Isolation::PerRequest {
+            // Ready instances that have seen no request.
+            for _ in 0..n.min(self.cfg.pool_size) {
+                held.push(ready_instance(&self.engine, &self.policy_pre, &self.handle, &self.cfg, self.fuel()).await?);
+            }
+            for i in held {
+                self.checkin(i);
+            }
+            return Ok(self.pool.lock().unwrap_or_else(|p| p.into_inner()).len());
+        }
         // Each instance is initialised as soon as it exists (its step clock starts at `begin`)
         // and held until all are, so none is taken twice.
-        let mut held = Vec::new();
         for _ in 0..n.min(self.cfg.pool_size) {
             let mut i = self.begin().await?;
             match i.bindings.stllm_inference_policy().call_tokenize(&mut i.store, "", false).await {

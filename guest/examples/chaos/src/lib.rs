@@ -2,8 +2,10 @@
 //! of "loop" spins forever, "spin" spins forever calling the host (each call restarts the step
 //! clock), "alloc" allocates without bound, "trap" panics (a wasm trap), "sequences" opens
 //! sequences until the host refuses one, "misuse" passes the host absurd values, "keep" leaves a
-//! sequence in a global past its request and "reuse" decodes on it in the next, "ok" returns
-//! at once; `tokenize` echoes the text's bytes as ids. Never ship this.
+//! sequence in a global past its request and "reuse" decodes on it in the next, "remember:X"
+//! keeps X in a global and "recall" answers with what it kept (a leak between requests, when the
+//! instance is reused), "log" writes 1 MiB to stderr, "ok" returns at once; `tokenize` echoes the
+//! text's bytes as ids. Never ship this.
 
 wit_bindgen::generate!({
     world: "policy-component",
@@ -19,6 +21,8 @@ struct Chaos;
 std::thread_local! {
     /// What "keep" leaves behind for "reuse".
     static KEPT: std::cell::RefCell<Option<stllm::inference::engine::Sequence>> = const { std::cell::RefCell::new(None) };
+    /// What "remember:X" keeps for "recall".
+    static SECRET: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
 impl Guest for Chaos {
@@ -95,6 +99,21 @@ impl Guest for Chaos {
                 Err(Error::InvalidInput(format!("reused: {n:?}")))
             }
             "trap" => panic!("chaos was asked to trap"),
+            "recall" => {
+                let kept = SECRET.with(|k| k.borrow().clone());
+                Err(Error::InvalidInput(format!("recalled: {kept:?}")))
+            }
+            "log" => {
+                let line = "x".repeat(1023);
+                for _ in 0..1024 {
+                    eprintln!("{line}");
+                }
+                Err(Error::InvalidInput("logged 1 MiB".into()))
+            }
+            w if w.starts_with("remember:") => {
+                SECRET.with(|k| *k.borrow_mut() = w["remember:".len()..].to_string());
+                Err(Error::InvalidInput("remembered".into()))
+            }
             _ => {
                 out.emit("ok", &[]);
                 Ok(GenerateResult {
