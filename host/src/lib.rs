@@ -29,6 +29,8 @@
 pub mod cli;
 pub mod engine;
 pub mod files;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod ggml;
 pub(crate) mod graph;
 pub mod hub;
