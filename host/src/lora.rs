@@ -82,7 +82,7 @@ pub struct LoraAdapter {
     // The tensor data, then the headers; the model whose matrices they adapt outlives neither
     // concern (they are only used in graphs together with it).
     _buffers: Vec<Buffer>,
-    _ctx: Context,
+    _ctx: crate::ggml::Headers,
 }
 
 impl std::fmt::Debug for LoraAdapter {
@@ -339,7 +339,7 @@ impl LoraAdapter {
             rank,
             bytes,
             _buffers: buffers,
-            _ctx: ctx,
+            _ctx: ctx.into_headers(),
         })
     }
 
@@ -484,7 +484,7 @@ impl LoraRegistry {
 /// An adapter active in a step being built: its per-token weight rows (`F32 [1, n_tokens]`,
 /// input; and the same gathered to the output rows, for layers that run on those only).
 #[derive(Clone, Copy)]
-pub struct ActiveLora<'a> {
+pub(crate) struct ActiveLora<'a> {
     pub adapter: &'a LoraAdapter,
     pub w_tokens: Tensor,
     pub w_out: Tensor,
@@ -502,7 +502,7 @@ pub struct LoraStack {
     stacks: HashMap<usize, (Tensor, Tensor)>,
     bytes: usize,
     _buffers: Vec<Buffer>,
-    _ctx: Context,
+    _ctx: crate::ggml::Headers,
 }
 
 impl LoraStack {
@@ -573,7 +573,7 @@ impl LoraStack {
             stacks,
             bytes,
             _buffers: buffers,
-            _ctx: ctx,
+            _ctx: ctx.into_headers(),
         })
     }
 
@@ -595,7 +595,7 @@ impl LoraStack {
 /// (`ids` I32 `[per_token, n_tokens]`, `w` F32 `[per_token, n_tokens]`) and the same gathered
 /// to the output rows.
 #[derive(Clone, Copy)]
-pub struct StackInputs<'a> {
+pub(crate) struct StackInputs<'a> {
     pub stack: &'a LoraStack,
     pub per_token: usize,
     pub ids: Tensor,

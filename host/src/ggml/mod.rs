@@ -8,7 +8,10 @@
 //!   backend [`Buffer`] (weights, KV cache) or in the scheduler's compute buffers (activations).
 //! - [`Tensor`] is a `Copy` handle to a tensor of some context. It stays valid while that context
 //!   lives; the owners in this crate (model weights, KV cache, one graph build) keep the context and
-//!   its tensors together in one struct, so a handle never outlives its context.
+//!   its tensors together in one struct, so a handle never outlives its context. This whole layer
+//!   is `pub(crate)`: no safe code outside the crate can hold a handle past its context.
+//! - A [`Context`] is `Send` but not `Sync` (tensors are created in it through `&self`); a context
+//!   that only keeps headers alive once built is a [`Headers`], which is `Sync`.
 //! - [`Backend`] owns a ggml backend (the CPU one with a persistent threadpool, or a device backend),
 //!   [`Sched`] owns a `ggml_backend_sched` that allocates and runs graphs over one or more backends.
 //!
@@ -314,10 +317,25 @@ pub struct Context {
     ptr: NonNull<sys::ggml_context>,
 }
 
-// SAFETY: a ggml context is plain memory with no thread affinity; we never mutate it from two
-// threads at once (mutation needs `&mut self` or happens while building a graph on one thread).
+// SAFETY: a ggml context is plain memory with no thread affinity: moving its ownership to another
+// thread is fine. It is not `Sync`: tensors and graphs are created in it through `&self`, so two
+// threads sharing one could race; what outlives its building is kept as [`Headers`].
 unsafe impl Send for Context {}
-unsafe impl Sync for Context {}
+
+/// A context kept only to own its tensors' headers (model weights, KV cache and recurrent state,
+/// LoRA adapters) once nothing more is built in it: it has no method that reaches the context,
+/// so sharing it between threads cannot race, unlike a [`Context`].
+pub struct Headers(#[allow(dead_code)] Context);
+
+// SAFETY: `Headers` gives no access to its context (only its drop, which needs ownership).
+unsafe impl Sync for Headers {}
+
+impl Context {
+    /// Keep this context only to own its tensors' headers (see [`Headers`]).
+    pub fn into_headers(self) -> Headers {
+        Headers(self)
+    }
+}
 
 impl Context {
     fn size_for(n_tensors: usize, graph_size: usize) -> usize {
@@ -375,22 +393,6 @@ impl Context {
         // SAFETY: context and backend are valid; returns null on failure.
         let buft = unsafe { sys::ggml_backend_get_default_buffer_type(backend.raw()) };
         self.alloc_tensors_in(buft)
-    }
-
-    /// Bytes `alloc_tensors` would allocate on `backend`.
-    pub fn alloc_size(&self, backend: &Backend) -> usize {
-        // SAFETY: context and backend are valid; a pure size computation.
-        unsafe {
-            let buft = sys::ggml_backend_get_default_buffer_type(backend.raw());
-            sys::ggml_backend_alloc_ctx_tensors_from_buft_size(self.raw(), buft)
-        }
-    }
-
-    /// Like [`Context::alloc_tensors`], but first checks that the device has room, failing
-    /// with [`GgmlError::OutOfMemory`] naming `what` instead of a failed allocation.
-    pub fn alloc_tensors_checked(&self, backend: &Backend, what: &str) -> Result<Buffer, GgmlError> {
-        backend.check_fits(what, self.alloc_size(backend))?;
-        self.alloc_tensors(backend)
     }
 
     fn alloc_tensors_in(&self, buft: sys::ggml_backend_buffer_type_t) -> Result<Buffer, GgmlError> {

@@ -3,7 +3,7 @@
 //! ggml checks shapes with asserts that abort the process; the graph blocks that call these only
 //! pass shapes the loader has validated, so an abort here is a bug in stllm, never bad input.
 
-use super::{sys, Context, DType, Tensor};
+use super::{sys, Context, Tensor};
 
 /// Rotary embedding parameters (ggml's `rope_ext` arguments, YaRN fields included).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -74,10 +74,6 @@ impl Context {
 
     pub fn cont(&self, a: Tensor) -> Tensor {
         Tensor::from_raw(unsafe { sys::ggml_cont(self.c(), a.raw()) })
-    }
-
-    pub fn cast(&self, a: Tensor, dtype: DType) -> Tensor {
-        Tensor::from_raw(unsafe { sys::ggml_cast(self.c(), a.raw(), dtype.raw()) })
     }
 
     pub fn transpose(&self, a: Tensor) -> Tensor {

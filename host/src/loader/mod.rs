@@ -225,7 +225,7 @@ pub(crate) fn to_f32(dtype: StDtype, bytes: &[u8]) -> Vec<f32> {
 }
 
 /// Declares the weights an architecture needs, checks them against the files and loads them.
-pub struct WeightBuilder<'a> {
+pub(crate) struct WeightBuilder<'a> {
     dir: &'a ModelDir,
     arch: String,
     ctx: Context,
@@ -256,16 +256,16 @@ struct Source {
 /// Loaded weights: the tensor metadata and the backend buffer with their data.
 pub struct Weights {
     /// One buffer per backend that holds any weight
-    pub buffers: Vec<Buffer>,
+    _buffers: Vec<Buffer>,
     /// Bytes of weights on each backend (indexed like the model's backends)
     pub per_backend: Vec<usize>,
     /// Elements of the weights read from the files
     pub n_params: u64,
     /// The matrices read whole from one file tensor (projections), by checkpoint name, with the
     /// backend index holding them: what a LoRA adapter can attach to
-    pub matrices: std::collections::HashMap<String, (Tensor, usize)>,
+    pub(crate) matrices: std::collections::HashMap<String, (Tensor, usize)>,
     // Owns the tensor headers; dropped after the buffer.
-    pub ctx: Context,
+    _ctx: crate::ggml::Headers,
 }
 
 impl<'a> WeightBuilder<'a> {
@@ -607,7 +607,7 @@ impl<'a> WeightBuilder<'a> {
             );
         }
         let n_params = self.from_file.iter().filter(|s| s.dst == 0).map(|s| s.tensor.nelements() as u64).sum();
-        Ok(Weights { buffers, per_backend, n_params, matrices, ctx: self.ctx })
+        Ok(Weights { _buffers: buffers, per_backend, n_params, matrices, _ctx: self.ctx.into_headers() })
     }
 }
 

@@ -14,7 +14,7 @@ pub struct KvCache {
     buffers: Vec<Buffer>,
     per_backend: Vec<usize>,
     // Owns the tensor headers above; declared last so it is dropped after the buffer.
-    _ctx: Context,
+    _ctx: crate::ggml::Headers,
 }
 
 impl KvCache {
@@ -42,7 +42,7 @@ impl KvCache {
             |il| [k[il], v[il]],
             |n| format!("the KV cache ({n_cells} cells, {}, {n} layers)", dtype.name()),
         )?;
-        Ok(KvCache { k, v, n_cells, dtype, buffers, per_backend, _ctx: ctx })
+        Ok(KvCache { k, v, n_cells, dtype, buffers, per_backend, _ctx: ctx.into_headers() })
     }
 
     pub fn k(&self, il: usize) -> Tensor {

@@ -31,7 +31,7 @@ pub struct RecurrentCache {
     buffers: Vec<Buffer>,
     per_backend: Vec<usize>,
     // Owns the headers; declared last.
-    _ctx: Context,
+    _ctx: crate::ggml::Headers,
 }
 
 impl RecurrentCache {
@@ -67,7 +67,7 @@ impl RecurrentCache {
             free,
             buffers,
             per_backend,
-            _ctx: ctx,
+            _ctx: ctx.into_headers(),
         })
     }
 
