@@ -12,7 +12,10 @@ libdir=$(dirname "$(ls -t target/release/build/llama-cpp-sys-2-*/out/lib*/libggm
 # The shared ggml libraries sit in the -sys crate's out folder (scripts/install-cuda.sh copies them
 # beside the binary).
 export LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-ldd "$bin" | grep -q 'libggml-base.so' || { echo "build-dyn: $bin does not link libggml-base.so dynamically" >&2; exit 1; }
+# ldd's output is taken whole first: `ldd | grep -q` under pipefail fails at random when grep
+# exits at its match while ldd still writes (SIGPIPE).
+deps=$(ldd "$bin")
+grep -q 'libggml-base.so' <<<"$deps" || { echo "build-dyn: $bin does not link libggml-base.so dynamically" >&2; exit 1; }
 "$bin" devices >/dev/null
 err=$("$bin" generate --model tests/fixtures/llama-f32 --tokens 1,2,3 --max-tokens 2 --json 2>&1 >/dev/null)
 echo "$err" | grep -q '^stllm: using the CPU' || { echo "build-dyn: no 'using the CPU' line: $err" >&2; exit 1; }
