@@ -167,13 +167,25 @@ impl SafetensorsFile {
             spans.push((begin, end, name.clone()));
             tensors.insert(name, TensorEntry { dtype, shape: raw.shape, offset: data_start + begin, len: end - begin });
         }
-        // Tensors must not overlap (the format also requires them to be packed; we only need
-        // them disjoint).
+        // Tensors must not overlap.
         spans.sort();
         for w in spans.windows(2) {
             if w[1].0 < w[0].1 {
                 return Err(corrupt(format!("tensors {} and {} overlap", w[0].2, w[1].2)));
             }
+        }
+        // Then the format's reference validation, with the `safetensors` crate's own header type:
+        // what the checks above let through but the format forbids (tensors not packed from
+        // offset 0, a `__metadata__` that is not a map of strings, a dtype's bits not filling
+        // whole bytes) is refused with the reference's reason. The checks above stay first for
+        // their messages, which name the tensor and the numbers.
+        let reference: safetensors::tensor::Metadata = serde_json::from_slice(&header)
+            .map_err(|e| corrupt(format!("the safetensors reference validation refuses the header: {e}")))?;
+        if reference.data_len() as u64 != data_len {
+            return Err(corrupt(format!(
+                "the tensors end at byte {} but the file has {file_len} (the format has no trailing bytes)",
+                data_start + reference.data_len() as u64
+            )));
         }
         Ok(SafetensorsFile { path: path.to_path_buf(), file, tensors })
     }
@@ -186,5 +198,68 @@ impl SafetensorsFile {
             tensor: Some(name.to_string()),
             msg: format!("reading {} bytes at {}: {e}", entry.len, entry.offset),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(header: serde_json::Value, data: usize) -> (PathBuf, Result<SafetensorsFile, LoadError>) {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("stllm-st-{}-{n}.safetensors", std::process::id()));
+        let h = header.to_string().into_bytes();
+        let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(h);
+        bytes.extend(vec![0u8; data]);
+        std::fs::write(&path, bytes).unwrap();
+        let r = SafetensorsFile::open(&path);
+        (path, r)
+    }
+
+    fn refused(header: serde_json::Value, data: usize) -> String {
+        let (path, r) = file(header, data);
+        let _ = std::fs::remove_file(path);
+        r.expect_err("refused").to_string()
+    }
+
+    #[test]
+    fn headers_pass_our_checks_and_the_reference_validation() {
+        use serde_json::json;
+        let (path, ok) = file(
+            json!({"__metadata__": {"format": "pt"}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                   "b": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [8, 16]}}),
+            16,
+        );
+        let f = ok.unwrap();
+        assert_eq!(f.tensors["b"].offset, f.tensors["a"].offset + 8);
+        drop(f);
+        let _ = std::fs::remove_file(path);
+        // Ours, with the tensor named.
+        let e = refused(
+            json!({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                   "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}),
+            12,
+        );
+        assert!(e.contains("overlap"), "{e}");
+        let e = refused(json!({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}), 8);
+        assert!(e.contains("reversed"), "{e}");
+        // What only the reference refuses: a gap (not packed), a start past 0, metadata that is
+        // not strings, bytes after the last tensor.
+        for (h, data) in [
+            (
+                json!({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                       "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}),
+                12,
+            ),
+            (json!({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}), 8),
+            (json!({"__metadata__": {"n": 1}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}), 4),
+        ] {
+            let e = refused(h, data);
+            assert!(e.contains("reference validation"), "{e}");
+        }
+        let e = refused(json!({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}), 9);
+        assert!(e.contains("no trailing bytes"), "{e}");
     }
 }
