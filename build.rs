@@ -64,6 +64,16 @@ fn build_component(cargo: &str, guest: &Path, target_dir: &Path, package: &str) 
     ] {
         cmd.env_remove(var);
     }
+    if std::env::var_os("STLLM_GUEST_CARGO").is_some() {
+        // A cargo given for the guests (e.g. a stable one with the wasm32-wasip2 target, while
+        // the outer build runs on a nightly without it: `cargo +nightly fuzz`) uses its own
+        // toolchain's compiler (the rustc beside it), not the outer build's.
+        cmd.env_remove("RUSTUP_TOOLCHAIN");
+        match Path::new(cargo).parent().map(|d| d.join("rustc")).filter(|r| r.is_file()) {
+            Some(rustc) => cmd.env("RUSTC", rustc),
+            None => cmd.env_remove("RUSTC"),
+        };
+    }
     let status = cmd.status().unwrap_or_else(|e| panic!("running {cargo} to build the guest component {package}: {e}"));
     if !status.success() {
         panic!(

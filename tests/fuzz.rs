@@ -134,7 +134,7 @@ fn corpus(target: &str) -> Vec<Vec<u8>> {
 /// was accepted; a panic is a finding. Prints executions and outcomes.
 fn fuzz(target: &str, seeds: Vec<Vec<u8>>, focus: usize, mut f: impl FnMut(&[u8]) -> bool) {
     assert!(!seeds.is_empty());
-    let mut rng = Rng(seed() ^ target.len() as u64 * 0x9e3779b97f4a7c15);
+    let mut rng = Rng(seed() ^ (target.len() as u64).wrapping_mul(0x9e3779b97f4a7c15));
     let (t0, budget) = (Instant::now(), secs());
     let (mut execs, mut accepted) = (0u64, 0u64);
     let mut run = |input: &[u8], execs: &mut u64| {
