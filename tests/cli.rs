@@ -94,6 +94,30 @@ fn bench_command_reports_speeds() {
 }
 
 #[test]
+fn max_tokens_beyond_the_context_end_with_length() {
+    // More tokens asked than the context holds: the output ends where the context does, with
+    // finish reason `length` (not a "context full" error after streaming).
+    let d = fixture("llama-f32");
+    let v = stllm(&[
+        "run",
+        "--model",
+        d.to_str().unwrap(),
+        "--prompt",
+        "hello",
+        "--max-tokens",
+        "500",
+        "--ctx-size",
+        "64",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert_eq!(v["finish"], "length", "{v}");
+    let (n, prompt) = (v["tokens"].as_array().unwrap().len(), v["prompt_tokens"].as_u64().unwrap() as usize);
+    // The last token is yielded without being computed.
+    assert_eq!(n + prompt, 64 + 1, "{v}");
+}
+
+#[test]
 fn run_command_streams_text_through_the_policy() {
     let d = fixture("llama-f32");
     let d = d.to_str().unwrap();
