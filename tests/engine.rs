@@ -218,7 +218,7 @@ fn loop_tokens(
     p: &[u32],
     plan: &stllm::engine::RunPlan,
 ) -> Vec<stllm::engine::Sampled> {
-    use stllm_policy::sampling::{min_p_floor, Candidate, Sampler};
+    use stllm_policy::sampling::{Candidate, Sampler};
     let mut sampler = Sampler::new(plan.sampling.clone());
     let (mut hist, mut input, mut out) = (p.to_vec(), p.to_vec(), vec![]);
     while out.len() < plan.max_tokens as usize {
@@ -230,15 +230,7 @@ fn loop_tokens(
             (l.iter().enumerate().map(|(i, &logit)| Candidate { id: i as u32, logit }).collect::<Vec<_>>(), norm)
         } else {
             let Ok(top) = seq.decode_top(&input, plan.row.k, lp) else { break };
-            let floor = min_p_floor(top.logits[0], plan.row.min_p);
-            let c = top
-                .ids
-                .iter()
-                .zip(&top.logits)
-                .filter(|(_, &l)| l >= floor)
-                .map(|(&id, &logit)| Candidate { id, logit })
-                .collect();
-            (c, top.log_norm.unwrap_or(0.0))
+            (top.candidates(plan.row.min_p), top.log_norm.unwrap_or(0.0))
         };
         let (t, e) =
             stllm_policy::generate::pick(&mut sampler, cands, norm, &hist, &plan.logit_bias, plan.row.logprobs, None)

@@ -127,6 +127,20 @@ pub struct TopRow {
     pub log_norm: Option<f32>,
 }
 
+impl TopRow {
+    /// The candidates whose probability is at least `min_p` times the best one's (0: all), in
+    /// order: what `decode-top` hands a guest and what a run samples from.
+    pub fn candidates(&self, min_p: f32) -> Vec<crate::sampling::Candidate> {
+        let floor = self.logits.first().map_or(f32::NEG_INFINITY, |&b| stllm_policy::sampling::min_p_floor(b, min_p));
+        self.ids
+            .iter()
+            .zip(&self.logits)
+            .filter(|(_, &l)| l >= floor)
+            .map(|(&id, &logit)| crate::sampling::Candidate { id, logit })
+            .collect()
+    }
+}
+
 /// Tokens of one step: token `i` is `tokens[i]` at position `pos[i]` of sequence `seq[i]`;
 /// a row is returned for the tokens with `out[i]`, in order, of the kind `want[i]` says.
 #[derive(Debug, Clone, Default)]

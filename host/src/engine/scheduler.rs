@@ -107,20 +107,7 @@ impl ExtRun {
     /// log-normaliser.
     fn candidates(&self, row: RowOut) -> (Vec<Candidate>, f32) {
         match row {
-            RowOut::Top(top) => {
-                let floor = top
-                    .logits
-                    .first()
-                    .map_or(f32::NEG_INFINITY, |&b| stllm_policy::sampling::min_p_floor(b, self.plan.row.min_p));
-                let cands = top
-                    .ids
-                    .iter()
-                    .zip(&top.logits)
-                    .filter(|(_, &l)| l >= floor)
-                    .map(|(&id, &logit)| Candidate { id, logit })
-                    .collect();
-                (cands, top.log_norm.unwrap_or(0.0))
-            }
+            RowOut::Top(top) => (top.candidates(self.plan.row.min_p), top.log_norm.unwrap_or(0.0)),
             RowOut::Logits(l) => {
                 let norm = if self.plan.row.logprobs.is_some() { stllm_policy::generate::log_sum_exp(&l) } else { 0.0 };
                 (l.iter().enumerate().map(|(i, &logit)| Candidate { id: i as u32, logit }).collect(), norm)

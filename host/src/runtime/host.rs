@@ -312,15 +312,8 @@ impl EngineHost<'_> {
             Err(e) => Err(e),
         }
         .map(|top| {
-            let floor =
-                top.logits.first().map_or(f32::NEG_INFINITY, |&b| stllm_policy::sampling::min_p_floor(b, min_p));
-            let candidates = top
-                .ids
-                .iter()
-                .zip(&top.logits)
-                .filter(|(_, &l)| l >= floor)
-                .map(|(&id, &logit)| types::Candidate { id, logit })
-                .collect::<Vec<_>>();
+            let candidates =
+                top.candidates(min_p).into_iter().map(|c| types::Candidate { id: c.id, logit: c.logit }).collect();
             engine::TopCandidates { candidates, log_norm: top.log_norm.unwrap_or(0.0) }
         });
         self.returned_to_guest();
