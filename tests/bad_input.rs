@@ -269,6 +269,15 @@ fn absurd_sizes_are_refused_not_wrapped() {
         assert_eq!(out.status.code(), Some(1), "{flag} {value}: {stderr}");
         assert!(stderr.contains(needle), "{flag} {value}: {stderr}");
     }
+    // `generate --top-k 2^32` is refused by the parser, not truncated to 0 (off).
+    let out = Command::new(env!("CARGO_BIN_EXE_stllm"))
+        .args(["--quiet", "generate", "--model"])
+        .arg(common::fixture("llama-f32"))
+        .args(["--tokens", "1,2", "--max-tokens", "2", "--top-k", "4294967296"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--top-k"), "{stderr}");
 }
 
 #[test]

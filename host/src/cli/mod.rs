@@ -500,7 +500,7 @@ pub enum Command {
         #[arg(long, default_value_t = 0.0)]
         temperature: f32,
         #[arg(long, default_value_t = 0)]
-        top_k: usize,
+        top_k: u32,
         #[arg(long, default_value_t = 1.0)]
         top_p: f32,
         #[arg(long, default_value_t = 0)]
@@ -715,8 +715,7 @@ pub fn run(mut cli: Cli) -> Result<()> {
             }
             let mut s = open(&m, tokens.len() + max_tokens)?;
             let stop = if ignore_eos { vec![] } else { s.model().eos_tokens() };
-            let mut sampler =
-                Sampler::new(SamplingParams { temperature, top_k: top_k as u32, top_p, seed, ..Default::default() });
+            let mut sampler = Sampler::new(SamplingParams { temperature, top_k, top_p, seed, ..Default::default() });
             // With a prompt cache, `done` positions come from the file (or are computed and saved).
             let mut done = 0;
             if let Some(pc) = &prompt_cache {
