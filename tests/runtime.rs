@@ -236,6 +236,18 @@ fn sandbox_ends_only_the_misbehaving_request() {
 }
 
 #[test]
+fn zero_max_tokens_generates_nothing() {
+    // No tokens asked: the prompt is not run ahead by the host, the result is empty.
+    let rt = runtime("llama-f32", RuntimeConfig::default());
+    let trt = tokio::runtime::Runtime::new().unwrap();
+    let r = trt
+        .block_on(rt.generate(&request(Prompt::Text("Hello".into()), 0, greedy()), |_, _| true, no_cancel()))
+        .unwrap();
+    assert!(r.tokens.is_empty() && r.text.is_empty());
+    assert_eq!(r.finish, FinishReason::Length);
+}
+
+#[test]
 fn per_request_instances_keep_nothing_from_one_request_to_the_next() {
     // What one user's request leaves in a guest's globals must not reach the next user's:
     // a component given by path gets a fresh instance per request unless pooling is asked for

@@ -248,6 +248,7 @@ pub fn generate(
     // Without a plug-in the host can sample by the same rule where the rows are and run ahead
     // of this loop (no round trip per token); else, or when it cannot, token by token here.
     let running = plugin.is_none()
+        && req.max_tokens > 0
         && engine.run(
             prompt,
             &Run {
