@@ -891,3 +891,62 @@ fn long_positions_keep_masks_and_state_right() {
     assert!(rel(&far, &at0) <= 1e-5, "{}", rel(&far, &at0));
     assert!(rel_err(&at0, &Expected::load(&fixture("nemotron_h-f32")).rows("logits")) < 2e-3);
 }
+
+#[test]
+fn prompt_chunks_attend_over_their_own_gathered_cells_as_alone() {
+    // With one unified pool, a prompt chunk batched with other sequences attends over its own
+    // sequence's cells gathered out of the cache once the pool holds more than a padding's worth
+    // besides them (here a stranger's 600 cells): its logits must be those it gets alone, for a
+    // fresh prompt, for one sharing a forked prefix's cells, and under a sliding window
+    // (mistral-f32's is 6).
+    for name in ["qwen3-f32-sharded", "mistral-f32", "llama-f32"] {
+        let m = model(name);
+        let vocab = m.hparams().n_vocab as u32;
+        let ours = prompt(11, 40, vocab);
+        let want = runner_alone(&m, &ours, 20);
+        let mut theirs = ours[..10].to_vec();
+        theirs.extend(prompt(12, 20, vocab));
+        let want_fork = runner_alone(&m, &theirs, 30);
+
+        let opts = RunnerOptions { n_cells: 1024, n_ubatch: 512, ..opts_runner() };
+        let mut r = Runner::new(m.clone(), &opts).unwrap();
+        let other = prompt(99, 700, vocab);
+        for chunk in 0..2 {
+            let mut ub = UBatch::default();
+            for (i, &t) in other.iter().enumerate().skip(chunk * 300).take(300) {
+                ub.push(t, i as u32, 2, false);
+            }
+            r.run(&ub, false, false).unwrap();
+        }
+        assert_eq!(r.gathered_segments(), 0, "{name}: a sequence alone attends over the pool it fills");
+        // Our first 20 tokens as one chunk, after one of the stranger's decode rows.
+        let mut ub = UBatch::default();
+        ub.push(other[600], 600, 2, true);
+        for (i, &t) in ours[..20].iter().enumerate() {
+            ub.push(t, i as u32, 7, true);
+        }
+        let mut got: Vec<Vec<f32>> = r.run(&ub, false, false).unwrap().rows[1..].to_vec();
+        assert_eq!(r.gathered_segments(), 1, "{name}: the chunk read its own cells");
+        // A fork sharing our first 10 cells computes its own 20-token chunk next to our decode row.
+        r.seq_cp(7, 4, 0, 10).unwrap();
+        let mut ub = UBatch::default();
+        ub.push(ours[20], 20, 7, true);
+        for (i, &t) in theirs[10..].iter().enumerate() {
+            ub.push(t, 10 + i as u32, 4, true);
+        }
+        ub.push(other[601], 601, 2, true);
+        let rows = r.run(&ub, false, false).unwrap().rows;
+        assert_eq!(r.gathered_segments(), 2, "{name}: the fork's chunk read its cells, shared ones included");
+        got.push(rows[0].clone());
+        let e = rel(&rows[1..21], &want_fork[10..30]);
+        assert!(e <= 1e-4, "{name}: forked chunk gathered vs alone rel err {e}");
+        for (i, &t) in ours.iter().enumerate().skip(21) {
+            let mut ub = UBatch::default();
+            ub.push(other[i + 581], i as u32 + 581, 2, true);
+            ub.push(t, i as u32, 7, true);
+            got.push(r.run(&ub, false, false).unwrap().rows[1].clone());
+        }
+        let e = rel(&got, &want);
+        assert!(e <= 1e-4, "{name}: gathered chunk then decode vs alone rel err {e}");
+    }
+}

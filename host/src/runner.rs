@@ -201,6 +201,8 @@ pub struct Runner {
     flash: bool,
     /// The last step's graph, allocated on the scheduler, reused while steps keep its shape
     step: Option<StepGraph>,
+    /// Attention calls over gathered cells so far (see `attn_plan`)
+    gathered: u64,
     /// LoRA adapters per sequence (none: the base model)
     adapters: std::collections::HashMap<SeqId, AdapterList>,
     /// The adapters of the last multi-adapter step, stacked (rebuilt when the set changes)
@@ -259,7 +261,7 @@ struct StepShape {
     n_tokens: usize,
     n_kv: usize,
     n_out: usize,
-    segments: Vec<(usize, usize)>,
+    segments: Vec<crate::graph::AttnSegment>,
     output: Output,
     /// Sequences of a recurrent step (1 otherwise)
     n_seqs: usize,
@@ -362,6 +364,7 @@ impl Runner {
             n_ubatch,
             flash,
             step: None,
+            gathered: 0,
             adapters: Default::default(),
             lora_stack: None,
             model,
@@ -474,6 +477,12 @@ impl Runner {
 
     pub fn n_ubatch(&self) -> usize {
         self.n_ubatch
+    }
+
+    /// Steps' attention calls (per step, not per layer) that read a sequence's own cells
+    /// gathered out of the pool instead of the whole pool (see `attn_plan`), so far.
+    pub fn gathered_segments(&self) -> u64 {
+        self.gathered
     }
 
     pub fn flash_attn(&self) -> bool {
@@ -754,11 +763,13 @@ impl Runner {
                 }
             }
         }
+        let plan = self.attn_plan(ub, n_kv);
+        self.gathered += plan.gathered.len() as u64;
         let shape = StepShape {
             n_tokens: n,
             n_kv,
             n_out,
-            segments: crate::graph::attn_segments(&ub.seq),
+            segments: plan.segments.clone(),
             output,
             n_seqs,
             adapters: active.iter().map(|a| a.id()).collect(),
@@ -794,10 +805,20 @@ impl Runner {
             let inp = StepInputs {
                 tokens: ctx.new_tensor(DType::I32, &[n as i64], "inp_tokens").set_input(),
                 pos: ctx.new_tensor(DType::I32, &[n as i64], "inp_pos").set_input(),
-                mask: ctx.new_tensor(mask_type, &[n_kv as i64, n as i64], "inp_mask").set_input(),
-                mask_swa: hp
-                    .sliding_window
-                    .map(|_| ctx.new_tensor(mask_type, &[n_kv as i64, n as i64], "inp_mask_swa").set_input()),
+                mask: ctx
+                    .new_tensor(mask_type, &[n_kv as i64, plan.mask_rows.len().max(1) as i64], "inp_mask")
+                    .set_input(),
+                mask_swa: hp.sliding_window.map(|_| {
+                    ctx.new_tensor(mask_type, &[n_kv as i64, plan.mask_rows.len().max(1) as i64], "inp_mask_swa")
+                        .set_input()
+                }),
+                gather_idx: (!plan.gathered.is_empty())
+                    .then(|| ctx.new_tensor(DType::I32, &[plan.n_gather_cells() as i64], "inp_gather_idx").set_input()),
+                gather_mask: (!plan.gathered.is_empty())
+                    .then(|| ctx.new_tensor(DType::F16, &[plan.n_gather_mask() as i64], "inp_gather_mask").set_input()),
+                gather_mask_swa: (!plan.gathered.is_empty() && hp.sliding_window.is_some()).then(|| {
+                    ctx.new_tensor(DType::F16, &[plan.n_gather_mask() as i64], "inp_gather_mask_swa").set_input()
+                }),
                 out_ids: ctx.new_tensor(DType::I32, &[n_out as i64], "inp_out_ids").set_input(),
                 kv_idxs: ctx.new_tensor(DType::I64, &[n as i64], "inp_kv_idxs").set_input(),
                 rs_ids: self
@@ -904,13 +925,30 @@ impl Runner {
             write_input(*ids, |t| t.write_i32(&stack_ids))?;
             write_input(*w, |t| t.write_f32(&stack_w))?;
         }
-        let who: Vec<(SeqId, u32)> = ub.seq.iter().copied().zip(ub.pos.iter().copied()).collect();
-        write_input(inp.mask, |t| write_mask(t, &self.cells, &who, n_kv, None))?;
-        if let Some(m) = inp.mask_swa {
+        let who: Vec<(SeqId, u32)> = plan.mask_rows.iter().map(|&r| (ub.seq[r], ub.pos[r])).collect();
+        if !who.is_empty() {
+            write_input(inp.mask, |t| write_mask(t, &self.cells, &who, n_kv, None))?;
+        }
+        if let Some(m) = inp.mask_swa.filter(|_| !who.is_empty()) {
             write_input(m, |t| write_mask(t, &self.cells, &who, n_kv, hp.sliding_window))?;
         }
+        if let Some(t) = inp.gather_idx {
+            write_input(t, |t| t.write_i32(&plan.gather_idx()))?;
+        }
+        if let Some(t) = inp.gather_mask {
+            write_input(t, |t| t.write_f16(&plan.gather_mask(ub, None)))?;
+        }
+        if let Some(t) = inp.gather_mask_swa {
+            write_input(t, |t| t.write_f16(&plan.gather_mask(ub, hp.sliding_window)))?;
+        }
         let t_compute = std::time::Instant::now();
-        self.sched.compute(&step.graph)?;
+        if tracing::enabled!(target: "stllm::ops", tracing::Level::TRACE) {
+            // A per-op profile (STLLM_LOG=stllm::ops=trace; slows every step down).
+            let nodes = self.sched.compute_profiled(&step.graph)?;
+            trace_ops(&nodes, n, n_kv);
+        } else {
+            self.sched.compute(&step.graph)?;
+        }
         let t_read = std::time::Instant::now();
 
         let rows = |t: Tensor, width: usize| -> Result<Vec<Vec<f32>>, GgmlError> {
@@ -1014,6 +1052,31 @@ fn write_input(t: Tensor, f: impl FnOnce(Tensor) -> Result<(), GgmlError>) -> Re
     }
 }
 
+/// Log a step's per-op profile (target `stllm::ops`): one line per op and operand shape, with
+/// the nodes of that kind and their total time (`scripts/gpu/op_profile.py` sums them up).
+fn trace_ops(nodes: &[crate::ggml::NodeTime], n_tokens: usize, n_kv: usize) {
+    let mut by: Vec<(String, usize, std::time::Duration)> = Vec::new();
+    for t in nodes {
+        let key = match (t.op.as_str(), t.src0) {
+            ("MUL_MAT" | "MUL_MAT_ID" | "GET_ROWS" | "FLASH_ATTN_EXT" | "SSM_SCAN" | "SSM_CONV", Some(s)) => {
+                format!("{}[{}x{}x{}x{}]", t.op, s[0], s[1], s[2], s[3])
+            }
+            _ => t.op.clone(),
+        };
+        match by.iter_mut().find(|(k, _, _)| *k == key) {
+            Some((_, c, d)) => {
+                *c += 1;
+                *d += t.elapsed;
+            }
+            None => by.push((key, 1, t.elapsed)),
+        }
+    }
+    by.sort_by_key(|b| std::cmp::Reverse(b.2));
+    for (op, nodes, d) in by {
+        tracing::trace!(target: "stllm::ops", n_tokens, n_kv, op = %op, nodes, us = d.as_micros() as u64);
+    }
+}
+
 fn write_mask(
     t: Tensor,
     cells: &KvCells,
@@ -1088,6 +1151,111 @@ const KV_PAD: usize = 256;
 /// The padding of the attended cells for a step of these tokens' sequences: [`KV_PAD`] per four
 /// distinct sequences (at least one), so a decode step of N sequences keeps its shape for about
 /// 64 steps whatever N.
+/// A gathered segment's rows, its sequence's cells as `(cell, position)`, and their count
+/// padded to [`KV_PAD`].
+type Gathered = (std::ops::Range<usize>, Vec<(u32, u32)>, usize);
+
+/// How a step's rows attend (see [`crate::graph::attn_segments`]): its flash-attention calls,
+/// the rows under the pool mask, and the cells each gathered call reads.
+struct AttnPlan {
+    segments: Vec<crate::graph::AttnSegment>,
+    /// Rows of the step whose mask rows are in the pool mask, in mask order (all of them when
+    /// nothing is gathered)
+    mask_rows: Vec<usize>,
+    /// Per gathered segment, in segment order: its rows, and its sequence's cells (padded to
+    /// [`KV_PAD`] with the first cell, masked) as `(cell, position)`
+    gathered: Vec<Gathered>,
+}
+
+impl AttnPlan {
+    fn n_gather_cells(&self) -> usize {
+        self.gathered.iter().map(|g| g.2).sum()
+    }
+
+    fn n_gather_mask(&self) -> usize {
+        self.gathered.iter().map(|g| g.2 * g.0.len()).sum()
+    }
+
+    fn gather_idx(&self) -> Vec<i32> {
+        let mut v = Vec::with_capacity(self.n_gather_cells());
+        for (_, cells, n_pad) in &self.gathered {
+            v.extend(cells.iter().map(|&(c, _)| c as i32));
+            v.extend(std::iter::repeat_n(cells[0].0 as i32, n_pad - cells.len()));
+        }
+        v
+    }
+
+    /// The gathered segments' masks: row `(seq, pos)` sees a gathered cell at a position `<= pos`
+    /// (and, with a window `w`, `> pos - w`), as [`KvCells::mask`] decides for the pool.
+    fn gather_mask(&self, ub: &UBatch, window: Option<usize>) -> Vec<half::f16> {
+        let w = window.map_or(u32::MAX, |w| w.min(u32::MAX as usize) as u32);
+        let mut m = Vec::with_capacity(self.n_gather_mask());
+        for (rows, cells, n_pad) in &self.gathered {
+            for r in rows.clone() {
+                let pos = ub.pos[r];
+                m.extend(cells.iter().map(|&(_, p)| {
+                    if p <= pos && pos - p < w {
+                        half::f16::ZERO
+                    } else {
+                        half::f16::NEG_INFINITY
+                    }
+                }));
+                m.extend(std::iter::repeat_n(half::f16::NEG_INFINITY, n_pad - cells.len()));
+            }
+        }
+        m
+    }
+}
+
+impl Runner {
+    /// Split the step's rows into flash-attention calls: a prompt chunk attends over its own
+    /// sequence's cells, gathered out of the cache, when they are fewer than the pool's `n_kv`
+    /// (after padding) — with one unified pool, every other row attends over all `n_kv` cells
+    /// and its mask row is `n_kv` wide, so a chunk's cost would grow with the whole pool (the
+    /// other sequences and the cached prefixes) instead of its own length. Gathering copies the
+    /// cells exactly (an F16 or F32 cache), so the result is the pool path's up to summation
+    /// order.
+    fn attn_plan(&self, ub: &UBatch, n_kv: usize) -> AttnPlan {
+        use crate::graph::{AttnSegment, SegmentKv};
+        let all_rows = || AttnPlan { segments: vec![], mask_rows: (0..ub.len()).collect(), gathered: vec![] };
+        if !self.flash {
+            return all_rows();
+        }
+        let segs = crate::graph::attn_segments(&ub.seq);
+        if segs.is_empty() {
+            return all_rows();
+        }
+        let can_gather = matches!(self.kv.dtype(), DType::F16 | DType::F32);
+        let wanted: Vec<SeqId> = segs.iter().filter(|s| s.2 && can_gather).map(|s| ub.seq[s.0]).collect();
+        let mut cells = if wanted.is_empty() { vec![] } else { self.cells.cells_of(&wanted, n_kv) }.into_iter();
+        let mut plan = AttnPlan { segments: Vec::with_capacity(segs.len()), mask_rows: vec![], gathered: vec![] };
+        let (mut idx_off, mut mask_off) = (0, 0);
+        for (first, len, gatherable) in segs {
+            let own = if gatherable && can_gather { cells.next() } else { None };
+            let kv = match own {
+                Some(c) if !c.is_empty() && c.len().next_multiple_of(KV_PAD) < n_kv => {
+                    let n_pad = c.len().next_multiple_of(KV_PAD);
+                    let kv = SegmentKv::Gathered { idx_off, n_cells: n_pad, mask_off };
+                    idx_off += n_pad;
+                    mask_off += n_pad * len;
+                    plan.gathered.push((first..first + len, c, n_pad));
+                    kv
+                }
+                _ => {
+                    let kv = SegmentKv::Pool { mask_row: plan.mask_rows.len() };
+                    plan.mask_rows.extend(first..first + len);
+                    kv
+                }
+            };
+            plan.segments.push(AttnSegment { first, len, kv });
+        }
+        if plan.gathered.is_empty() && plan.segments.len() == 1 {
+            return all_rows();
+        }
+        plan
+    }
+}
+
 fn kv_pad(seqs: &[SeqId]) -> usize {
     let mut distinct = seqs.to_vec();
     distinct.sort_unstable();
@@ -1101,8 +1269,9 @@ fn kv_pad(seqs: &[SeqId]) -> usize {
 /// per adapted projection (at most a dozen a layer).
 fn graph_size(n_layer: usize, n_ubatch: usize) -> usize {
     let segments = n_ubatch / 32 + 2;
+    let gathered = 12 * crate::graph::MAX_GATHERED;
     let lora = 12 * 4 * crate::lora::MAX_STEP_ADAPTERS;
-    (n_layer * (64 + 6 * segments + lora) + 512).max(2048)
+    (n_layer * (64 + 6 * segments + gathered + lora) + 512).max(2048)
 }
 
 #[cfg(test)]

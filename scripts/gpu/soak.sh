@@ -8,7 +8,8 @@
 # $OUT/soak.md (printed last).
 #
 # Usage: SHAPE=qwen3-0.6b CONC="32 64" REQUESTS=256 MAX_TOKENS=128 [SERVERS="stllm hf"]
-#        [TIMEOUT=240] [PEER_REQUESTS=N] [PEER_TIMEOUT=300] [STLLM_ARGS="--batch 2048"] bash scripts/gpu/soak.sh
+#        [TIMEOUT=240] [PEER_REQUESTS=N] [PEER_TIMEOUT=300] [STLLM_ARGS="--batch 2048"] [SOAK_TRACE=1 | SOAK_PROFILE=1]
+#        bash scripts/gpu/soak.sh
 # SERVERS picks which servers run (stllm, hf = transformers serve); each soak ends after its
 # TIMEOUT / PEER_TIMEOUT seconds with the requests finished by then (its row says "timed out"), so
 # a slow peer still gives a number inside one device call. PEER_REQUESTS (default REQUESTS) sizes
@@ -50,12 +51,18 @@ soak() { # LABEL PORT PID C
 
 # stllm
 if [[ " $servers " == *" stllm "* ]]; then
-"$g/bin/stllm" serve --model "$shape=$dir" --backend-dir "$work/backends" --port 18080 \
+# SOAK_TRACE=1: log every request and step and say where the time to first token went.
+# SOAK_PROFILE=1: a per-op profile of every step instead (slower steps: for shares, not speed).
+trace_log=${SOAK_TRACE:+info,stllm::request=debug,stllm::step=trace}
+if [ -n "${SOAK_PROFILE:-}" ]; then trace_log=info,stllm::ops=trace; fi
+STLLM_LOG=${trace_log:-${STLLM_LOG:-}} "$g/bin/stllm" serve --model "$shape=$dir" --backend-dir "$work/backends" --port 18080 \
   --max-concurrent 128 --ctx-size 65536 ${STLLM_ARGS:-} 2>"$out/stllm-serve.log" &
 pid=$!
 wait_listening "$out/stllm-serve.log" "$pid" 120 "listening on"
 for c in $conc; do soak "stllm${STLLM_ARGS:+ $STLLM_ARGS}" 18080 "$pid" "$c"; done
 kill -TERM "$pid"; wait "$pid" || true
+if [ -n "${SOAK_TRACE:-}" ]; then python3 scripts/gpu/soak_trace.py "$out/stllm-serve.log" 8 | tee "$out/soak-trace.md"; fi
+if [ -n "${SOAK_PROFILE:-}" ]; then python3 scripts/gpu/op_profile.py "$out/stllm-serve.log" 14 "1-40,41-200,201-100000" | tee "$out/op-profile.md"; fi
 fi
 
 # transformers serve (HF's own OpenAI-compatible server) with continuous batching, on the same

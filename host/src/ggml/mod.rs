@@ -854,16 +854,33 @@ unsafe impl Send for Sched {}
 impl Sched {
     pub fn new(backends: &[&Backend], graph_size: usize) -> Result<Sched, GgmlError> {
         let mut raw: Vec<*mut sys::ggml_backend> = backends.iter().map(|b| b.raw()).collect();
-        // SAFETY: the backends outlive the scheduler (the owner keeps both; see Model).
+        // The CPU's compute buffer holds the graph inputs (ggml puts user inputs on the last
+        // backend) and copies between backends: with a device present it is the device's pinned
+        // host memory, as llama.cpp does, or every step's inputs (a step's attention mask is
+        // megabytes) cross to the device from pageable memory, many times slower.
+        let device = backends.iter().find(|b| !b.is_cpu());
+        // SAFETY: live backends; the buffer types are static objects of their backends.
+        let mut bufts: Vec<sys::ggml_backend_buffer_type_t> = backends
+            .iter()
+            .map(|b| unsafe {
+                let default = sys::ggml_backend_get_default_buffer_type(b.raw());
+                match device {
+                    Some(d) if b.is_cpu() => {
+                        let host = sys::ggml_backend_dev_host_buffer_type(sys::ggml_backend_get_device(d.raw()));
+                        if host.is_null() {
+                            default
+                        } else {
+                            host
+                        }
+                    }
+                    _ => default,
+                }
+            })
+            .collect();
+        // SAFETY: the backends outlive the scheduler (the owner keeps both; see Model); `bufts`
+        // has one entry per backend.
         let p = unsafe {
-            sys::ggml_backend_sched_new(
-                raw.as_mut_ptr(),
-                std::ptr::null_mut(),
-                raw.len() as i32,
-                graph_size,
-                false,
-                true,
-            )
+            sys::ggml_backend_sched_new(raw.as_mut_ptr(), bufts.as_mut_ptr(), raw.len() as i32, graph_size, false, true)
         };
         NonNull::new(p).map(|ptr| Sched { ptr }).ok_or(GgmlError::Alloc { what: "scheduler".into(), bytes: 0 })
     }
@@ -889,6 +906,47 @@ impl Sched {
         }
     }
 
+    /// [`Sched::compute`] one node at a time, timing each (a profile: every node waits for the
+    /// device, so the nodes' times add up to more than a normal run's by one synchronisation
+    /// each). Nodes computed together with a view or reshape report them at zero cost.
+    pub fn compute_profiled(&mut self, g: &Graph) -> Result<Vec<NodeTime>, GgmlError> {
+        struct Prof {
+            last: std::time::Instant,
+            out: Vec<NodeTime>,
+        }
+        extern "C" fn on_node(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
+            if ask {
+                return true;
+            }
+            // SAFETY: `user` is the `Prof` below, alive and not otherwise borrowed during the
+            // compute call that invokes this callback on this thread; `t` is a live node.
+            let (p, t) = unsafe { (&mut *(user as *mut Prof), Tensor::from_raw(t)) };
+            let now = std::time::Instant::now();
+            let src0 = t.src(0).map(|s| s.ne());
+            p.out.push(NodeTime { op: t.op_name(), src0, elapsed: now - p.last });
+            p.last = now;
+            true
+        }
+        let mut prof = Prof { last: std::time::Instant::now(), out: Vec::with_capacity(g.n_nodes().max(0) as usize) };
+        // SAFETY: the callback and its data stay valid for the compute call; it is removed again
+        // before `prof` goes out of scope.
+        let st = unsafe {
+            sys::ggml_backend_sched_set_eval_callback(
+                self.ptr.as_ptr(),
+                Some(on_node),
+                (&mut prof as *mut Prof).cast::<c_void>(),
+            );
+            let st = sys::ggml_backend_sched_graph_compute(self.ptr.as_ptr(), g.ptr.as_ptr());
+            sys::ggml_backend_sched_set_eval_callback(self.ptr.as_ptr(), None, std::ptr::null_mut());
+            st
+        };
+        if st == sys::GGML_STATUS_SUCCESS {
+            Ok(prof.out)
+        } else {
+            Err(GgmlError::Compute(st))
+        }
+    }
+
     /// Forget the previous graph's allocation (call before building the next graph).
     pub fn reset(&mut self) {
         // SAFETY: the scheduler is alive.
@@ -906,6 +964,16 @@ impl Sched {
         // SAFETY: both alive.
         unsafe { sys::ggml_backend_sched_get_buffer_size(self.ptr.as_ptr(), backend.raw()) }
     }
+}
+
+/// One node's time in [`Sched::compute_profiled`].
+#[derive(Debug, Clone)]
+pub struct NodeTime {
+    /// ggml's op name ("MUL_MAT", "FLASH_ATTN_EXT", ...)
+    pub op: String,
+    /// The first operand's shape
+    pub src0: Option<[i64; 4]>,
+    pub elapsed: std::time::Duration,
 }
 
 impl Drop for Sched {
@@ -991,6 +1059,13 @@ impl Graph {
 }
 
 impl Tensor {
+    /// The `i`-th operand of the op that computes this tensor.
+    pub fn src(&self, i: usize) -> Option<Tensor> {
+        // `src` is a fixed array of (possibly null) pointers.
+        let p = *self.inner().src.get(i)?;
+        (!p.is_null()).then(|| Tensor::from_raw(p))
+    }
+
     /// ggml's name of the op that computes this tensor ("MUL_MAT", "NONE" for a leaf, ...).
     pub fn op_name(&self) -> String {
         // SAFETY: returns a static NUL-terminated string for a live tensor.

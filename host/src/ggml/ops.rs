@@ -93,6 +93,10 @@ impl Context {
     }
 
     /// A 2-D view: `n0` x `n1` elements with row stride `nb1` bytes, starting `offset` bytes in.
+    pub fn view_1d(&self, a: Tensor, n0: i64, offset: usize) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_view_1d(self.c(), a.raw(), n0, offset) })
+    }
+
     pub fn view_2d(&self, a: Tensor, n0: i64, n1: i64, nb1: usize, offset: usize) -> Tensor {
         Tensor::from_raw(unsafe { sys::ggml_view_2d(self.c(), a.raw(), n0, n1, nb1, offset) })
     }
@@ -100,6 +104,11 @@ impl Context {
     #[allow(clippy::too_many_arguments)]
     pub fn view_3d(&self, a: Tensor, n0: i64, n1: i64, n2: i64, nb1: usize, nb2: usize, offset: usize) -> Tensor {
         Tensor::from_raw(unsafe { sys::ggml_view_3d(self.c(), a.raw(), n0, n1, n2, nb1, nb2, offset) })
+    }
+
+    /// `a` converted to `dtype` (a new tensor).
+    pub fn cast(&self, a: Tensor, dtype: super::DType) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_cast(self.c(), a.raw(), dtype.raw()) })
     }
 
     /// Copy `a` into `b` (converting types); the result is `b` after the copy.

@@ -2,8 +2,8 @@
 //! (Qwen3), RoPE, cache write, grouped-query attention with a causal (optionally sliding) mask.
 
 use super::rope::Rope;
-use super::{norm, Forward};
-use crate::ggml::Tensor;
+use super::{norm, Forward, SegmentKv};
+use crate::ggml::{DType, Tensor};
 use crate::loader::{LoadError, WeightBuilder};
 
 /// Head geometry of an attention layer.
@@ -139,12 +139,44 @@ fn attend(f: &mut Forward, il: usize, q: Tensor, k: Tensor, v: Tensor, dims: Att
         let mut outs: Vec<Tensor> = f
             .attn_segments
             .iter()
-            .map(|&(r0, len)| {
-                let qs =
-                    ctx.view_3d(q, head_dim as i64, n_head as i64, len as i64, q.nb()[1], q.nb()[2], r0 * q.nb()[2]);
+            .map(|seg| {
+                let (r0, len) = (seg.first, seg.len as i64);
+                let qs = ctx.view_3d(q, head_dim as i64, n_head as i64, len, q.nb()[1], q.nb()[2], r0 * q.nb()[2]);
                 let qs = ctx.permute(qs, [0, 2, 1, 3]); // [hd, len, n_head]
-                let ms = ctx.view_2d(mask, n_kv, len as i64, mask.nb()[1], r0 * mask.nb()[1]);
-                let o = ctx.flash_attn_ext(qs, keys, vals, Some(ms), scale); // [hd, n_head, len]
+                let o = match seg.kv {
+                    SegmentKv::Pool { mask_row } => {
+                        let ms = ctx.view_2d(mask, n_kv, len, mask.nb()[1], mask_row * mask.nb()[1]);
+                        ctx.flash_attn_ext(qs, keys, vals, Some(ms), scale)
+                    }
+                    SegmentKv::Gathered { idx_off, n_cells, mask_off } => {
+                        // The sequence's own cells, copied out of the cache (exactly: F16 to F32
+                        // and back) so the call's cost follows its length, not the pool's.
+                        let (idx, gmask) = (
+                            f.inp.gather_idx.expect("gathered segments have an index"),
+                            if sliding { f.inp.gather_mask_swa } else { f.inp.gather_mask }
+                                .expect("gathered segments have a mask"),
+                        );
+                        let nc = n_cells as i64;
+                        let ids = ctx.view_1d(idx, nc, idx_off * idx.nb()[0]);
+                        // get_rows gives F32: an F16 cache's rows go back to F16 (exactly).
+                        let dt = f.kv.dtype();
+                        let gather = |c: Tensor| {
+                            let rows = ctx.get_rows(c, ids); // [n_embd_kv, nc]
+                            let rows = if dt == DType::F16 { ctx.cast(rows, dt) } else { rows };
+                            ctx.view_3d(
+                                rows,
+                                head_dim as i64,
+                                nc,
+                                n_head_kv as i64,
+                                rows.nb()[1],
+                                dt.row_size(head_dim as i64),
+                                0,
+                            )
+                        };
+                        let ms = ctx.view_2d(gmask, nc, len, nc as usize * gmask.nb()[0], mask_off * gmask.nb()[0]);
+                        ctx.flash_attn_ext(qs, gather(kc), gather(vc), Some(ms), scale)
+                    }
+                }; // [hd, n_head, len]
                 ctx.set_prec_f32(o);
                 o
             })

@@ -36,6 +36,12 @@ pub struct StepInputs {
     pub mask: Tensor,
     /// Same for sliding-window layers, when the model has any
     pub mask_swa: Option<Tensor>,
+    /// With [`SegmentKv::Gathered`] segments: I32, the cells each one gathers, one after another
+    pub gather_idx: Option<Tensor>,
+    /// F16, their masks one after another (`n_cells x len` each), and those of sliding-window
+    /// layers
+    pub gather_mask: Option<Tensor>,
+    pub gather_mask_swa: Option<Tensor>,
     /// I32 [n_out]: which token rows to compute logits for
     pub out_ids: Tensor,
     /// I64 [n_tokens]: the KV cell each token's K/V row is written to
@@ -59,9 +65,9 @@ pub struct Forward<'a> {
     pub embeddings: bool,
     /// Fused flash attention (else softmax(KQ)·V with V transposed on the fly)
     pub flash_attn: bool,
-    /// Row ranges `(first, len)` of the tokens attended to in separate flash-attention calls
-    /// (see [`attn_segments`]); empty: one call for all rows.
-    pub attn_segments: Vec<(usize, usize)>,
+    /// The separate flash-attention calls over the step's rows (see [`attn_segments`]); empty:
+    /// one call for all rows.
+    pub attn_segments: Vec<AttnSegment>,
     /// Recurrent state inputs, for models with Mamba layers
     pub rs: Option<RsInputs<'a>>,
     /// LoRA adapters active in this step (see [`crate::lora`])
@@ -70,13 +76,41 @@ pub struct Forward<'a> {
     pub lora_stack: Option<crate::lora::StackInputs<'a>>,
 }
 
-/// How to split a batch's rows for flash attention. ggml's CPU kernel tiles 64 query rows at a
-/// time and skips a KV tile only when it is masked for all of them; rows of many different
-/// sequences (a decode step of a big batch) never share a tile's cells, so every tile is
-/// computed. Below 64 rows it walks cells per row and skips masked ones. So: a run of 64 or
-/// more rows of one sequence (a prompt chunk) is one call; other rows go in groups of at most
-/// 63. `seqs[i]` is row `i`'s sequence.
-pub fn attn_segments(seqs: &[u32]) -> Vec<(usize, usize)> {
+/// A flash-attention call over rows `first..first + len` of a step (see [`attn_segments`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnSegment {
+    pub first: usize,
+    pub len: usize,
+    pub kv: SegmentKv,
+}
+
+/// What a segment's rows attend over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentKv {
+    /// Cells `0..n_kv` of the cache under rows `mask_row..mask_row + len` of the step's mask.
+    Pool { mask_row: usize },
+    /// One sequence's own cells, gathered from the cache: the `n_cells` cell indices at
+    /// `idx_off` of the step's gather index, under the `n_cells x len` mask at `mask_off` of the
+    /// step's gathered mask. Its cost follows the sequence's length, not the pool's.
+    Gathered { idx_off: usize, n_cells: usize, mask_off: usize },
+}
+
+/// Runs of one sequence with at least this many rows (a prompt chunk) may attend over their
+/// own gathered cells (see [`SegmentKv::Gathered`]).
+pub const GATHER_MIN_ROWS: usize = 16;
+/// At most this many gathered segments in a step (each adds a dozen nodes per layer); further
+/// runs attend over the pool.
+pub const MAX_GATHERED: usize = 16;
+
+/// How to split a batch's rows for flash attention: `(first, len, gatherable)`, empty for one
+/// call over all rows. ggml's CPU kernel tiles 64 query rows at a time and skips a KV tile only
+/// when it is masked for all of them; rows of many different sequences (a decode step of a big
+/// batch) never share a tile's cells, so every tile is computed. Below 64 rows it walks cells per
+/// row and skips masked ones. So: a run of [`GATHER_MIN_ROWS`] or more rows of one sequence (a
+/// prompt chunk; at most [`MAX_GATHERED`] of them) is a call of its own that may gather its
+/// sequence's cells (`gatherable`), as is any other run of 64 rows or more; other rows go in
+/// groups of at most 63. `seqs[i]` is row `i`'s sequence.
+pub fn attn_segments(seqs: &[u32]) -> Vec<(usize, usize, bool)> {
     const TILE: usize = 64;
     let mut runs: Vec<(usize, usize)> = Vec::new();
     for (i, s) in seqs.iter().enumerate() {
@@ -85,30 +119,36 @@ pub fn attn_segments(seqs: &[u32]) -> Vec<(usize, usize)> {
             _ => runs.push((i, 1)),
         }
     }
+    if runs.len() == 1 && runs[0].1 >= GATHER_MIN_ROWS {
+        return vec![(0, runs[0].1, true)];
+    }
     if runs.len() <= 1 {
         return vec![];
     }
-    let mut segs: Vec<(usize, usize)> = Vec::new();
+    let mut segs: Vec<(usize, usize, bool)> = Vec::new();
     let mut group: Option<(usize, usize)> = None;
+    let mut gathered = 0;
     for (r0, len) in runs {
-        if len >= TILE {
-            if let Some(g) = group.take() {
-                segs.push(g);
+        let gather = len >= GATHER_MIN_ROWS && gathered < MAX_GATHERED;
+        if gather || len >= TILE {
+            if let Some((g0, glen)) = group.take() {
+                segs.push((g0, glen, false));
             }
-            segs.push((r0, len));
+            segs.push((r0, len, gather));
+            gathered += gather as usize;
             continue;
         }
         group = match group {
             Some((g0, glen)) if glen + len < TILE => Some((g0, glen + len)),
-            Some(g) => {
-                segs.push(g);
+            Some((g0, glen)) => {
+                segs.push((g0, glen, false));
                 Some((r0, len))
             }
             None => Some((r0, len)),
         };
     }
-    segs.extend(group);
-    if segs.len() <= 1 {
+    segs.extend(group.map(|(g0, glen)| (g0, glen, false)));
+    if segs.len() <= 1 && !segs.iter().any(|s| s.2) {
         return vec![];
     }
     segs
@@ -146,13 +186,34 @@ mod tests {
 
     #[test]
     fn long_runs_alone_short_ones_grouped_below_a_tile() {
-        assert!(attn_segments(&[3; 100]).is_empty(), "one sequence: one call");
+        assert_eq!(attn_segments(&[3; 100]), vec![(0, 100, true)], "one sequence: one call, gatherable");
+        assert!(attn_segments(&[3; 5]).is_empty(), "a short run alone: one call over the pool");
         let decode: Vec<u32> = (0..64).collect();
-        assert_eq!(attn_segments(&decode), vec![(0, 63), (63, 1)]);
+        assert_eq!(attn_segments(&decode), vec![(0, 63, false), (63, 1, false)]);
         let mut mixed: Vec<u32> = (0..10).collect();
         mixed.extend([99; 70]);
         mixed.push(5);
-        assert_eq!(attn_segments(&mixed), vec![(0, 10), (10, 70), (80, 1)]);
+        assert_eq!(attn_segments(&mixed), vec![(0, 10, false), (10, 70, true), (80, 1, false)]);
         assert!(attn_segments(&[1, 2, 3]).is_empty(), "a few rows: one call");
+    }
+
+    #[test]
+    fn prompt_chunks_of_many_sequences_are_gathered_up_to_the_cap() {
+        // 32 decode rows, then 20 chunks of 20 rows each.
+        let mut seqs: Vec<u32> = (0..32).collect();
+        for s in 100..120 {
+            seqs.extend([s; 20]);
+        }
+        let segs = attn_segments(&seqs);
+        assert_eq!(segs[0], (0, 32, false));
+        assert_eq!(segs.iter().filter(|s| s.2).count(), super::MAX_GATHERED);
+        // The chunks past the cap are grouped (below a tile) and every row is covered once.
+        let mut next = 0;
+        for &(first, len, _) in &segs {
+            assert_eq!(first, next);
+            next += len;
+        }
+        assert_eq!(next, seqs.len());
+        assert!(segs.iter().all(|s| s.2 || s.1 < 64));
     }
 }

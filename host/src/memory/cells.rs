@@ -159,6 +159,26 @@ impl KvCells {
         v
     }
 
+    /// The cells of each of `seqs` among the first `n_kv`, each list in position order, as
+    /// `(cell, position)` (one pass over the cells for all of them).
+    pub fn cells_of(&self, seqs: &[SeqId], n_kv: usize) -> Vec<Vec<(u32, u32)>> {
+        let mut out: Vec<Vec<(u32, u32)>> = vec![Vec::new(); seqs.len()];
+        for (i, c) in self.cells[..n_kv.min(self.cells.len())].iter().enumerate() {
+            if c.seqs.is_empty() {
+                continue;
+            }
+            for (k, &s) in seqs.iter().enumerate() {
+                if c.seqs.has(s) {
+                    out[k].push((i as u32, c.pos));
+                }
+            }
+        }
+        for v in &mut out {
+            v.sort_by_key(|&(_, p)| p);
+        }
+        out
+    }
+
     /// Cells a step must cover: one past the highest used cell.
     pub fn n_kv(&self) -> usize {
         (0..self.cells.len()).rev().find(|&i| !self.is_free(i)).map_or(0, |i| i + 1)

@@ -822,15 +822,32 @@ impl Runtime {
         on_text: impl FnMut(Chunk<'_>) -> bool + Send + 'static,
         cancel: Arc<AtomicBool>,
     ) -> Result<GenerateResult, RuntimeError> {
+        let t0 = Instant::now();
         let plugin = self.new_plugin().await?;
         let mut i = self.begin().await?;
+        let checkout = t0.elapsed();
         i.store.data_mut().plugin = plugin;
+        // When the first piece came (the request log's time to first token inside the guest).
+        let first = Arc::new(std::sync::OnceLock::<Duration>::new());
+        let first_set = first.clone();
+        let mut on_text = on_text;
+        let on_text = move |c: Chunk<'_>| {
+            let _ = first_set.set(t0.elapsed());
+            on_text(c)
+        };
         let sink = SinkRes { on_text: Box::new(on_text), cancel };
         let sink: Resource<SinkRes> = i.store.data_mut().table.push(sink).map_err(wt)?;
         let rep = sink.rep();
         let r = i.bindings.stllm_inference_policy().call_generate(&mut i.store, req, Resource::new_borrow(rep)).await;
         // The host still owns the sink: take it back out of the table.
         let _ = i.store.data_mut().table.delete(Resource::<SinkRes>::new_own(rep));
+        tracing::debug!(
+            target: "stllm::request",
+            checkout_us = checkout.as_micros() as u64,
+            first_piece_us = first.get().map(|d| d.as_micros() as u64),
+            total_us = t0.elapsed().as_micros() as u64,
+            "policy generate returned"
+        );
         match self.end(i, r) {
             Ok(r) if r.finish == FinishReason::Cancelled => Err(RuntimeError::Cancelled),
             other => other,

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -471,7 +471,7 @@ async fn collect(
     param: &str,
 ) -> Result<Vec<GenerateResult>, ApiError> {
     let mut out: Vec<Option<GenerateResult>> = (0..choices).map(|_| None).collect();
-    let mut first = vec![true; choices];
+    let mut first = vec![None; choices];
     let mut last = vec![t0; choices];
     let mut done = 0;
     while done < choices {
@@ -481,7 +481,7 @@ async fn collect(
             }
             Some(Ev::Done { choice, result }) => {
                 let r = result.map_err(|e| ApiError::from_runtime(e, param))?;
-                account(st, model, &r, choice);
+                account(st, model, &r, choice, t0, first[choice]);
                 out[choice] = Some(r);
                 done += 1;
             }
@@ -491,11 +491,12 @@ async fn collect(
     Ok(out.into_iter().map(|r| r.expect("every choice reported")).collect())
 }
 
-fn observe(st: &AppState, model: &str, first: &mut bool, last: &mut Instant, t0: Instant, n_tokens: usize) {
+/// Record a piece in the latency histograms; `first` is set to the time to the first piece.
+fn observe(st: &AppState, model: &str, first: &mut Option<Duration>, last: &mut Instant, t0: Instant, n_tokens: usize) {
     let now = Instant::now();
-    if *first {
+    if first.is_none() {
         st.metrics.ttft.with_label_values(&[model]).observe((now - t0).as_secs_f64());
-        *first = false;
+        *first = Some(now - t0);
     } else if n_tokens > 0 {
         let per = (now - *last).as_secs_f64() / n_tokens as f64;
         for _ in 0..n_tokens {
@@ -505,11 +506,25 @@ fn observe(st: &AppState, model: &str, first: &mut bool, last: &mut Instant, t0:
     *last = now;
 }
 
-fn account(st: &AppState, model: &str, r: &GenerateResult, choice: usize) {
+/// Count a finished choice in the metrics and log it (target `stllm::request`: one line per
+/// choice with its token counts, time to first piece and total time since the request arrived).
+fn account(st: &AppState, model: &str, r: &GenerateResult, choice: usize, t0: Instant, ttft: Option<Duration>) {
     if choice == 0 {
         st.metrics.prompt_tokens.with_label_values(&[model]).inc_by(r.prompt_tokens as u64);
     }
     st.metrics.generated_tokens.with_label_values(&[model]).inc_by(r.tokens.len() as u64);
+    tracing::info!(
+        target: "stllm::request",
+        model,
+        choice,
+        prompt_tokens = r.prompt_tokens,
+        cached_tokens = r.cached_tokens,
+        completion_tokens = r.tokens.len(),
+        finish = finish_str(r.finish),
+        ttft_ms = ttft.map(|d| d.as_secs_f64() * 1e3),
+        total_ms = t0.elapsed().as_secs_f64() * 1e3,
+        "choice finished"
+    );
 }
 
 fn sse(v: &Value) -> Bytes {
@@ -859,7 +874,8 @@ fn async_stream(
         rx: mpsc::UnboundedReceiver<Ev>,
         pending: Option<Ev>,
         started: Vec<bool>,
-        seen: Vec<bool>,
+        /// Time to each choice's first piece
+        ttft: Vec<Option<Duration>>,
         last: Vec<Instant>,
         results: Vec<Option<GenerateResult>>,
         done: usize,
@@ -876,7 +892,7 @@ fn async_stream(
         rx,
         pending: Some(first),
         started: vec![false; choices],
-        seen: vec![false; choices],
+        ttft: vec![None; choices],
         last: vec![t0; choices],
         results: (0..choices).map(|_| None).collect(),
         done: 0,
@@ -902,16 +918,14 @@ fn async_stream(
                     s.started[choice] = true;
                     out.extend((s.frame)(Framed::Start { choice }).await);
                 }
-                let mut first = !s.seen[choice];
-                observe(&s.st, &s.model, &mut first, &mut s.last[choice], s.t0, n_tokens);
-                s.seen[choice] = true;
+                observe(&s.st, &s.model, &mut s.ttft[choice], &mut s.last[choice], s.t0, n_tokens);
                 if !text.is_empty() || !logprobs.is_empty() {
                     let lp = (!logprobs.is_empty()).then_some(logprobs);
                     out.extend((s.frame)(Framed::Text { choice, text, lp, rt: s.rt.clone() }).await);
                 }
             }
             Some(Ev::Done { choice, result: Ok(r) }) => {
-                account(&s.st, &s.model, &r, choice);
+                account(&s.st, &s.model, &r, choice, s.t0, s.ttft[choice]);
                 if !s.started[choice] {
                     s.started[choice] = true;
                     out.extend((s.frame)(Framed::Start { choice }).await);
