@@ -29,10 +29,12 @@ Needs httpx only (pip install httpx). Example:
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import statistics
 import sys
+import threading
 import time
 
 import httpx
@@ -232,35 +234,39 @@ def pct(xs, p):
     return xs[k]
 
 
-async def run(args):
+async def run_part(args, part, parts, barrier):
+    """The clients of one process (every `parts`-th request from `part`); returns its records and
+    the wall-clock times its measured phase started and ended."""
     rng = random.Random(args.seed_prompts)
     prompts = make_prompts(args, rng)
     n_disc = int(round(args.disconnect_frac * args.requests))
     disc = set(rng.sample(range(args.requests), n_disc))
+    mine = list(range(part, args.requests, parts))
+    conc = len(range(part, args.concurrency, parts))
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency)
+    limits = httpx.Limits(max_connections=conc + 4, max_keepalive_connections=conc)
     timeout = httpx.Timeout(args.request_timeout, connect=30)
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as http:
-        # Warm-up (not measured): rounds of C concurrent short requests, so engines are started and
-        # per-request resources (stllm's policy instances, up to --max-concurrent) exist before
-        # measuring; --warmup 0 measures a cold server.
+        # Warm-up (not measured): rounds of C concurrent short requests (over all processes), so
+        # engines are started and per-request resources (stllm's policy instances, up to
+        # --max-concurrent) exist before measuring; --warmup 0 measures a cold server.
         warm = argparse.Namespace(**{**vars(args), "max_tokens": 2})
         for _ in range(args.warmup):
             try:
                 recs = await asyncio.wait_for(
                     asyncio.gather(*[one_request(http, warm, prompts[i % len(prompts)], None)
-                                     for i in range(args.concurrency)]), args.timeout)
+                                     for i in range(part, args.concurrency, parts)]), args.timeout)
             except asyncio.TimeoutError:
                 sys.exit(f"warm-up: {args.concurrency} concurrent 2-token requests did not finish in {args.timeout} s")
             bad = [r["error"] for r in recs if r["error"]]
             if bad:
                 sys.exit(f"warm-up: {len(bad)} requests failed, e.g. {bad[0]}")
-        rss_before = rss_bytes(args.pid)
-        rss_peak = rss_before or 0
+        if barrier is not None:
+            await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
         queue = asyncio.Queue()
-        for i in range(args.requests):
+        for i in mine:
             queue.put_nowait(i)
-        records = [None] * args.requests
+        records = {}
 
         async def client():
             while True:
@@ -271,17 +277,8 @@ async def run(args):
                 records[i] = await one_request(http, args, prompts[i],
                                                args.disconnect_after if i in disc else None)
 
-        async def sample_rss():
-            nonlocal rss_peak
-            while True:
-                v = rss_bytes(args.pid)
-                if v:
-                    rss_peak = max(rss_peak, v)
-                await asyncio.sleep(0.25)
-
-        t0 = time.monotonic()
-        sampler = asyncio.create_task(sample_rss())
-        tasks = [asyncio.create_task(client()) for _ in range(args.concurrency)]
+        t0 = time.time()
+        tasks = [asyncio.create_task(client()) for _ in range(conc)]
         try:
             await asyncio.wait_for(asyncio.gather(*tasks), args.timeout)
             timed_out = False
@@ -289,12 +286,59 @@ async def run(args):
             timed_out = True
             for t in tasks:
                 t.cancel()
-        wall = time.monotonic() - t0
-        sampler.cancel()
-        await asyncio.sleep(args.settle)  # let the server free what disconnected clients held
-        rss_after = rss_bytes(args.pid)
+        t1 = time.time()
+    return records, t0, t1, timed_out
 
-    done = [r for r in records if r is not None]
+
+def part_main(args, part, parts, barrier, q):
+    try:
+        q.put((part, asyncio.run(run_part(args, part, parts, barrier))))
+    except BaseException as e:  # noqa: BLE001 (reported by the parent)
+        q.put((part, f"{type(e).__name__}: {e}"))
+
+
+def run(args):
+    parts = max(1, min(args.procs, args.concurrency))
+    rss_before = rss_bytes(args.pid)
+    rss_peak = [rss_before or 0]
+    stop = threading.Event()
+
+    def sample_rss():
+        while not stop.is_set():
+            v = rss_bytes(args.pid)
+            if v:
+                rss_peak[0] = max(rss_peak[0], v)
+            stop.wait(0.25)
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
+    if parts == 1:
+        results = [asyncio.run(run_part(args, 0, 1, None))]
+    else:
+        # Several client processes, so that the load generator (Python parsing every SSE chunk)
+        # is not what limits a fast server's time to first token.
+        ctx = multiprocessing.get_context("fork")
+        barrier, q = ctx.Barrier(parts), ctx.Queue()
+        procs = [ctx.Process(target=part_main, args=(args, k, parts, barrier, q)) for k in range(parts)]
+        for p in procs:
+            p.start()
+        got = dict(q.get(timeout=args.timeout + 600) for _ in procs)
+        for p in procs:
+            p.join()
+        bad = [v for v in got.values() if isinstance(v, str)]
+        if bad:
+            sys.exit(f"a client process failed: {bad[0]}")
+        results = [got[k] for k in range(parts)]
+    stop.set()
+    time.sleep(args.settle)  # let the server free what disconnected clients held
+    rss_after = rss_bytes(args.pid)
+    records = {}
+    for r, _, _, _ in results:
+        records.update(r)
+    wall = max(r[2] for r in results) - min(r[1] for r in results)
+    timed_out = any(r[3] for r in results)
+
+    done = [records[i] for i in sorted(records)]
     errors = [r["error"] for r in done if r["error"]]
     ttft = [r["ttft"] for r in done if r["ttft"] is not None and not r["error"]]
     gaps = [g for r in done if not r["error"] for g in r["gaps"]]
@@ -305,6 +349,7 @@ async def run(args):
         "label": args.label, "base_url": args.base_url, "model": args.model, "mode": args.mode,
         "prompt_format": args.prompt_format if args.mode == "tokens" else "chat",
         "concurrency": args.concurrency, "requests": args.requests, "completed": len(done),
+        "client_processes": parts,
         "timed_out": timed_out, "disconnected_on_purpose": sum(1 for r in done if r["disconnected"]),
         "max_tokens": args.max_tokens, "prompt_lens": args.prompt_lens, "shared_prefix": args.shared_prefix,
         "wall_s": round(wall, 3), "generated_tokens": tokens,
@@ -315,7 +360,7 @@ async def run(args):
                    "mean": ms(statistics.mean(gaps)) if gaps else None},
         "errors": len(errors) + (args.requests - len(done)), "error_samples": errors[:5],
         "finished_without_done": sum(1 for r in done if r.get("no_done")),
-        "rss_mib": {"before": mib(rss_before), "peak": mib(rss_peak or None), "after": mib(rss_after)},
+        "rss_mib": {"before": mib(rss_before), "peak": mib(rss_peak[0] or None), "after": mib(rss_after)},
         "pid": args.pid,
     }
     return out
@@ -362,6 +407,8 @@ def main():
     ap.add_argument("--disconnect-after", type=int, default=4, help="content chunks before disconnecting")
     ap.add_argument("--warmup", type=int, default=1, help="rounds of C concurrent 2-token requests first")
     ap.add_argument("--pid", type=int, help="server process for resident memory")
+    ap.add_argument("--procs", type=int, default=1,
+                    help="client processes sharing the C streams (a fast server outruns one Python process)")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds before the last RSS sample")
     ap.add_argument("--request-timeout", type=float, default=300)
     ap.add_argument("--timeout", type=float, default=1800, help="bound on the whole soak")
@@ -369,7 +416,7 @@ def main():
     ap.add_argument("--md", help="append the markdown row to this file (header when new)")
     args = ap.parse_args()
     args.base_url = args.base_url.rstrip("/")
-    out = asyncio.run(run(args))
+    out = run(args)
     line = json.dumps(out)
     print(line)
     if args.out:
