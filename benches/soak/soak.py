@@ -263,6 +263,8 @@ async def run_part(args, part, parts, barrier):
                 sys.exit(f"warm-up: {len(bad)} requests failed, e.g. {bad[0]}")
         if barrier is not None:
             await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
+        else:
+            rss_at_start.value = rss_bytes(args.pid) or 0
         queue = asyncio.Queue()
         for i in mine:
             queue.put_nowait(i)
@@ -297,10 +299,19 @@ def part_main(args, part, parts, barrier, q):
         q.put((part, f"{type(e).__name__}: {e}"))
 
 
+class _Box:
+    value = 0
+
+
+# The server's resident memory when the measured phase starts (after the warm-up): set by the
+# single client, or by the barrier's action when several processes wait for each other.
+rss_at_start = _Box()
+
+
 def run(args):
+    global rss_at_start
     parts = max(1, min(args.procs, args.concurrency))
-    rss_before = rss_bytes(args.pid)
-    rss_peak = [rss_before or 0]
+    rss_peak = [rss_bytes(args.pid) or 0]
     stop = threading.Event()
 
     def sample_rss():
@@ -318,7 +329,13 @@ def run(args):
         # Several client processes, so that the load generator (Python parsing every SSE chunk)
         # is not what limits a fast server's time to first token.
         ctx = multiprocessing.get_context("fork")
-        barrier, q = ctx.Barrier(parts), ctx.Queue()
+        rss_at_start = ctx.Value("d", 0.0)
+        shared = rss_at_start
+
+        def at_start():
+            shared.value = rss_bytes(args.pid) or 0
+
+        barrier, q = ctx.Barrier(parts, action=at_start), ctx.Queue()
         procs = [ctx.Process(target=part_main, args=(args, k, parts, barrier, q)) for k in range(parts)]
         for p in procs:
             p.start()
@@ -332,6 +349,7 @@ def run(args):
     stop.set()
     time.sleep(args.settle)  # let the server free what disconnected clients held
     rss_after = rss_bytes(args.pid)
+    rss_before = rss_at_start.value or None
     records = {}
     for r, _, _, _ in results:
         records.update(r)
