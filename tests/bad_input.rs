@@ -386,9 +386,9 @@ fn nemotron_h_bad_configs_and_state_limits() {
     s.decode(&[5, 6, 7, 8], stllm::session::Logits::Last).unwrap();
     let e = s.truncate(2).unwrap_err().to_string();
     assert!(e.contains("cannot be rewound"), "{e}");
+    // A prompt cache of a hybrid model carries its recurrent state (tests/session.rs).
     let dir = tempfile::tempdir().unwrap();
-    let e = s.save_state(&dir.path().join("p.bin")).unwrap_err().to_string();
-    assert!(e.contains("recurrent state is not saved"), "{e}");
+    s.save_state(&dir.path().join("p.bin")).unwrap();
     // Back to the start is fine: the state starts over, and decoding goes on.
     s.truncate(0).unwrap();
     s.decode(&[5, 6], stllm::session::Logits::Last).unwrap();

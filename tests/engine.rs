@@ -702,6 +702,37 @@ fn prompt_cache_files_round_trip_through_the_prefix_cache() {
 }
 
 #[test]
+fn hybrid_prompt_cache_files_carry_the_recurrent_state() {
+    // A hybrid model's file holds the attention layers' cells and the Mamba layers' state: a
+    // fresh engine that loads it continues the prompt without computing it, with the output of
+    // a lone run; a file of another size of state is refused.
+    let m = model("nemotron_h-f32");
+    let vocab = m.hparams().n_vocab as u32;
+    let system = prompt(17, 24, vocab);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hybrid.kv");
+    let opts = || EngineOptions { n_cells: 512, max_seqs: 4, ..Default::default() };
+    {
+        let engine = Arc::new(Engine::new(m.clone(), opts()).unwrap());
+        engine.save_prompt(&system, &file).unwrap();
+    }
+    let engine = Engine::new(m.clone(), opts()).unwrap();
+    assert_eq!(engine.load_prompt(&file).unwrap(), system);
+    let mut p = system.clone();
+    p.extend(prompt(18, 5, vocab));
+    let (got, f) = engine.generate(no_stop(p.clone(), 6)).unwrap().wait();
+    assert_eq!(f.cached_tokens, system.len(), "the loaded state is where the prompt resumes");
+    assert_eq!(got, alone(&m, &p, 6));
+    assert!(engine.wait_idle(Duration::from_secs(10)));
+    assert_eq!(engine.stats().prompt_tokens_computed, 5);
+    // An attention-only model's file is refused by this hybrid one (and the other way round).
+    let dense = dir.path().join("dense.kv");
+    Arc::new(Engine::new(model("qwen3-f32-sharded"), opts()).unwrap()).save_prompt(&system, &dense).unwrap();
+    let e = engine.load_prompt(&dense).unwrap_err().to_string();
+    assert!(e.contains("architecture"), "{e}");
+}
+
+#[test]
 fn memory_is_reported_and_a_cache_that_cannot_fit_is_refused_up_front() {
     let m = model("llama-f32");
     let engine = Engine::new(m.clone(), EngineOptions { n_cells: 256, ..Default::default() }).unwrap();
@@ -761,10 +792,10 @@ fn hybrid_model_requests_batch_and_match_alone() {
     assert!(rel(&la, &ls) <= 1e-4 && rel(&lb, &ls) <= 1e-4);
     let e = a.truncate(2).unwrap_err().to_string();
     assert!(e.contains("recurrent") && e.contains("cannot be rewound"), "{e}");
+    // A prompt-cache file of a hybrid carries its state (see
+    // `hybrid_prompt_cache_files_carry_the_recurrent_state`); saving one leaves the engine as it was.
     let dir = tempfile::tempdir().unwrap();
-    let e = engine.save_prompt(&prompts[0], &dir.path().join("p.bin")).unwrap_err().to_string();
-    assert!(e.contains("recurrent state is not saved"), "{e}");
-    // The engine goes on.
+    engine.save_prompt(&prompts[0], &dir.path().join("p.bin")).unwrap();
     assert_eq!(engine.generate(no_stop(prompts[0].clone(), 10)).unwrap().wait().0, want[0]);
 }
 

@@ -140,3 +140,45 @@ fn prompt_cache_round_trip_and_rejections() {
     let e = s.load_state(&tmp.path().join("llama-f32.kv")).unwrap_err();
     assert!(e.to_string().contains("made for architecture llama"), "{e}");
 }
+
+#[test]
+fn a_hybrid_prompt_cache_carries_the_recurrent_state() {
+    // Nemotron-H (Mamba-2 + attention + MoE): the file holds the attention layers' cells and the
+    // Mamba layers' conv and SSM state; a loaded session continues exactly like the original,
+    // and a file without state (or with another state size) is refused for this model.
+    use stllm::StateError;
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, exp) = setup("nemotron_h-f32");
+    let tokens = exp.ids("tokens");
+    let mut a = Session::new(m.clone(), &opts()).unwrap();
+    a.decode(&tokens[..6], Logits::Last).unwrap();
+    let file = tmp.path().join("hybrid.kv");
+    a.save_state(&file).unwrap();
+    let want = a.decode(&tokens[6..], Logits::All).unwrap();
+
+    let mut b = Session::new(m.clone(), &opts()).unwrap();
+    // A session that computed something else first: loading replaces its cells and its state.
+    b.decode(&tokens[3..9], Logits::Last).unwrap();
+    assert_eq!(b.load_state(&file).unwrap(), tokens[..6]);
+    let got = b.decode(&tokens[6..], Logits::All).unwrap();
+    assert_eq!(got, want, "a loaded hybrid prompt cache continues exactly like the original");
+
+    // The same file with its state cut off (the header edited to match): refused by size.
+    let bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[8..16].try_into().unwrap()) as usize;
+    let mut h: serde_json::Value = serde_json::from_slice(&bytes[16..16 + n]).unwrap();
+    let state = h["recurrent_bytes"].as_u64().unwrap();
+    assert!(state > 0, "the header names the state's size");
+    h["recurrent_bytes"] = 0.into();
+    let json = serde_json::to_vec(&h).unwrap();
+    let mut edited = bytes[..8].to_vec();
+    edited.extend((json.len() as u64).to_le_bytes());
+    edited.extend(&json);
+    edited.extend(&bytes[16 + n..bytes.len() - state as usize]);
+    let cut = tmp.path().join("stateless.kv");
+    std::fs::write(&cut, &edited).unwrap();
+    let mut c = Session::new(m, &opts()).unwrap();
+    let e = c.load_state(&cut).unwrap_err();
+    assert!(matches!(e, StateError::Mismatch { field: "bytes of recurrent state per sequence", .. }), "{e}");
+    assert_eq!(c.n_past(), 0, "a refused file leaves the session empty");
+}

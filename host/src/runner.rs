@@ -993,6 +993,28 @@ impl Runner {
         Ok((cells, data))
     }
 
+    /// Bytes of one sequence's recurrent state (0 without Mamba layers).
+    pub fn state_bytes(&self) -> usize {
+        self.rs.as_ref().map_or(0, RecurrentCache::slot_bytes)
+    }
+
+    /// `seq`'s recurrent state as bytes (empty without Mamba layers; for a prompt-cache file).
+    pub fn read_state(&self, seq: SeqId) -> Result<Vec<u8>, GgmlError> {
+        self.rs.as_ref().map_or(Ok(vec![]), |rs| rs.read_slot(seq))
+    }
+
+    /// Give `seq` a saved recurrent state (from [`Runner::read_state`]) that has consumed
+    /// positions `0..n`.
+    pub fn write_state(&mut self, seq: SeqId, data: &[u8], n: usize) -> Result<(), DecodeError> {
+        let Some(rs) = self.rs.as_mut() else {
+            return Ok(());
+        };
+        if !rs.write_slot(seq, data, n as u32)? {
+            return Err(DecodeError::StateFull { max: rs.n_slots() });
+        }
+        Ok(())
+    }
+
     /// Put `n` positions `0..n` of `seq` (bytes from [`Runner::read_seq`] of a cache with the
     /// same geometry) into free cells.
     pub fn write_seq(&mut self, seq: SeqId, n: usize, data: &[u8]) -> Result<(), DecodeError> {

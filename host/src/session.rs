@@ -87,32 +87,37 @@ impl Session {
             architecture: self.model().hparams().arch.clone(),
             kv_type: self.runner.kv().dtype().name().to_string(),
             tokens: self.tokens.clone(),
+            recurrent_bytes: self.runner.state_bytes() as u64,
             data_bytes: 0,
             checksum: 0,
         }
     }
 
-    /// Save the sequence (tokens and KV cells) to a prompt-cache file.
+    /// Save the sequence (tokens, KV cells and, for a hybrid model, its recurrent state) to a
+    /// prompt-cache file.
     pub fn save_state(&self, path: &std::path::Path) -> Result<(), crate::memory::state::StateError> {
-        if self.runner.is_recurrent() {
-            return Err(crate::memory::state::StateError::Recurrent { path: path.to_path_buf() });
-        }
-        let (_, data) = self.runner.read_seq(SEQ)?;
+        let (_, mut data) = self.runner.read_seq(SEQ)?;
+        data.extend(self.runner.read_state(SEQ)?);
         crate::memory::state::save(path, &self.state_header(), &data)
     }
 
     /// Replace the sequence with the one saved in a prompt-cache file; returns its tokens. On
     /// error the session is left empty.
     pub fn load_state(&mut self, path: &std::path::Path) -> Result<Vec<u32>, crate::memory::state::StateError> {
-        if self.runner.is_recurrent() {
-            return Err(crate::memory::state::StateError::Recurrent { path: path.to_path_buf() });
-        }
         self.reset();
         let (tokens, data) =
             crate::memory::state::load(path, &self.state_header(), self.runner.kv().cell_bytes(), self.n_ctx())?;
-        self.runner
-            .write_seq(SEQ, tokens.len(), &data)
-            .map_err(|e| crate::memory::state::StateError::Format { path: path.to_path_buf(), msg: e.to_string() })?;
+        let cells = tokens.len() * self.runner.kv().cell_bytes();
+        let bad =
+            |e: DecodeError| crate::memory::state::StateError::Format { path: path.to_path_buf(), msg: e.to_string() };
+        let put = self
+            .runner
+            .write_seq(SEQ, tokens.len(), &data[..cells])
+            .and_then(|()| self.runner.write_state(SEQ, &data[cells..], tokens.len()));
+        if let Err(e) = put {
+            self.reset();
+            return Err(bad(e));
+        }
         self.tokens = tokens.clone();
         Ok(tokens)
     }

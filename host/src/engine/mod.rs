@@ -335,6 +335,8 @@ pub struct Engine {
     /// KV cache type name and bytes per cell (prompt-cache files)
     kv_type: &'static str,
     cell_bytes: usize,
+    /// Bytes of a sequence's recurrent state (hybrid models; prompt-cache files)
+    state_bytes: usize,
     prefix_cache: bool,
     eos: Vec<u32>,
     /// Adapters of requests that name none ([`EngineOptions::adapters`])
@@ -388,7 +390,8 @@ impl Engine {
             next_id: AtomicU64::new(1),
         });
         let cfg = scheduler::Config { max_seqs, max_seq_len, prefix_entries: entries };
-        let (kv_type, cell_bytes) = (runner.kv().dtype().name(), runner.kv().cell_bytes());
+        let (kv_type, cell_bytes, state_bytes) =
+            (runner.kv().dtype().name(), runner.kv().cell_bytes(), runner.state_bytes());
         let sh = shared.clone();
         let worker = std::thread::Builder::new()
             .name("stllm-engine".into())
@@ -402,6 +405,7 @@ impl Engine {
             max_seq_len,
             kv_type,
             cell_bytes,
+            state_bytes,
             prefix_cache: entries > 0,
             eos,
             default_adapters: opts.adapters,
@@ -589,28 +593,21 @@ impl Engine {
             architecture: self.model.hparams().arch.clone(),
             kv_type: self.kv_type.to_string(),
             tokens,
+            recurrent_bytes: self.state_bytes as u64,
             data_bytes: 0,
             checksum: 0,
         }
     }
 
-    /// Compute `tokens` (or take them from the prefix cache) and save their KV cells to a
-    /// prompt-cache file (the seed's `prompt_cache_save`); they stay in the prefix cache too.
+    /// Compute `tokens` (or take them from the prefix cache) and save their KV cells (and a
+    /// hybrid model's recurrent state after them) to a prompt-cache file (the seed's
+    /// `prompt_cache_save`); they stay in the prefix cache too.
     pub fn save_prompt(self: &Arc<Self>, tokens: &[u32], path: &std::path::Path) -> Result<(), EngineError> {
-        self.refuse_recurrent_files(path)?;
         let mut seq = self.open_sequence(0)?;
         seq.decode(tokens, crate::session::Logits::Last)?;
         let id = seq.id;
         let data = self.call(|reply| ExtOp::Read { id, reply })?;
         crate::memory::state::save(path, &self.state_header(tokens.to_vec()), &data)?;
-        Ok(())
-    }
-
-    /// Prompt-cache files hold KV cells only, not a hybrid model's recurrent state.
-    fn refuse_recurrent_files(&self, path: &std::path::Path) -> Result<(), EngineError> {
-        if self.model.arch.recurrent().is_some() {
-            return Err(crate::memory::state::StateError::Recurrent { path: path.to_path_buf() }.into());
-        }
         Ok(())
     }
 
@@ -623,7 +620,6 @@ impl Engine {
                 "the prefix cache is off: a loaded prompt would be dropped".into(),
             ));
         }
-        self.refuse_recurrent_files(path)?;
         let expect = self.state_header(vec![]);
         let (tokens, data) = crate::memory::state::load(path, &expect, self.cell_bytes, self.max_seq_len)?;
         let t = tokens.clone();

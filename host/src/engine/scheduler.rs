@@ -603,7 +603,15 @@ impl Sched {
             }
             ExtOp::Read { id, reply } => {
                 let r = match self.ext.get(&id) {
-                    Some(e) => self.runner.read_seq(e.seq).map(|(_, data)| data).map_err(DecodeError::from),
+                    // The cells, then a hybrid model's recurrent state (a prompt-cache file's payload).
+                    Some(e) => self
+                        .runner
+                        .read_seq(e.seq)
+                        .and_then(|(_, mut data)| {
+                            data.extend(self.runner.read_state(e.seq)?);
+                            Ok(data)
+                        })
+                        .map_err(DecodeError::from),
                     None => Err(DecodeError::Closed("read")),
                 };
                 reply.send(r);
@@ -611,14 +619,21 @@ impl Sched {
             ExtOp::LoadPrefix { tokens, data, reply } => {
                 let n = tokens.len();
                 while self.runner.cells.free() < n && self.evict_one(None) {}
+                // The payload: the cells, then a hybrid model's recurrent state at `n` (the entry
+                // is then a whole-prompt snapshot, as `snapshot` keeps them).
+                let cells = n * self.runner.kv().cell_bytes();
                 let r = match self.take_id() {
-                    Some(seq) => match self.runner.write_seq(seq, n, &data) {
+                    Some(seq) => match self
+                        .runner
+                        .write_seq(seq, n, &data[..cells.min(data.len())])
+                        .and_then(|()| self.runner.write_state(seq, &data[cells.min(data.len())..], n))
+                    {
                         Ok(()) => {
                             self.cache_or_free(seq, 0, tokens);
                             Ok(())
                         }
                         Err(e) => {
-                            self.free_ids.push(seq);
+                            self.free_seq(seq);
                             Err(e)
                         }
                     },

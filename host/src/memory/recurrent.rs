@@ -152,6 +152,51 @@ impl RecurrentCache {
         Ok(())
     }
 
+    /// Bytes of one sequence's state: per recurrent layer, its conv row then its SSM row.
+    pub fn slot_bytes(&self) -> usize {
+        self.conv.iter().zip(&self.ssm).map(|(c, s)| c.nb()[1] + s.nb()[1]).sum()
+    }
+
+    /// `seq`'s state as bytes (see [`RecurrentCache::slot_bytes`]); zeros for a sequence without
+    /// a slot (nothing consumed yet).
+    pub fn read_slot(&self, seq: SeqId) -> Result<Vec<u8>, GgmlError> {
+        let Some(slot) = self.slot(seq) else {
+            return Ok(vec![0; self.slot_bytes()]);
+        };
+        let mut out = Vec::with_capacity(self.slot_bytes());
+        for (c, s) in self.conv.iter().zip(&self.ssm) {
+            for t in [c, s] {
+                let row = t.nb()[1];
+                out.extend(t.read_bytes(slot as usize * row, row)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Give `seq` the state `data` (from [`RecurrentCache::read_slot`] of a cache with the same
+    /// shapes) that has consumed positions `0..next_pos`. False when no slot is free.
+    pub fn write_slot(&mut self, seq: SeqId, data: &[u8], next_pos: u32) -> Result<bool, GgmlError> {
+        if data.len() != self.slot_bytes() {
+            return Err(GgmlError::Tensor {
+                name: "recurrent state".into(),
+                msg: format!("{} bytes given, this model's sequences hold {}", data.len(), self.slot_bytes()),
+            });
+        }
+        let Some(slot) = self.ensure(seq)? else {
+            return Ok(false);
+        };
+        let mut at = 0;
+        for (c, s) in self.conv.iter().zip(&self.ssm) {
+            for t in [c, s] {
+                let row = t.nb()[1];
+                t.write_bytes(&data[at..at + row], slot as usize * row)?;
+                at += row;
+            }
+        }
+        self.next_pos.insert(seq, next_pos);
+        Ok(true)
+    }
+
     fn zero(&self, slot: u32) -> Result<(), GgmlError> {
         for t in self.conv.iter().chain(&self.ssm) {
             let row = t.nb()[1];

@@ -4,9 +4,11 @@
 //! cache type, a truncated file or a foreign file is rejected with an error that says which.
 //!
 //! Format: `STLLMKV2`, u64 LE header length, a JSON header (with the FNV-1a 64 checksum of the
-//! cell bytes: a damaged payload is refused, not loaded), then the cell bytes of
+//! payload: a damaged payload is refused, not loaded), then the cell bytes of
 //! [`super::kv::KvCache::read_cells`] of the sequence's cells in position order (per layer: K rows, then V
-//! rows), so a file loads into whichever cells are free. Files are written under a unique
+//! rows), so a file loads into whichever cells are free, and for a hybrid model the sequence's
+//! recurrent state after them ([`super::recurrent::RecurrentCache::read_slot`]: per Mamba layer
+//! its conv row, then its SSM row; `recurrent_bytes` in the header, checked against the model's). Files are written under a unique
 //! temporary name in the same folder (never over another file) and renamed when complete.
 
 use std::io::{Read, Write};
@@ -25,6 +27,9 @@ pub struct StateHeader {
     pub architecture: String,
     pub kv_type: String,
     pub tokens: Vec<u32>,
+    /// Bytes of the sequence's recurrent state after its cells (hybrid models; 0 otherwise)
+    #[serde(default)]
+    pub recurrent_bytes: u64,
     pub data_bytes: u64,
     /// FNV-1a 64 of the cell bytes (filled in by [`save`])
     #[serde(default)]
@@ -46,8 +51,6 @@ pub enum StateError {
     Mismatch { path: PathBuf, field: &'static str, file: String, session: String },
     #[error("{}: the prompt cache holds {n} positions, the session only {n_ctx}", path.display())]
     TooLong { path: PathBuf, n: usize, n_ctx: usize },
-    #[error("{}: prompt-cache files hold KV cells only; a hybrid model's recurrent state is not saved", path.display())]
-    Recurrent { path: PathBuf },
     #[error(transparent)]
     Ggml(#[from] GgmlError),
 }
@@ -80,9 +83,10 @@ pub fn save(path: &Path, header: &StateHeader, data: &[u8]) -> Result<(), StateE
     written.map_err(io)
 }
 
-/// Read a file's header and data and check them against `expect` (model and cache type), the
-/// cache's geometry (`cell_bytes` per cell, see [`super::kv::KvCache::cell_bytes`]) and the `max_cells` it
-/// may take. Returns the tokens and the cell bytes.
+/// Read a file's header and data and check them against `expect` (model, cache type and
+/// recurrent state size), the cache's geometry (`cell_bytes` per cell, see
+/// [`super::kv::KvCache::cell_bytes`]) and the `max_cells` it may take. Returns the tokens and
+/// the payload: the cell bytes, then `expect.recurrent_bytes` of recurrent state.
 pub fn load(
     path: &Path,
     expect: &StateHeader,
@@ -125,18 +129,29 @@ pub fn load(
             });
         }
     }
+    if h.recurrent_bytes != expect.recurrent_bytes {
+        return Err(StateError::Mismatch {
+            path: path.to_path_buf(),
+            field: "bytes of recurrent state per sequence",
+            file: h.recurrent_bytes.to_string(),
+            session: expect.recurrent_bytes.to_string(),
+        });
+    }
     let cells = h.tokens.len();
     if cells > max_cells {
         return Err(StateError::TooLong { path: path.to_path_buf(), n: cells, n_ctx: max_cells });
     }
-    let want = (cells as u64).saturating_mul(cell_bytes as u64);
+    let want = (cells as u64).saturating_mul(cell_bytes as u64).saturating_add(h.recurrent_bytes);
     if h.data_bytes != want {
-        return Err(format(format!("{} bytes of cells for {cells} positions, expected {want}", h.data_bytes)));
+        return Err(format(format!(
+            "{} bytes of payload for {cells} positions, expected {want} ({} of recurrent state)",
+            h.data_bytes, h.recurrent_bytes
+        )));
     }
     let mut data = Vec::with_capacity(want as usize);
     f.take(want).read_to_end(&mut data).map_err(io)?;
     if data.len() as u64 != want {
-        return Err(format(format!("truncated: {} of {want} bytes of cells", data.len())));
+        return Err(format(format!("truncated: {} of {want} bytes of payload", data.len())));
     }
     if fnv1a(&data) != h.checksum {
         return Err(format("the cell bytes do not match the header's checksum (a damaged file)".into()));
