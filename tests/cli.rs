@@ -487,3 +487,59 @@ fn no_device_flag_uses_the_cpu_without_a_gpu_module_and_says_so() {
     assert!(!stderr.contains("stllm: using"), "{stderr}");
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+/// The JSON lines a command prints.
+fn stllm_lines(args: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_stllm")).args(args).output().unwrap();
+    assert!(out.status.success(), "stllm {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+#[test]
+fn a_long_prompt_is_benched_over_several_runs_through_a_state_file() {
+    // `bench --chunk` reports speed over depth; with --state a run that stops (here after two
+    // chunks) saves the sequence — a hybrid's recurrent state included — and the next run
+    // resumes there: the tokens decoded at the end are those of one uninterrupted run.
+    let dir = fixture("nemotron_h-f32");
+    let m = dir.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("depth.kv");
+    let st = state.to_str().unwrap();
+    let base = ["--quiet", "bench", "--model", m, "--prompt", "200", "--gen", "5", "--chunk", "48", "--json"];
+    fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [base, extra].concat()
+    }
+
+    let first = stllm_lines(&with(&base, &["--state", st, "--stop-after", "2"]));
+    assert_eq!(first.len(), 3, "two chunks and the summary");
+    assert_eq!(first[1]["depth"], 96);
+    assert!(first[0]["prefill_tok_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(first[2]["stopped_at"], 96);
+    assert!(first[2]["memory"]["recurrent"].as_u64().unwrap() > 0);
+    assert!(state.exists());
+
+    let rest = stllm_lines(&with(&base, &["--state", st]));
+    let end = rest.last().unwrap();
+    assert_eq!(end["resumed_from"], 96);
+    assert_eq!(rest[rest.len() - 2]["depth"], 199, "the prompt's last token is the first decoded");
+    let whole = stllm_lines(&with(&base, &[]));
+    let end_whole = whole.last().unwrap();
+    assert_eq!(end_whole["resumed_from"], 0);
+    assert_eq!(end["tokens"], end_whole["tokens"], "resumed == uninterrupted");
+    assert_eq!(end["tokens"].as_array().unwrap().len(), 5);
+
+    // A state of another prompt or model is refused, naming it.
+    let e = stllm_fails(&["bench", "--model", m, "--prompt", "150", "--chunk", "48", "--state", st]);
+    assert!(e.contains("not the start of this bench's prompt"), "{e}");
+    let other = fixture("llama-f32");
+    let e =
+        stllm_fails(&["bench", "--model", other.to_str().unwrap(), "--prompt", "200", "--chunk", "48", "--state", st]);
+    assert!(e.contains("made for architecture nemotron_h"), "{e}");
+    let e = stllm_fails(&["bench", "--model", m, "--chunk", "0"]);
+    assert!(e.contains("--chunk must be at least 1"), "{e}");
+    let e = stllm_fails(&["bench", "--model", m, "--chunk", "8", "--deadline=-1"]);
+    assert!(e.contains("--deadline"), "{e}");
+}

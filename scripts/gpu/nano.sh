@@ -9,6 +9,10 @@
 #   hf            the same two through HF transformers (decode 32 tokens: it runs at ~9 tok/s)
 #   long:N        stllm prefill of N tokens (chunks of --batch 2048) then decode 32 at depth N:
 #                 prefill speed, decode speed and memory (KV, recurrent state, compute) at depth
+#   depth:N       the same over several calls: prefill in chunks of 8192 (speed over depth) until
+#                 DEADLINE s (default 480), save the sequence (KV + recurrent state) to
+#                 $WORK/depth-N.kv, resume from it in the next call on the warm machine; the call
+#                 that completes the prompt decodes 32 tokens at depth N ($OUT/depth-N.jsonl)
 #   2gpu          stllm single stream with the layers split over two GPUs
 # Devices: $DEV (default "--device cuda"). JSON lines go to $OUT/bench.jsonl as in bench.sh.
 # The device tool allows 10 minutes a command: "make stllm" in one call, "hf long:131072" in the
@@ -50,6 +54,17 @@ for step in "${steps[@]}"; do
       n=${step#long:}
       measure stllm "$shape" "long-$n" "$stllm" bench --model "$dir" --prompt "$n" --gen 32 --batch 2048 --json \
         "${dev[@]}" "${be[@]}"
+      ;;
+    depth:*)
+      # A context too long for one 10-minute call (the 1M-token promise): chunks of 8192 with
+      # the speed of each over depth, the sequence (KV cells and recurrent state) saved to
+      # $work/depth-N.kv when DEADLINE (default 480) seconds have passed; the same step in the
+      # next call on the still-warm machine resumes there, and the call that completes the
+      # prompt decodes 32 tokens at its depth (decode speed, memory).
+      n=${step#depth:}
+      "$stllm" --quiet bench --model "$dir" --prompt "$n" --gen 32 --chunk 8192 --batch 2048 --ctx-size $((n + 64)) \
+        --state "$work/depth-$n.kv" --deadline "${DEADLINE:-480}" --json "${dev[@]}" "${be[@]}" \
+        | tee -a "$out/depth-$n.jsonl" | tail -3
       ;;
     2gpu)
       measure stllm-2gpu "$shape" single "$stllm" bench --model "$dir" --prompt 512 --gen 128 --repeat 2 --json \

@@ -551,6 +551,23 @@ pub enum Command {
         /// With --concurrent: request i samples with seed SEED + i
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Long contexts: prefill the prompt in chunks of this many tokens, reporting the speed
+        /// of each over depth, then decode --gen tokens at the prompt's depth (one run)
+        #[arg(long)]
+        chunk: Option<usize>,
+        /// With --chunk: resume from this prompt-cache file when it exists (it must hold the
+        /// start of this bench's prompt) and save the sequence to it when the run stops — a
+        /// prompt too long for one sitting is computed over several (hybrid models' recurrent
+        /// state included)
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// With --chunk: stop prefilling after this many seconds (checked between chunks),
+        /// saving to --state
+        #[arg(long)]
+        deadline: Option<f64>,
+        /// With --chunk: stop prefilling after this many chunks, saving to --state
+        #[arg(long)]
+        stop_after: Option<usize>,
     },
 }
 
@@ -751,6 +768,15 @@ pub fn run(mut cli: Cli) -> Result<()> {
             sampling.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
             bench_concurrent(&m, &concurrent, prompt, gen, json, through_policy, &sampling)?
         }
+        Command::Bench { m, prompt, gen, repeat, json, chunk, state, deadline, stop_after, .. }
+            if chunk.is_some() || state.is_some() || deadline.is_some() || stop_after.is_some() =>
+        {
+            if repeat > 1 {
+                bail!("--repeat does not go with --chunk/--state/--deadline/--stop-after (one run, resumable)");
+            }
+            let plan = DepthPlan { chunk: chunk.unwrap_or(prompt), state, deadline, stop_after };
+            bench_depth(&m, prompt, gen, &plan, json)?
+        }
         Command::Bench { m, prompt, gen, repeat, json, .. } => bench(&m, prompt, gen, repeat.max(1), json)?,
         Command::Run { m, prompt, raw, system, g, p, json } => {
             let (rt, chat) = runtime_with_model(&m, &p)?;
@@ -863,6 +889,111 @@ fn bench(m: &ModelArgs, prompt: usize, gen: usize, repeat: usize, json: bool) ->
             model.threads(),
             best_pp * 1e3
         );
+    }
+    Ok(())
+}
+
+/// How `stllm bench --chunk` computes its prompt.
+struct DepthPlan {
+    chunk: usize,
+    state: Option<PathBuf>,
+    deadline: Option<f64>,
+    stop_after: Option<usize>,
+}
+
+/// `stllm bench --chunk N [--state FILE] [--deadline S | --stop-after K]`: the prompt's first
+/// `prompt - 1` random tokens in chunks (speed per chunk over depth), resumable through a
+/// prompt-cache file; once they are all in, the last prompt token and `gen - 1` more are decoded
+/// greedily at that depth (decode speed, the tokens, memory). One JSON line per chunk and one
+/// at the end with `--json`.
+fn bench_depth(m: &ModelArgs, prompt: usize, gen: usize, plan: &DepthPlan, json: bool) -> Result<()> {
+    if prompt < 2 {
+        bail!("--prompt must be at least 2 with --chunk");
+    }
+    if plan.chunk == 0 {
+        bail!("--chunk must be at least 1");
+    }
+    if let Some(d) = plan.deadline.filter(|d| !d.is_finite() || *d < 0.0) {
+        bail!("--deadline must be a number of seconds >= 0, got {d}");
+    }
+    let mut s = open(m, prompt + gen)?;
+    let n_vocab = s.model().hparams().n_vocab as u32;
+    let tokens = random_tokens(0, prompt, n_vocab);
+    let target = prompt - 1;
+    let mut done = 0;
+    if let Some(f) = plan.state.as_deref().filter(|f| f.exists()) {
+        let cached = s.load_state(f)?;
+        if cached.len() > target || tokens[..cached.len()] != cached[..] {
+            bail!(
+                "{}: holds {} tokens that are not the start of this bench's prompt (another --prompt or model?)",
+                f.display(),
+                cached.len()
+            );
+        }
+        done = cached.len();
+        tracing::info!(resumed = done, "prompt-cache state loaded");
+    }
+    let resumed = done;
+    let t_start = Instant::now();
+    let mut chunks = 0;
+    while done < target {
+        let over_time = plan.deadline.is_some_and(|d| t_start.elapsed().as_secs_f64() >= d);
+        if over_time || plan.stop_after.is_some_and(|k| chunks >= k) {
+            break;
+        }
+        let n = plan.chunk.min(target - done);
+        let t0 = Instant::now();
+        s.decode_greedy(&tokens[done..done + n])?;
+        let dt = t0.elapsed().as_secs_f64();
+        done += n;
+        chunks += 1;
+        if json {
+            let line = serde_json::json!({"depth": done, "chunk": n, "prefill_tok_s": n as f64 / dt, "ms": dt * 1e3});
+            println!("{}", serde_json::to_string(&line)?);
+        } else {
+            println!("depth {done}: {n} tokens at {:.1} tok/s", n as f64 / dt);
+        }
+    }
+    if let Some(f) = &plan.state {
+        if done > resumed {
+            let t0 = Instant::now();
+            s.save_state(f)?;
+            tracing::info!(tokens = done, ms = t0.elapsed().as_millis() as u64, "prompt-cache state saved");
+        }
+    }
+    let model = s.model().clone();
+    if done < target {
+        if json {
+            let out = serde_json::json!({
+                "engine": "stllm", "bench": "depth", "model": m.dir, "architecture": model.hparams().arch,
+                "prompt": prompt, "stopped_at": done, "resumed_from": resumed, "state": plan.state, "memory": s.memory(),
+            });
+            println!("{}", serde_json::to_string(&out)?);
+        } else {
+            println!("stopped at depth {done} of {target} (resume with the same command and --state)");
+        }
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let mut out = Vec::with_capacity(gen);
+    let mut t = tokens[target];
+    for _ in 0..gen {
+        t = s.decode_greedy(&[t])?;
+        out.push(t);
+    }
+    let dt = t0.elapsed().as_secs_f64();
+    let tg = if gen > 0 { gen as f64 / dt } else { 0.0 };
+    let mem = s.memory();
+    if json {
+        let line = serde_json::json!({
+            "engine": "stllm", "bench": "depth", "model": m.dir, "architecture": model.hparams().arch,
+            "dtype": model.dtype.name(), "device": model.device_name(), "prompt": prompt, "gen": gen,
+            "resumed_from": resumed, "decode_tok_s": tg, "tokens": out,
+            "device_used_mib": (mem.device_total - mem.device_free) as f64 / 1048576.0, "memory": mem,
+        });
+        println!("{}", serde_json::to_string(&line)?);
+    } else {
+        println!("decode {gen} tokens at depth {prompt}: {tg:.2} tok/s");
     }
     Ok(())
 }
