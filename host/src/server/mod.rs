@@ -26,6 +26,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::sync::Semaphore;
 
@@ -231,6 +232,14 @@ pub async fn serve(state: Arc<AppState>) -> anyhow::Result<()> {
     let addr = format!("{}:{}", state.opts.host, state.opts.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
     let local: SocketAddr = listener.local_addr()?;
+    // Stream chunks are small writes: without TCP_NODELAY, Nagle's algorithm holds one back
+    // until the client acknowledges the previous (which a delayed ACK can put off by tens of
+    // milliseconds) — on a kept-alive connection, the first chunk of the next response too.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY not set on a connection: {e}");
+        }
+    });
     eprintln!("stllm serve: listening on http://{local}");
     for m in &state.models {
         eprintln!(
