@@ -654,6 +654,77 @@ fn flash_attn_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
     }
 }
 
+/// Attention over one sequence's cells gathered out of the pool (the attention block's
+/// `SegmentKv::Gathered`): `get_rows` of F16 cache rows at scattered cells, cast back to F16,
+/// viewed per head, then `flash_attn_ext` under a `cells x rows` mask.
+fn gathered_attn_case(rng: &mut Rng, cases: &mut Vec<Case>) {
+    let (hd, h, h_kv, n_cells, nq) = (64usize, 4usize, 2usize, 512usize, 5usize);
+    let n = 256usize; // gathered cells (a multiple of 256, as the runner pads them)
+    let scale = 1.0 / (hd as f32).sqrt();
+    let row = (hd * h_kv) as i64;
+    // Every other cell, backwards, plus a few repeats standing for padding (masked).
+    let ids: Vec<i32> = (0..n).map(|j| if j < 240 { (n_cells - 1 - 2 * j) as i32 } else { 5 }).collect();
+    let mut m = mask(n, nq, rng);
+    for r in 0..nq {
+        for j in 240..n {
+            m[r * n + j] = f32::NEG_INFINITY;
+        }
+    }
+    cases.push(Case {
+        op: "flash_attn_ext",
+        what: format!("over {n} of {n_cells} f16 cache rows gathered (get_rows, cast f16), q [{hd}x{nq}x{h}]"),
+        tol: 1e-2,
+        device_tol: None,
+        inputs: vec![
+            Input::floats(DType::F32, &[hd as i64, nq as i64, h as i64], rng.vec(hd * nq * h, 6.0)),
+            Input::floats(DType::F16, &[row, n_cells as i64], rng.vec(row as usize * n_cells, 1.0)),
+            Input::floats(DType::F16, &[row, n_cells as i64], rng.vec(row as usize * n_cells, 1.0)),
+            Input { dtype: DType::I32, shape: vec![n as i64], fill: Fill::I32(ids.clone()) },
+            Input::floats(DType::F16, &[n as i64, nq as i64], m),
+        ],
+        build: Box::new(move |c, t| {
+            let gather = |x: Tensor| {
+                let g = c.cast(c.get_rows(x, t[3]), DType::F16);
+                c.view_3d(g, hd as i64, n as i64, h_kv as i64, g.nb()[1], DType::F16.row_size(hd as i64), 0)
+            };
+            let o = c.flash_attn_ext(t[0], gather(t[1]), gather(t[2]), Some(t[4]), scale);
+            c.set_prec_f32(o);
+            o
+        }),
+        reference: Box::new(move |v| {
+            let (q, k, vv, m) = (&v[0], &v[1], &v[2], &v[4]);
+            let row = hd * h_kv;
+            let cell = |j: usize| v[3][j] as usize;
+            let mut out = vec![0.0; hd * h * nq];
+            for r in 0..nq {
+                for head in 0..h {
+                    let hk = head / (h / h_kv);
+                    let qv = &q[(head * nq + r) * hd..(head * nq + r + 1) * hd];
+                    let s: Vec<f64> = (0..n)
+                        .map(|j| {
+                            let c = cell(j);
+                            let kj = &k[c * row + hk * hd..c * row + (hk + 1) * hd];
+                            qv.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() * scale as f64 + m[r * n + j]
+                        })
+                        .collect();
+                    let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    let o = &mut out[(r * h + head) * hd..(r * h + head + 1) * hd];
+                    for (j, ej) in e.iter().enumerate() {
+                        let c = cell(j);
+                        let vj = &vv[c * row + hk * hd..c * row + (hk + 1) * hd];
+                        for (oi, vi) in o.iter_mut().zip(vj) {
+                            *oi += ej / sum * vi;
+                        }
+                    }
+                }
+            }
+            out
+        }),
+    });
+}
+
 fn copy_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
     let (row, cells, nt) = (128usize, 16usize, 5usize);
     let ids: Vec<i64> = vec![3, 0, 15, 7, 8];
@@ -758,6 +829,7 @@ fn cases() -> Vec<Case> {
     soft_max_case(&mut rng, &mut cases);
     rope_cases(&mut rng, &mut cases);
     flash_attn_cases(&mut rng, &mut cases);
+    gathered_attn_case(&mut rng, &mut cases);
     copy_cases(&mut rng, &mut cases);
     moe_cases(&mut rng, &mut cases);
     cases
