@@ -147,9 +147,20 @@ def make_prompts(args, rng):
 
 # -- one request ----------------------------------------------------------------------------------
 
-async def one_request(http, args, prompt, disconnect_after):
+def request_max_tokens(args, i):
+    """Request i's max_tokens: --max-tokens, or with --vary-max-tokens F a value drawn (seeded by
+    i) from [max_tokens * (1 - F), max_tokens * (1 + F)], so that streams do not all end together
+    and arrive again in waves."""
+    if not args.vary_max_tokens:
+        return args.max_tokens
+    u = random.Random(1_000_003 * (i + 1) + args.seed_prompts).uniform(-1.0, 1.0)
+    return max(1, round(args.max_tokens * (1 + args.vary_max_tokens * u)))
+
+
+async def one_request(http, args, prompt, disconnect_after, max_tokens=None):
     """Stream one request; returns a record."""
-    body = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
+    max_tokens = args.max_tokens if max_tokens is None else max_tokens
+    body = {"model": args.model, "max_tokens": max_tokens, "temperature": args.temperature,
             "stream": True}
     if args.include_usage:
         body["stream_options"] = {"include_usage": True}
@@ -209,7 +220,7 @@ async def one_request(http, args, prompt, disconnect_after):
     if usage_tokens is None and finish == "length" and not rec["disconnected"]:
         # No usage chunk (e.g. llama-cpp-python), but a request that ran to max_tokens made
         # exactly that many tokens (a server may put several in one chunk).
-        usage_tokens = args.max_tokens
+        usage_tokens = max_tokens
     rec["tokens"] = usage_tokens if (usage_tokens is not None and not rec["disconnected"]) else chunks
     if usage_tokens and chunks and usage_tokens != chunks and rec["gaps"]:
         # Chunks carrying several tokens: spread each gap over them.
@@ -277,7 +288,8 @@ async def run_part(args, part, parts, barrier):
                 except asyncio.QueueEmpty:
                     return
                 records[i] = await one_request(http, args, prompts[i],
-                                               args.disconnect_after if i in disc else None)
+                                               args.disconnect_after if i in disc else None,
+                                               request_max_tokens(args, i))
 
         t0 = time.time()
         tasks = [asyncio.create_task(client()) for _ in range(conc)]
@@ -369,7 +381,8 @@ def run(args):
         "concurrency": args.concurrency, "requests": args.requests, "completed": len(done),
         "client_processes": parts,
         "timed_out": timed_out, "disconnected_on_purpose": sum(1 for r in done if r["disconnected"]),
-        "max_tokens": args.max_tokens, "prompt_lens": args.prompt_lens, "shared_prefix": args.shared_prefix,
+        "max_tokens": args.max_tokens, "vary_max_tokens": args.vary_max_tokens,
+        "prompt_lens": args.prompt_lens, "shared_prefix": args.shared_prefix,
         "wall_s": round(wall, 3), "generated_tokens": tokens,
         "tok_per_s": round(tokens / wall, 1) if wall > 0 else None,
         "ttft_ms": {"p50": ms(pct(ttft, 50)), "p99": ms(pct(ttft, 99)),
@@ -425,6 +438,8 @@ def main():
     ap.add_argument("--disconnect-after", type=int, default=4, help="content chunks before disconnecting")
     ap.add_argument("--warmup", type=int, default=1, help="rounds of C concurrent 2-token requests first")
     ap.add_argument("--pid", type=int, help="server process for resident memory")
+    ap.add_argument("--vary-max-tokens", type=float, default=0.0,
+                    help="F in [0, 1): each request's max_tokens drawn from max_tokens * (1 ± F)")
     ap.add_argument("--procs", type=int, default=1,
                     help="client processes sharing the C streams (a fast server outruns one Python process)")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds before the last RSS sample")

@@ -8,7 +8,7 @@
 # $OUT/soak.md (printed last).
 #
 # Usage: SHAPE=qwen3-0.6b CONC="32 64" REQUESTS=256 MAX_TOKENS=128 [SERVERS="stllm hf"]
-#        [TIMEOUT=240] [PEER_REQUESTS=N] [PEER_TIMEOUT=300] [STLLM_ARGS="--batch 2048"] [PROCS=4] [SOAK_TRACE=1 | SOAK_PROFILE=1]
+#        [TIMEOUT=240] [PEER_REQUESTS=N] [PEER_TIMEOUT=300] [STLLM_ARGS="--batch 2048"] [PROCS=4] [VARY=0.5] [SOAK_TRACE=1 | SOAK_PROFILE=1]
 #        bash scripts/gpu/soak.sh
 # SERVERS picks which servers run (stllm, hf = transformers serve); each soak ends after its
 # TIMEOUT / PEER_TIMEOUT seconds with the requests finished by then (its row says "timed out"), so
@@ -49,7 +49,8 @@ wait_listening() { # LOG PID SECONDS
 soak() { # LABEL PORT PID C
   python3 benches/soak/soak.py --base-url "http://127.0.0.1:$2/v1" --model "$shape" --mode chat \
     -c "$4" -n "$requests" --max-tokens "$max_tokens" --pid "$3" --label "$1 ($card) c=$4" \
-    --out "$out/soak.jsonl" --md "$out/soak.md" --timeout "$timeout" --procs "$procs" 2>>"$out/soak-err.log" | tail -1
+    --out "$out/soak.jsonl" --md "$out/soak.md" --timeout "$timeout" --procs "$procs" \
+    --vary-max-tokens "${VARY:-0}" 2>>"$out/soak-err.log" | tail -1
 }
 
 # stllm
@@ -93,7 +94,8 @@ if command -v transformers >/dev/null && python3 -c 'import fastapi, uvicorn, op
     for c in $conc; do
       python3 benches/soak/soak.py --base-url "http://127.0.0.1:18081/v1" --model "$dir" --mode chat \
         -c "$c" -n "$peer_requests" --max-tokens "$max_tokens" --pid "$hpid" --label "transformers serve --continuous-batching ($card) c=$c" \
-        --out "$out/soak.jsonl" --md "$out/soak.md" --timeout "$peer_timeout" --procs "$procs" 2>>"$out/soak-err.log" | tail -1
+        --out "$out/soak.jsonl" --md "$out/soak.md" --timeout "$peer_timeout" --procs "$procs" \
+        --vary-max-tokens "${VARY:-0}" 2>>"$out/soak-err.log" | tail -1
     done
   else
     echo "transformers serve did not become ready:"; tail -20 "$out/hf-serve.log"
