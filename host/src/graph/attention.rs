@@ -153,7 +153,9 @@ fn attend(f: &mut Forward, il: usize, q: Tensor, k: Tensor, v: Tensor, dims: Att
                         // and back) so the call's cost follows its length, not the pool's.
                         let (idx, gmask) = (
                             f.inp.gather_idx.expect("gathered segments have an index"),
-                            if sliding { f.inp.gather_mask_swa } else { f.inp.gather_mask }
+                            // As for the pool mask: a sliding layer without a window mask
+                            // (no window configured) takes the full one.
+                            if sliding { f.inp.gather_mask_swa.or(f.inp.gather_mask) } else { f.inp.gather_mask }
                                 .expect("gathered segments have a mask"),
                         );
                         let nc = n_cells as i64;
