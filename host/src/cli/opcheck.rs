@@ -622,36 +622,55 @@ fn flash_attn_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
                     o
                 }),
                 reference: Box::new(move |v| {
-                    let (q, k, vv, m) = (&v[0], &v[1], &v[2], &v[3]);
-                    let row = hd * h_kv;
-                    let mut out = vec![0.0; hd * h * nq];
-                    for r in 0..nq {
-                        for head in 0..h {
-                            let hk = head / (h / h_kv);
-                            let qv = &q[(head * nq + r) * hd..(head * nq + r + 1) * hd];
-                            let s: Vec<f64> = (0..n_kv)
-                                .map(|j| {
-                                    let kj = &k[j * row + hk * hd..j * row + (hk + 1) * hd];
-                                    qv.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() * scale as f64 + m[r * n_kv + j]
-                                })
-                                .collect();
-                            let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                            let e: Vec<f64> = s.iter().map(|s| (s - max).exp()).collect();
-                            let sum: f64 = e.iter().sum();
-                            let o = &mut out[(r * h + head) * hd..(r * h + head + 1) * hd];
-                            for (j, ej) in e.iter().enumerate() {
-                                let vj = &vv[j * row + hk * hd..j * row + (hk + 1) * hd];
-                                for (oi, vi) in o.iter_mut().zip(vj) {
-                                    *oi += ej / sum * vi;
-                                }
-                            }
-                        }
-                    }
-                    out
+                    let cells: Vec<usize> = (0..n_kv).collect();
+                    attention_f64(&v[0], &v[1], &v[2], &v[3], &cells, AttnGeom { hd, h, h_kv, nq }, scale)
                 }),
             });
         }
     }
+}
+
+/// Head geometry of an attention reference.
+#[derive(Clone, Copy)]
+struct AttnGeom {
+    hd: usize,
+    h: usize,
+    h_kv: usize,
+    nq: usize,
+}
+
+/// softmax(q·k·scale + mask)·v in f64 over the cache rows `cells` (in mask column order) of `k`
+/// and `v` (rows of `hd * h_kv`); q is `[hd, nq, h]`, the result `[hd, h, nq]` as ggml's
+/// `flash_attn_ext` returns it.
+fn attention_f64(q: &[f64], k: &[f64], v: &[f64], m: &[f64], cells: &[usize], g: AttnGeom, scale: f32) -> Vec<f64> {
+    let AttnGeom { hd, h, h_kv, nq } = g;
+    let (row, n) = (hd * h_kv, cells.len());
+    let mut out = vec![0.0; hd * h * nq];
+    for r in 0..nq {
+        for head in 0..h {
+            let hk = head / (h / h_kv);
+            let qv = &q[(head * nq + r) * hd..(head * nq + r + 1) * hd];
+            let s: Vec<f64> = cells
+                .iter()
+                .enumerate()
+                .map(|(j, &c)| {
+                    let kj = &k[c * row + hk * hd..c * row + (hk + 1) * hd];
+                    qv.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() * scale as f64 + m[r * n + j]
+                })
+                .collect();
+            let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            let o = &mut out[(r * h + head) * hd..(r * h + head + 1) * hd];
+            for (ej, &c) in e.iter().zip(cells) {
+                let vj = &v[c * row + hk * hd..c * row + (hk + 1) * hd];
+                for (oi, vi) in o.iter_mut().zip(vj) {
+                    *oi += ej / sum * vi;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Attention over one sequence's cells gathered out of the pool (the attention block's
@@ -692,35 +711,8 @@ fn gathered_attn_case(rng: &mut Rng, cases: &mut Vec<Case>) {
             o
         }),
         reference: Box::new(move |v| {
-            let (q, k, vv, m) = (&v[0], &v[1], &v[2], &v[4]);
-            let row = hd * h_kv;
-            let cell = |j: usize| v[3][j] as usize;
-            let mut out = vec![0.0; hd * h * nq];
-            for r in 0..nq {
-                for head in 0..h {
-                    let hk = head / (h / h_kv);
-                    let qv = &q[(head * nq + r) * hd..(head * nq + r + 1) * hd];
-                    let s: Vec<f64> = (0..n)
-                        .map(|j| {
-                            let c = cell(j);
-                            let kj = &k[c * row + hk * hd..c * row + (hk + 1) * hd];
-                            qv.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() * scale as f64 + m[r * n + j]
-                        })
-                        .collect();
-                    let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let e: Vec<f64> = s.iter().map(|s| (s - max).exp()).collect();
-                    let sum: f64 = e.iter().sum();
-                    let o = &mut out[(r * h + head) * hd..(r * h + head + 1) * hd];
-                    for (j, ej) in e.iter().enumerate() {
-                        let c = cell(j);
-                        let vj = &vv[c * row + hk * hd..c * row + (hk + 1) * hd];
-                        for (oi, vi) in o.iter_mut().zip(vj) {
-                            *oi += ej / sum * vi;
-                        }
-                    }
-                }
-            }
-            out
+            let cells: Vec<usize> = v[3].iter().map(|&c| c as usize).collect();
+            attention_f64(&v[0], &v[1], &v[2], &v[4], &cells, AttnGeom { hd, h, h_kv, nq }, scale)
         }),
     });
 }
