@@ -30,6 +30,9 @@ impl SeqSet {
     fn is_empty(&self) -> bool {
         self.0.iter().all(|&w| w == 0)
     }
+    fn intersects(&self, other: &SeqSet) -> bool {
+        self.0.iter().zip(&other.0).any(|(a, b)| a & b != 0)
+    }
     fn only(s: SeqId) -> SeqSet {
         let mut set = SeqSet::default();
         set.add(s);
@@ -163,8 +166,13 @@ impl KvCells {
     /// `(cell, position)` (one pass over the cells for all of them).
     pub fn cells_of(&self, seqs: &[SeqId], n_kv: usize) -> Vec<Vec<(u32, u32)>> {
         let mut out: Vec<Vec<(u32, u32)>> = vec![Vec::new(); seqs.len()];
+        let mut wanted = SeqSet::default();
+        for &s in seqs {
+            wanted.add(s);
+        }
         for (i, c) in self.cells[..n_kv.min(self.cells.len())].iter().enumerate() {
-            if c.seqs.is_empty() {
+            // Most cells belong to none of them: one test of the four words each.
+            if !c.seqs.intersects(&wanted) {
                 continue;
             }
             for (k, &s) in seqs.iter().enumerate() {
@@ -248,6 +256,27 @@ mod tests {
             c.occupy(s, seq, p);
         }
         slots
+    }
+
+    #[test]
+    fn cells_of_lists_each_sequences_cells_in_position_order() {
+        let mut c = KvCells::new(16);
+        let a = fill(&mut c, 0, 0..3);
+        let b = fill(&mut c, 1, 0..2);
+        // Sequence 2 shares sequence 0's first two cells (a fork), then has one of its own.
+        c.seq_cp(0, 2, 0, 2);
+        let own = fill(&mut c, 2, 2..3);
+        // Sequence 200 (another bitmap word) at cells out of position order.
+        c.occupy(9, 200, 1);
+        c.occupy(8, 200, 0);
+        let got = c.cells_of(&[2, 0, 200, 7, 2], 16);
+        assert_eq!(got[0], vec![(a[0], 0), (a[1], 1), (own[0], 2)]);
+        assert_eq!(got[1], vec![(a[0], 0), (a[1], 1), (a[2], 2)]);
+        assert_eq!(got[2], vec![(8, 0), (9, 1)]);
+        assert!(got[3].is_empty(), "a sequence without cells");
+        assert_eq!(got[4], got[0], "a sequence asked for twice");
+        assert!(!got.iter().flatten().any(|&(cell, _)| b.contains(&cell)), "sequence 1 was not asked for");
+        assert_eq!(c.cells_of(&[200], 9), vec![vec![(8, 0)]], "only cells below n_kv");
     }
 
     #[test]
