@@ -1216,7 +1216,7 @@ impl AttnPlan {
             for r in rows.clone() {
                 let pos = ub.pos[r];
                 m.extend(cells.iter().map(|&(_, p)| {
-                    if p <= pos && pos - p < w {
+                    if crate::memory::cells::visible(p, pos, w) {
                         half::f16::ZERO
                     } else {
                         half::f16::NEG_INFINITY

@@ -7,6 +7,12 @@
 //! Which cells a token attends to is decided by the mask (see [`KvCells::mask`]), so cells of a
 //! sequence need not be contiguous or ordered.
 
+/// Whether a token at `pos` attends to a cell of its sequence at `cell_pos` under a window of
+/// `w` positions (`u32::MAX`: none): the cell is not later, and less than `w` back.
+pub fn visible(cell_pos: u32, pos: u32, w: u32) -> bool {
+    cell_pos <= pos && pos - cell_pos < w
+}
+
 /// A sequence id, below [`MAX_SEQ`].
 pub type SeqId = u32;
 
@@ -225,7 +231,7 @@ impl KvCells {
             for (row, &(seq, pos)) in rows.chunks_exact_mut(n_kv).zip(toks) {
                 let held = &seen[seqs.binary_search(&seq).expect("listed above")];
                 for (x, &p) in row.iter_mut().zip(held) {
-                    *x = if p <= pos && pos - p < w { visible } else { hidden };
+                    *x = if self::visible(p, pos, w) { visible } else { hidden };
                 }
             }
         };
