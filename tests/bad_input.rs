@@ -269,6 +269,16 @@ fn absurd_sizes_are_refused_not_wrapped() {
         assert_eq!(out.status.code(), Some(1), "{flag} {value}: {stderr}");
         assert!(stderr.contains(needle), "{flag} {value}: {stderr}");
     }
+    // More spare policy instances than requests may run is refused before anything loads.
+    let out = Command::new(env!("CARGO_BIN_EXE_stllm"))
+        .args(["--quiet", "serve", "--model"])
+        .arg(common::fixture("llama-f32"))
+        .args(["--port", "0", "--max-concurrent", "2", "--spare-instances", "3"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--spare-instances must be at most --max-concurrent (2), got 3"), "{stderr}");
     // `generate --top-k 2^32` is refused by the parser, not truncated to 0 (off).
     let out = Command::new(env!("CARGO_BIN_EXE_stllm"))
         .args(["--quiet", "generate", "--model"])

@@ -276,6 +276,41 @@ fn per_request_instances_keep_nothing_from_one_request_to_the_next() {
 }
 
 #[test]
+fn spare_instances_are_made_ahead_of_demand_within_the_pool_size() {
+    // `spare`: a request that takes an instance leaves the pool short, and ready ones are made
+    // in the background; the pool never holds more than its size.
+    let trt = tokio::runtime::Runtime::new().unwrap();
+    let wait_idle = |rt: &Runtime, want: usize| {
+        let t0 = std::time::Instant::now();
+        while rt.idle_instances() < want && t0.elapsed() < Duration::from_secs(120) {
+            trt.block_on(async { tokio::time::sleep(Duration::from_millis(20)).await });
+        }
+        rt.idle_instances()
+    };
+    for (pool_size, spare) in [(3, 2), (2, 5), (4, 0)] {
+        let rt = runtime("llama-f32", RuntimeConfig { pool_size, spare, ..RuntimeConfig::default() });
+        assert_eq!(rt.idle_instances(), 0, "nothing is made before it is needed");
+        let req = request(Prompt::Text("Hello".into()), 2, greedy());
+        trt.block_on(rt.generate(&req, |_, _| true, no_cancel())).unwrap();
+        // The request's own instance came back, and `spare` more were made meanwhile.
+        let want = (1 + spare).min(pool_size);
+        assert_eq!(wait_idle(&rt, want), want, "pool {pool_size}, spare {spare}");
+        // Concurrent requests take what is ready; afterwards the pool is full but not over.
+        let reqs: Vec<_> = (0..pool_size + 1).map(|_| rt.generate(&req, |_, _| true, no_cancel())).collect();
+        for r in trt.block_on(futures_util::future::join_all(reqs)) {
+            r.unwrap();
+        }
+        trt.block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });
+        let idle = wait_idle(&rt, want);
+        assert!((want..=pool_size).contains(&idle), "pool {pool_size}, spare {spare}: {idle} idle");
+    }
+    // Prewarming makes as many as asked (side by side), within the pool's size.
+    let rt = runtime("llama-f32", RuntimeConfig { pool_size: 3, ..RuntimeConfig::default() });
+    assert_eq!(trt.block_on(rt.prewarm(5)).unwrap(), 3);
+    assert_eq!(trt.block_on(rt.prewarm(2)).unwrap(), 3, "a full pool makes no more");
+}
+
+#[test]
 fn a_request_has_a_budget_that_host_calls_do_not_renew() {
     // A guest spinning on cheap host calls restarts the step clock at every call; its fuel for
     // the request runs out all the same.

@@ -174,7 +174,8 @@ async def one_request(http, args, prompt, disconnect_after, max_tokens=None):
     else:
         body["prompt"] = prompt
         path = "/completions"
-    rec = {"ttft": None, "gaps": [], "tokens": 0, "error": None, "disconnected": False}
+    rec = {"ttft": None, "gaps": [], "tokens": 0, "error": None, "disconnected": False,
+           "id": None, "sent": time.time(), "first": None}
     t0 = time.monotonic()
     last = None
     chunks = 0
@@ -195,6 +196,8 @@ async def one_request(http, args, prompt, disconnect_after, max_tokens=None):
                     done = True
                     break
                 ev = json.loads(data)
+                if rec["id"] is None:
+                    rec["id"] = ev.get("id")
                 if ev.get("usage"):
                     usage_tokens = ev["usage"].get("completion_tokens")
                 for ch in ev.get("choices") or []:
@@ -206,6 +209,7 @@ async def one_request(http, args, prompt, disconnect_after, max_tokens=None):
                     now = time.monotonic()
                     if rec["ttft"] is None:
                         rec["ttft"] = now - t0
+                        rec["first"] = time.time()
                     else:
                         rec["gaps"].append(now - last)
                     last = now
@@ -308,6 +312,8 @@ def part_main(args, part, parts, barrier, q):
     try:
         q.put((part, asyncio.run(run_part(args, part, parts, barrier))))
     except BaseException as e:  # noqa: BLE001 (reported by the parent)
+        if barrier is not None:
+            barrier.abort()  # the other processes stop waiting for this one
         q.put((part, f"{type(e).__name__}: {e}"))
 
 
@@ -354,7 +360,7 @@ def run(args):
         got = dict(q.get(timeout=args.timeout + 600) for _ in procs)
         for p in procs:
             p.join()
-        bad = [v for v in got.values() if isinstance(v, str)]
+        bad = sorted((v for v in got.values() if isinstance(v, str)), key=lambda v: "BrokenBarrier" in v)
         if bad:
             sys.exit(f"a client process failed: {bad[0]}")
         results = [got[k] for k in range(parts)]
@@ -369,6 +375,11 @@ def run(args):
     timed_out = any(r[3] for r in results)
 
     done = [records[i] for i in sorted(records)]
+    if args.records:
+        with open(args.records, "w") as f:
+            for i, r in zip(sorted(records), done):
+                f.write(json.dumps({"i": i, "id": r["id"], "sent": r["sent"], "first": r["first"],
+                                    "ttft": r["ttft"], "error": r["error"]}) + "\n")
     errors = [r["error"] for r in done if r["error"]]
     ttft = [r["ttft"] for r in done if r["ttft"] is not None and not r["error"]]
     gaps = [g for r in done if not r["error"] for g in r["gaps"]]
@@ -446,6 +457,8 @@ def main():
     ap.add_argument("--request-timeout", type=float, default=300)
     ap.add_argument("--timeout", type=float, default=1800, help="bound on the whole soak")
     ap.add_argument("--out", help="append the JSON line to this file")
+    ap.add_argument("--records", help="write one JSON line per measured request (id, wall-clock send and "
+                    "first-chunk times, ttft) to this file, for scripts/gpu/soak_trace.py --records")
     ap.add_argument("--md", help="append the markdown row to this file (header when new)")
     args = ap.parse_args()
     args.base_url = args.base_url.rstrip("/")

@@ -20,16 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=lib.sh
 . scripts/gpu/lib.sh
-# gguf (PyPI, carried as a wheel by prepare.sh; no network here): installed into $WORK/site, or, if
-# pip cannot, imported from the wheel itself (pure Python).
-whl=$(ls "$g"/wheels/gguf-*.whl 2>/dev/null | head -1)
-if [ -n "$whl" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target "$work/site" "$whl" >/dev/null 2>&1; then
-  export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
-elif [ -n "$whl" ]; then
-  export PYTHONPATH="$PWD/$whl${PYTHONPATH:+:$PYTHONPATH}"
-else
-  echo "no gguf wheel in $g/wheels: run scripts/gpu/prepare.sh" >&2
-fi
+use_gguf_wheel
 unpack_stllm  # run.sh unpacks it too, but bench.sh may run alone
 mkdir -p "$work/gguf"
 [ -x "$work/llama/peer-bench" ] || echo "no $work/llama/peer-bench: run scripts/gpu/run.sh first" >&2

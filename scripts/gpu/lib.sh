@@ -20,6 +20,21 @@ unpack_stllm() {
   fi
 }
 
+# use_gguf_wheel: put PyPI's gguf (carried as a wheel by prepare.sh; no network there) on
+# PYTHONPATH for hf_to_gguf.py: installed into $WORK/site, or, if pip cannot, imported from the
+# wheel itself (pure Python).
+use_gguf_wheel() {
+  local whl
+  whl=$(ls scratch/gpu/wheels/gguf-*.whl 2>/dev/null | head -1)
+  if [ -n "$whl" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target "$work/site" "$whl" >/dev/null 2>&1; then
+    export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+  elif [ -n "$whl" ]; then
+    export PYTHONPATH="$PWD/$whl${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    echo "no gguf wheel in scratch/gpu/wheels: run scripts/gpu/prepare.sh" >&2
+  fi
+}
+
 # add_tokenizer DIR [NAME]: put a carried tokenizer's files (prepare.sh: scratch/gpu/tokenizer-NAME,
 # tokenizer.json xz-compressed; NAME qwen3 (default) or llama3) into a model folder, for what runs
 # through the policy component.

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # On the GPU machine, after run.sh: Nemotron 3 Nano's real shapes (random weights, 31.6B
 # parameters, ~63 GB BF16; make_model.py nemotron-3-nano, made once per machine into $WORK) next
-# to HF transformers. llama.cpp is not run: hf_to_gguf.py converts llama and qwen3 only.
+# to HF transformers and llama.cpp (the vendored tree's peer-bench, run.sh builds it).
 # Steps (arguments, in any order; default: make stllm):
 #   make          make the model (on the GPU, saved as BF16 safetensors: ~1-3 min)
 #   stllm         single stream (prefill 512 = TTFT, decode 128 at depth
 #                 512, best of 2) and 1 / 8 concurrent sequences (prompt 128 + 64 generated)
 #   hf            the same two through HF transformers (decode 32 tokens: it runs at ~9 tok/s)
+#   llama         the same two through llama.cpp on a BF16 GGUF of the same weights (hf_to_gguf.py,
+#                 nemotron_h_moe, written once per machine into $WORK/gguf: ~63 GB; its logits
+#                 checked against HF on the fixtures by scripts/gpu/check_gguf.py)
 #   long:N        stllm prefill of N tokens (chunks of --batch 2048) then decode 32 at depth N:
 #                 prefill speed, decode speed and memory (KV, recurrent state, compute) at depth
 #   depth:N       the same over several calls: prefill in chunks of 8192 (speed over depth) until
@@ -49,6 +52,17 @@ for step in "${steps[@]}"; do
         --device cuda
       measure hf "$shape" concurrent python3 benches/hf_batched_bench.py "$dir" --seqs 1,8 --prompt 128 --gen 32 \
         --repeat 1 --system 0 --device cuda
+      ;;
+    llama)
+      use_gguf_wheel
+      gguf="$work/gguf/$shape-bf16.gguf"
+      mkdir -p "$work/gguf"
+      [ -f "$gguf" ] || python3 scripts/gpu/hf_to_gguf.py "$dir" "$gguf" >>"$out/gguf-$shape.log" 2>&1 \
+        || { echo "hf_to_gguf failed:"; tail -5 "$out/gguf-$shape.log"; rm -f "$gguf"; continue; }
+      measure llama.cpp "$shape" single "$work/llama/peer-bench" -m "$gguf" --ngl 99 --fa 1 single --prompt 512 \
+        --gen 128 --depth 512 --repeat 2
+      measure llama.cpp "$shape" concurrent "$work/llama/peer-bench" -m "$gguf" --ngl 99 --fa 1 batched --npl 1,8 \
+        --prompt 128 --gen 64 --ctx 4096 --kv both
       ;;
     long:*)
       n=${step#long:}

@@ -46,8 +46,8 @@ wait_listening() { # LOG PID SECONDS
   echo "server not ready after $3 s:"; tail -20 "$1"; return 1
 }
 
-soak() { # LABEL PORT PID C
-  python3 benches/soak/soak.py --base-url "http://127.0.0.1:$2/v1" --model "$shape" --mode chat \
+soak() { # LABEL PORT PID C [RECORDS]
+  python3 benches/soak/soak.py ${5:+--records "$5"} --base-url "http://127.0.0.1:$2/v1" --model "$shape" --mode chat \
     -c "$4" -n "$requests" --max-tokens "$max_tokens" --pid "$3" --label "$1 ($card) c=$4" \
     --out "$out/soak.jsonl" --md "$out/soak.md" --timeout "$timeout" --procs "$procs" \
     --vary-max-tokens "${VARY:-0}" 2>>"$out/soak-err.log" | tail -1
@@ -59,12 +59,20 @@ if [[ " $servers " == *" stllm "* ]]; then
 # SOAK_PROFILE=1: a per-op profile of every step instead (slower steps: for shares, not speed).
 trace_log=${SOAK_TRACE:+info,stllm::request=debug,stllm::step=trace}
 if [ -n "${SOAK_PROFILE:-}" ]; then trace_log=info,stllm::ops=trace; fi
-STLLM_LOG=${trace_log:-${STLLM_LOG:-}} "$g/bin/stllm" serve --model "$shape=$dir" --backend-dir "$work/backends" --port 18080 \
+# The request log (stllm::request, info) is on by default: the time split below pairs it with the
+# client's records.
+STLLM_LOG=${trace_log:-${STLLM_LOG:-warn,stllm::request=info}} "$g/bin/stllm" serve --model "$shape=$dir" --backend-dir "$work/backends" --port 18080 \
   --max-concurrent 128 --ctx-size 65536 ${STLLM_ARGS:-} 2>"$out/stllm-serve.log" &
 pid=$!
 wait_listening "$out/stllm-serve.log" "$pid" 120 "listening on"
-for c in $conc; do soak "stllm${STLLM_ARGS:+ $STLLM_ARGS}" 18080 "$pid" "$c"; done
+for c in $conc; do soak "stllm${STLLM_ARGS:+ $STLLM_ARGS}" 18080 "$pid" "$c" "$out/records-c$c.jsonl"; done
 kill -TERM "$pid"; wait "$pid" || true
+# Each request's client-measured time to first token split at the server's handler and first piece
+# (pairs the client's records with the request log by response id; the log is info by default).
+for c in $conc; do
+  echo "== c=$c: where the client's time to first token went =="
+  python3 scripts/gpu/soak_trace.py "$out/stllm-serve.log" 0 --records "$out/records-c$c.jsonl" 2>&1 | sed -n '/client records paired/,$p' | head -8
+done | tee "$out/soak-split.md"
 if [ -n "${SOAK_TRACE:-}" ]; then python3 scripts/gpu/soak_trace.py "$out/stllm-serve.log" 8 | tee "$out/soak-trace.md"; fi
 if [ -n "${SOAK_PROFILE:-}" ]; then python3 scripts/gpu/op_profile.py "$out/stllm-serve.log" 14 "1-40,41-200,201-100000" | tee "$out/op-profile.md"; fi
 fi

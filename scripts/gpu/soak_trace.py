@@ -9,8 +9,15 @@ STLLM_LOG=info,stllm::request=debug,stllm::step=trace and prints
   between their arrival and their first piece (how many, how many tokens, the largest n_kv, the
   time in steps and outside them).
 
-Usage: soak_trace.py LOG [N_SLOWEST]
+- with --records FILE (written by benches/soak/soak.py --records): each request paired with its
+  log line by response id, its client-measured time to first token split into the time before
+  the server's handler started (connection, request upload, queueing in the client or the
+  runtime), the server's own time to the first piece, and the time from there to the client
+  reading it (the response's way back, the client's own queueing).
+
+Usage: soak_trace.py LOG [N_SLOWEST] [--records FILE]
 """
+import json
 import re
 import sys
 from datetime import datetime
@@ -45,8 +52,14 @@ def pct(xs, p):
 
 
 def main():
-    path = sys.argv[1]
-    n_slow = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    argv = sys.argv[1:]
+    records = None
+    if "--records" in argv:
+        k = argv.index("--records")
+        records = argv[k + 1]
+        del argv[k:k + 2]
+    path = argv[0]
+    n_slow = int(argv[1]) if len(argv) > 1 else 5
     steps, reqs, gens = [], [], []
     for line in open(path, errors="replace"):
         line = ANSI.sub("", line)
@@ -100,6 +113,34 @@ def main():
         print(f"| {r['ttft_ms']:.0f} | {r['prompt_tokens']:.0f} | {r['cached_tokens']:.0f} | {arr - t_start:.2f} "
               f"| {len(sel)} | {sum(s['n_tokens'] for s in sel):.0f} | {max((s['n_kv'] for s in sel), default=0):.0f} "
               f"| {busy:.0f} | {r['ttft_ms'] - busy:.0f} |")
+    if records:
+        client_split(ok, records, n_slow)
+
+
+def client_split(reqs, path, n_slow):
+    """Pairs the client's records with the server's log lines (choice 0) by response id."""
+    by_id = {r["id"].strip('"'): r for r in reqs if r.get("choice") == 0 and isinstance(r.get("id"), str)}
+    rows = []
+    for line in open(path):
+        c = json.loads(line)
+        s = by_id.get(c.get("id"))
+        if s is None or c.get("first") is None:
+            continue
+        arrived = s["t"] - s["total_ms"] / 1e3
+        before = (arrived - c["sent"]) * 1e3
+        after = (c["first"] - (arrived + s["ttft_ms"] / 1e3)) * 1e3
+        rows.append((c["ttft"] * 1e3, before, s["ttft_ms"], after))
+    if not rows:
+        print("\nno client record matched a log line by id (was the log written with stllm::request=info?)")
+        return
+    print(f"\nclient records paired with the log: {len(rows)}")
+    for name, k in (("client ttft", 0), ("before the handler", 1), ("server ttft", 2), ("after the first piece", 3)):
+        xs = [r[k] for r in rows]
+        print(f"{name}: p50 {pct(xs, 50):.1f} ms, p90 {pct(xs, 90):.1f}, p99 {pct(xs, 99):.1f}, max {max(xs):.1f}")
+    print("| client ttft ms | before the handler | server ttft | after the first piece |")
+    print("|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: -r[0])[:n_slow]:
+        print(f"| {r[0]:.0f} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.1f} |")
 
 
 if __name__ == "__main__":

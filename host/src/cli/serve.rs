@@ -41,6 +41,12 @@ pub struct ServeArgs {
     /// before listening, so the first requests do not pay for it (at most --max-concurrent)
     #[arg(long, default_value_t = 1)]
     pub prewarm: usize,
+    /// Idle policy instances kept ready ahead of demand for each policy (made in the background
+    /// as requests take them; also made before listening): a burst of requests beyond the past
+    /// peak then does not wait for instances to start up (at most --max-concurrent; 0: none;
+    /// default 4, or --max-concurrent when that is smaller)
+    #[arg(long)]
+    pub spare_instances: Option<usize>,
     /// Requests waiting for a slot beyond which new ones are refused with 429
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
@@ -116,6 +122,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if max_concurrent == 0 || max_concurrent > MAX_SEQ - 64 {
         bail!("--max-concurrent must be in 1..={}, got {max_concurrent}", MAX_SEQ - 64);
     }
+    let spare = match a.spare_instances {
+        Some(n) if n > max_concurrent => {
+            bail!("--spare-instances must be at most --max-concurrent ({max_concurrent}), got {n}")
+        }
+        Some(n) => n,
+        None => 4.min(max_concurrent),
+    };
     if a.max_body_mib == 0 || a.max_body_mib > 1024 {
         bail!("--max-body-mib must be in 1..=1024, got {}", a.max_body_mib);
     }
@@ -134,7 +147,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let (Some(name), dir) = split_named(spec) else { bail!("--lora takes NAME=DIR, got {spec:?}") };
         loras.push((name.to_string(), PathBuf::from(dir)));
     }
-    let rt_cfg = |policy: Option<PathBuf>| RuntimeConfig { policy, pool_size: max_concurrent, ..base.clone() };
+    let rt_cfg = |policy: Option<PathBuf>| RuntimeConfig { policy, pool_size: max_concurrent, spare, ..base.clone() };
     let mut served = Vec::new();
     for (name, dir) in &a.resolved {
         let m = a.model_args(dir);
@@ -195,7 +208,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let t0 = std::time::Instant::now();
         // A policy that fails here fails its requests the same way (each answered 500, the
         // server going on): a warning, not a refusal to start.
-        match rt.block_on(m.default_policy.prewarm(a.prewarm)) {
+        match rt.block_on(m.default_policy.prewarm(a.prewarm.max(spare))) {
             Ok(n) => {
                 tracing::info!(model = %m.name, instances = n, ms = t0.elapsed().as_millis() as u64, "policy instances ready")
             }

@@ -22,7 +22,7 @@ mod guest_log;
 mod host;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -161,6 +161,12 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// Idle initialised instances kept for reuse.
     pub pool_size: usize,
+    /// Idle initialised instances kept ready ahead of demand (at most `pool_size`): a request
+    /// that takes one leaves fewer, and new ones are made in the background, so a burst of
+    /// requests beyond the pool's past peak does not pay for the guest's start-up (the embedded
+    /// policy parses its tokenizer: ~0.5 s for a 152k vocabulary) in its time to first token.
+    /// 0: instances are made only when a request finds none idle.
+    pub spare: usize,
     /// Most WebAssembly instructions a guest may execute for one request (its whole call,
     /// however often it returns to the host; the sampler plug-in has its own); 0: no limit.
     /// The step timeout bounds one stretch between host calls, this bounds the request.
@@ -200,6 +206,7 @@ impl Default for RuntimeConfig {
             step_timeout: Duration::from_secs(10),
             cache_dir: None,
             pool_size: 4,
+            spare: 0,
             request_fuel: DEFAULT_REQUEST_FUEL,
             isolation: None,
         }
@@ -447,8 +454,10 @@ pub struct Runtime {
     policy_pre: PolicyComponentPre<GuestState>,
     sampler_pre: Option<SamplerComponentPre<SamplerState>>,
     handle: Arc<ModelHandle>,
-    /// Idle instances (shared with the tasks that refill it under [`Isolation::PerRequest`])
+    /// Idle instances (shared with the tasks that refill it in the background)
     pool: Arc<Mutex<Vec<Instance>>>,
+    /// Instances being made in the background for the pool
+    pending: Arc<AtomicUsize>,
     cfg: RuntimeConfig,
     _ticker: EpochTicker,
 }
@@ -584,7 +593,16 @@ impl Runtime {
             None => None,
         };
         let ticker = EpochTicker::start(engine.clone());
-        Ok(Runtime { engine, policy_pre, sampler_pre, handle, pool: Arc::default(), cfg, _ticker: ticker })
+        Ok(Runtime {
+            engine,
+            policy_pre,
+            sampler_pre,
+            handle,
+            pool: Arc::default(),
+            pending: Arc::default(),
+            cfg,
+            _ticker: ticker,
+        })
     }
 
     pub fn handle(&self) -> &Arc<ModelHandle> {
@@ -592,34 +610,62 @@ impl Runtime {
     }
 
     async fn checkout(&self) -> Result<Instance, RuntimeError> {
-        if let Some(inst) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+        let popped = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        // Keep `spare` ready ones ahead of the next requests.
+        self.top_up(self.cfg.spare);
+        if let Some(inst) = popped {
             return Ok(inst);
         }
         make_instance(&self.engine, &self.policy_pre, &self.handle, &self.cfg, self.fuel()).await
     }
 
-    /// [`Isolation::PerRequest`]: put a ready instance (its start-up done, no request seen) in
-    /// the pool in the background, in place of one a request used, so the next request does not
-    /// pay for the guest's start-up.
-    fn refill(&self) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        if self.pool.lock().unwrap_or_else(|p| p.into_inner()).len() >= self.cfg.pool_size {
+    /// Make ready instances (start-up done, no request seen) in the background until the pool
+    /// holds, or will hold once those being made are in, `target` of them (at most its size).
+    fn top_up(&self, target: usize) {
+        let target = target.min(self.cfg.pool_size);
+        if target == 0 {
             return;
         }
-        let (engine, pre, handle, cfg, pool) =
-            (self.engine.clone(), self.policy_pre.clone(), self.handle.clone(), self.cfg.clone(), self.pool.clone());
-        let fuel = self.fuel();
-        rt.spawn(async move {
-            match ready_instance(&engine, &pre, &handle, &cfg, fuel).await {
-                Ok(i) => {
-                    let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
-                    if pool.len() < cfg.pool_size {
-                        pool.push(i);
-                    }
-                }
-                Err(e) => tracing::warn!("a fresh policy instance failed to start: {e}"),
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        loop {
+            let idle = self.pool.lock().unwrap_or_else(|p| p.into_inner()).len();
+            let pending = self.pending.load(Ordering::Acquire);
+            if idle + pending >= target {
+                return;
             }
-        });
+            if self.pending.compare_exchange(pending, pending + 1, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                continue;
+            }
+            let (engine, pre, handle, cfg, pool, pending) = (
+                self.engine.clone(),
+                self.policy_pre.clone(),
+                self.handle.clone(),
+                self.cfg.clone(),
+                self.pool.clone(),
+                self.pending.clone(),
+            );
+            let fuel = self.fuel();
+            rt.spawn(async move {
+                let r = ready_instance(&engine, &pre, &handle, &cfg, fuel).await;
+                match r {
+                    Ok(i) => {
+                        let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
+                        if pool.len() < cfg.pool_size {
+                            pool.push(i);
+                        }
+                    }
+                    Err(e) => tracing::warn!("a fresh policy instance failed to start: {e}"),
+                }
+                pending.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
+    }
+
+    /// [`Isolation::PerRequest`]: put a ready instance in the pool in the background, in place of
+    /// one a request used, so the next request does not pay for the guest's start-up.
+    fn refill(&self) {
+        let idle = self.pool.lock().unwrap_or_else(|p| p.into_inner()).len();
+        self.top_up(idle + 1);
     }
 
     fn checkin(&self, inst: Instance) {
@@ -667,6 +713,11 @@ impl Runtime {
         } else {
             self.cfg.request_fuel
         }
+    }
+
+    /// Idle instances in the pool now (ready for the next requests).
+    pub fn idle_instances(&self) -> usize {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Take a pooled (or new) instance and reset its per-request state (its fuel too).
@@ -726,32 +777,39 @@ impl Runtime {
     /// (at most the pool's size), so that as many concurrent requests start without paying for
     /// it; returns how many the pool holds.
     pub async fn prewarm(&self, n: usize) -> Result<usize, RuntimeError> {
-        let mut held = Vec::new();
-        if self.cfg.isolation() == Isolation::PerRequest {
-            // Ready instances that have seen no request.
-            for _ in 0..n.min(self.cfg.pool_size) {
-                held.push(ready_instance(&self.engine, &self.policy_pre, &self.handle, &self.cfg, self.fuel()).await?);
-            }
-            for i in held {
-                self.checkin(i);
-            }
-            return Ok(self.pool.lock().unwrap_or_else(|p| p.into_inner()).len());
-        }
-        // Each instance is initialised as soon as it exists (its step clock starts at `begin`)
-        // and held until all are, so none is taken twice.
-        for _ in 0..n.min(self.cfg.pool_size) {
-            let mut i = self.begin().await?;
-            match i.bindings.stllm_inference_policy().call_tokenize(&mut i.store, "", false).await {
-                Ok(Ok(_)) => held.push(i),
-                r => {
-                    self.end(i, r)?;
+        let idle = self.pool.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let n = n.min(self.cfg.pool_size).saturating_sub(idle);
+        // Ready instances that have seen no request, made side by side, as many at a time as
+        // there are cores (each task initialises its own as soon as it exists; more at once
+        // would only stretch every one's start-up towards the step time limit).
+        let par = std::thread::available_parallelism().map_or(1, |p| p.get());
+        let mut first_err = None;
+        let mut left = n;
+        while left > 0 && first_err.is_none() {
+            let batch = left.min(par);
+            left -= batch;
+            let tasks: Vec<_> = (0..batch)
+                .map(|_| {
+                    let (engine, pre, handle, cfg) =
+                        (self.engine.clone(), self.policy_pre.clone(), self.handle.clone(), self.cfg.clone());
+                    let fuel = self.fuel();
+                    tokio::spawn(async move { ready_instance(&engine, &pre, &handle, &cfg, fuel).await })
+                })
+                .collect();
+            for t in tasks {
+                match t.await {
+                    Ok(Ok(i)) => self.checkin(i),
+                    Ok(Err(e)) => first_err = first_err.or(Some(e)),
+                    Err(e) => {
+                        first_err = first_err.or(Some(RuntimeError::Wasmtime(format!("instance task failed: {e}"))))
+                    }
                 }
             }
         }
-        for i in held {
-            self.checkin(i);
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(self.pool.lock().unwrap_or_else(|p| p.into_inner()).len()),
         }
-        Ok(self.pool.lock().unwrap_or_else(|p| p.into_inner()).len())
     }
 
     /// Token ids of `text` (`add_special`: like `add_special_tokens=True`).

@@ -469,6 +469,7 @@ async fn collect(
     choices: usize,
     t0: Instant,
     param: &str,
+    id: &str,
 ) -> Result<Vec<GenerateResult>, ApiError> {
     let mut out: Vec<Option<GenerateResult>> = (0..choices).map(|_| None).collect();
     let mut first = vec![None; choices];
@@ -481,7 +482,7 @@ async fn collect(
             }
             Some(Ev::Done { choice, result }) => {
                 let r = result.map_err(|e| ApiError::from_runtime(e, param))?;
-                account(st, model, &r, choice, t0, first[choice]);
+                account(st, model, id, &r, choice, t0, first[choice]);
                 out[choice] = Some(r);
                 done += 1;
             }
@@ -507,8 +508,17 @@ fn observe(st: &AppState, model: &str, first: &mut Option<Duration>, last: &mut 
 }
 
 /// Count a finished choice in the metrics and log it (target `stllm::request`: one line per
-/// choice with its token counts, time to first piece and total time since the request arrived).
-fn account(st: &AppState, model: &str, r: &GenerateResult, choice: usize, t0: Instant, ttft: Option<Duration>) {
+/// choice with the response's id, its token counts, time to first piece and total time since
+/// the request arrived).
+fn account(
+    st: &AppState,
+    model: &str,
+    id: &str,
+    r: &GenerateResult,
+    choice: usize,
+    t0: Instant,
+    ttft: Option<Duration>,
+) {
     if choice == 0 {
         st.metrics.prompt_tokens.with_label_values(&[model]).inc_by(r.prompt_tokens as u64);
     }
@@ -516,6 +526,7 @@ fn account(st: &AppState, model: &str, r: &GenerateResult, choice: usize, t0: In
     tracing::info!(
         target: "stllm::request",
         model,
+        id,
         choice,
         prompt_tokens = r.prompt_tokens,
         cached_tokens = r.cached_tokens,
@@ -743,7 +754,7 @@ async fn chat(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<
     let created = now_secs();
     let name = m.name.clone();
     if !c.stream {
-        let results = collect(&st, &name, &mut rx, c.n, t0, "messages").await?;
+        let results = collect(&st, &name, &mut rx, c.n, t0, "messages", &id).await?;
         drop(slot);
         let mut choices = Vec::new();
         for (i, r) in results.iter().enumerate() {
@@ -766,6 +777,7 @@ async fn chat(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<
     }
     let first = first_event(&mut rx, "messages").await?;
     let n = c.n;
+    let log_id = id.clone();
     let chunk = move |choices: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": name, "system_fingerprint": Value::Null, "choices": choices});
     let stream = async_stream(
         st.clone(),
@@ -775,6 +787,7 @@ async fn chat(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<
         n,
         t0,
         m.name.clone(),
+        log_id,
         move |ctx| {
             let chunk = chunk.clone();
             Box::pin(async move {
@@ -861,6 +874,7 @@ fn async_stream(
     choices: usize,
     t0: Instant,
     model: String,
+    id: String,
     frame: impl Fn(Framed) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Value>> + Send>>
         + Send
         + Sync
@@ -882,6 +896,8 @@ fn async_stream(
         finished: bool,
         t0: Instant,
         model: String,
+        /// The response's id (for the request log)
+        id: String,
         frame: Framer,
         _guard: CancelOnDrop,
         _slot: Option<super::Slot>,
@@ -899,6 +915,7 @@ fn async_stream(
         finished: false,
         t0,
         model,
+        id,
         frame: Box::new(frame),
         _guard: guard,
         _slot: Some(slot),
@@ -925,7 +942,7 @@ fn async_stream(
                 }
             }
             Some(Ev::Done { choice, result: Ok(r) }) => {
-                account(&s.st, &s.model, &r, choice, s.t0, s.ttft[choice]);
+                account(&s.st, &s.model, &s.id, &r, choice, s.t0, s.ttft[choice]);
                 if !s.started[choice] {
                     s.started[choice] = true;
                     out.extend((s.frame)(Framed::Start { choice }).await);
@@ -1070,7 +1087,7 @@ async fn complete(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Res
     let name = m.name.clone();
     let total = n_prompts * c.n;
     if !c.stream {
-        let results = collect(&st, &name, &mut rx, total, t0, "prompt").await?;
+        let results = collect(&st, &name, &mut rx, total, t0, "prompt", &id).await?;
         drop(slot);
         let mut choices = Vec::new();
         for (i, r) in results.iter().enumerate() {
@@ -1091,6 +1108,7 @@ async fn complete(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Res
     let first = first_event(&mut rx, "prompt").await?;
     let n = c.n;
     let offsets = Arc::new(std::sync::Mutex::new(vec![0usize; total]));
+    let log_id = id.clone();
     let chunk = move |choices: Value| json!({"id": id, "object": "text_completion", "created": created, "model": name, "system_fingerprint": Value::Null, "choices": choices});
     let stream = async_stream(
         st.clone(),
@@ -1100,6 +1118,7 @@ async fn complete(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Res
         total,
         t0,
         m.name.clone(),
+        log_id,
         move |ctx| {
             let (chunk, echoes, offsets) = (chunk.clone(), echoes.clone(), offsets.clone());
             Box::pin(async move {
