@@ -77,6 +77,45 @@ fn wasm_policy_matches_python_tokenizers_and_templates() {
 }
 
 #[test]
+fn token_bytes_join_into_the_text_even_across_split_characters() {
+    // Real byte-level tokenizers split emoji and CJK into tokens that are parts of a character
+    // (they decode to U+FFFD alone); their bytes must still join into the text's own bytes.
+    for (name, exp, dir) in packages() {
+        let tj = std::fs::read_to_string(dir.join("tokenizer.json")).unwrap();
+        let tok = Tokenizer::new(&tj, None).unwrap();
+        let mut partial = 0;
+        for case in exp["encode"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let ids = ids(&case["ids"]);
+            let mut joined = Vec::new();
+            for &id in &ids {
+                let b = tok.token_bytes(id).unwrap();
+                if std::str::from_utf8(&b).is_err() {
+                    partial += 1;
+                }
+                joined.extend(b);
+            }
+            assert_eq!(String::from_utf8_lossy(&joined), text, "{name}: {text:?}");
+        }
+        assert!(partial > 0, "{name}: no text split a character (the check would be vacuous)");
+    }
+    // SentencePiece byte fallback: `<0xNN>` tokens are their byte.
+    let sp = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": null, "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": {"<unk>": 0, "<0xE2>": 1, "<0x82>": 2, "<0xAC>": 3, "\u{2581}a": 4}, "merges": []}
+    });
+    let tok = Tokenizer::new(&sp.to_string(), None).unwrap();
+    let bytes: Vec<Vec<u8>> = (1..=4).map(|id| tok.token_bytes(id).unwrap()).collect();
+    assert_eq!(bytes, [vec![0xE2], vec![0x82], vec![0xAC], b" a".to_vec()]);
+}
+
+#[test]
 fn native_policy_matches_python_tokenizers_and_templates() {
     for (name, exp, dir) in packages() {
         let tj = std::fs::read_to_string(dir.join("tokenizer.json")).unwrap();

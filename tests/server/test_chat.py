@@ -1,10 +1,11 @@
 """/v1/chat/completions through the official client: non-streaming, streaming, sampling fields,
 stop, length, n, logprobs, seed, prefix-cache usage."""
+import json
 import math
 
 import pytest
 
-from conftest import LLAMA, QWEN
+from conftest import LLAMA, LLAMA_DIR, QWEN
 
 USER = [{"role": "user", "content": "Tell me a story about a cat."}]
 
@@ -189,9 +190,29 @@ def test_logprobs(client):
         assert t.top_logprobs[0].token == t.token
         assert abs(t.top_logprobs[0].logprob - t.logprob) < 1e-4
     # The tokens' bytes spell the content.
-    if all(t.bytes is not None for t in lp.content):
-        raw = b"".join(bytes(t.bytes) for t in lp.content)
-        assert raw.decode("utf-8", "replace") == r.choices[0].message.content
+    assert all(t.bytes is not None for t in lp.content)
+    raw = b"".join(bytes(t.bytes) for t in lp.content)
+    assert raw.decode("utf-8", "replace") == r.choices[0].message.content
+
+
+def partial_char_token():
+    """The fixture's byte-level token for byte 0xE2 alone (the first of the three of '€')."""
+    vocab = json.loads((LLAMA_DIR / "tokenizer.json").read_text())["model"]["vocab"]
+    return vocab["\u00e2"]
+
+
+def test_logprobs_bytes_of_a_partial_character(client):
+    """A token that is part of a character decodes to U+FFFD as text, but its `bytes` are its
+    own (not U+FFFD's three), so clients can join the bytes into the real text."""
+    tid = partial_char_token()
+    r = greedy(client, max_tokens=3, logprobs=True, top_logprobs=2, logit_bias={str(tid): 100})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3
+    for t in content:
+        assert t.bytes == [0xE2], t
+        # (The alternatives are the model's own, before the bias.) Each one's bytes spell it.
+        for x in t.top_logprobs:
+            assert bytes(x.bytes).decode("utf-8", "replace") == x.token, x
 
 
 def test_logprobs_without_top(client):

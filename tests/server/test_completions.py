@@ -5,6 +5,7 @@ import struct
 import pytest
 
 from conftest import HIDDEN_SIZE, LLAMA, QWEN
+from test_chat import partial_char_token
 
 PROMPT = "The capital of France is"
 
@@ -77,7 +78,31 @@ def test_completion_logprobs(client):
             # (Token strings that are partial UTF-8 all print as U+FFFD and collide as keys.)
             assert abs(max(top.values()) - lpv) < 1e-4, "greedy: the chosen token is the most likely"
     assert lp.text_offset == sorted(lp.text_offset)
-    assert "".join(lp.tokens) == r.choices[0].text or any("\ufffd" in t for t in lp.tokens)
+    # The tokens spell the text (a part of a character as `bytes:\\xNN`).
+    raw = b"".join(token_bytes(t) for t in lp.tokens)
+    assert raw.decode("utf-8", "replace") == r.choices[0].text
+
+
+def token_bytes(tok):
+    """A legacy completions token's bytes (`bytes:\\xNN...` spelled out, else its UTF-8)."""
+    if tok.startswith("bytes:"):
+        hexes = tok[len("bytes:"):].split("\\x")
+        assert hexes[0] == "", tok
+        return bytes(int(h, 16) for h in hexes[1:])
+    return tok.encode()
+
+
+def test_completion_logprobs_spell_partial_characters_as_bytes(client):
+    """Legacy completions name a token that is part of a character `bytes:\\xNN` (as OpenAI
+    does) instead of U+FFFD, and its text offset counts its own bytes."""
+    tid = partial_char_token()
+    r = complete(client, max_tokens=3, logprobs=1, logit_bias={str(tid): 100})
+    lp = r.choices[0].logprobs
+    assert lp.tokens == ["bytes:\\xe2"] * 3, lp.tokens
+    assert lp.text_offset == [lp.text_offset[0] + i for i in range(3)]
+    for top in lp.top_logprobs:  # the model's own alternatives (before the bias), spelled alike
+        for k in top:
+            assert not k.startswith("bytes:") or token_bytes(k).decode("utf-8", "replace") == "\ufffd", k
 
 
 def test_completion_streaming(client):

@@ -61,6 +61,28 @@ impl Tokenizer {
         .map_err(|e| Error::InvalidInput(format!("decode: {e}")))
     }
 
+    /// The bytes token `id` stands for. Most tokens are whole UTF-8 text and this is their
+    /// decoded text; a token that is part of a character (a byte-level BPE token of one or two of
+    /// an emoji's four bytes, a SentencePiece byte-fallback `<0xE2>`) decodes to U+FFFD, and its
+    /// bytes come from its vocabulary entry instead: through the byte-level alphabet (GPT-2's
+    /// byte-to-character table) or the `<0xNN>` spelling. So the bytes of a sequence's tokens,
+    /// joined, are its text's bytes (what OpenAI's `logprobs[].bytes` is for).
+    pub fn token_bytes(&self, id: u32) -> Result<Vec<u8>, Error> {
+        let text = self.decode(&[id], false)?;
+        if !text.contains('\u{FFFD}') {
+            return Ok(text.into_bytes());
+        }
+        let Some(raw) = self.inner.id_to_token(id) else { return Ok(text.into_bytes()) };
+        if let Some(b) = byte_fallback(&raw) {
+            return Ok(vec![b]);
+        }
+        let table = byte_level_inverse();
+        match raw.chars().map(|c| table.get(&c).copied()).collect::<Option<Vec<u8>>>() {
+            Some(bytes) => Ok(bytes),
+            None => Ok(text.into_bytes()),
+        }
+    }
+
     pub fn token_to_id(&self, s: &str) -> Option<u32> {
         self.inner.token_to_id(s)
     }
@@ -74,4 +96,34 @@ impl Tokenizer {
             _ => None,
         }
     }
+}
+
+/// `<0xNN>` (SentencePiece's byte-fallback tokens) -> the byte.
+fn byte_fallback(tok: &str) -> Option<u8> {
+    let hex = tok.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+/// GPT-2's byte-level alphabet inverted: the printable bytes stand for themselves, the other 68
+/// are shifted to U+0100 and up, in byte order.
+fn byte_level_inverse() -> &'static std::collections::HashMap<char, u8> {
+    static TABLE: std::sync::OnceLock<std::collections::HashMap<char, u8>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+        let mut next = 256u32;
+        (0..=255u8)
+            .map(|b| {
+                let c = if printable(b) {
+                    char::from(b)
+                } else {
+                    next += 1;
+                    char::from_u32(next - 1).expect("below U+0200")
+                };
+                (c, b)
+            })
+            .collect()
+    })
 }

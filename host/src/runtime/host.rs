@@ -27,6 +27,8 @@ pub struct ModelHandle {
     /// Options of the engine guests' sequences run on (created on the first sequence).
     pub engine_options: EngineOptions,
     engine: OnceLock<Arc<Engine>>,
+    /// The tokenizer parsed natively, for [`ModelHandle::token_bytes`] (on first use)
+    native_tokenizer: OnceLock<Option<stllm_policy::tokenizer::Tokenizer>>,
 }
 
 fn read_opt(path: &Path, max: u64) -> std::io::Result<Option<String>> {
@@ -62,7 +64,27 @@ impl ModelHandle {
             generation_config_json,
             engine_options: EngineOptions { n_cells: 4096, max_seqs: 32, ..Default::default() },
             engine: OnceLock::new(),
+            native_tokenizer: OnceLock::new(),
         })
+    }
+
+    /// The bytes each token stands for (see [`stllm_policy::tokenizer::Tokenizer::token_bytes`]),
+    /// from the folder's tokenizer.json parsed natively once (tens to hundreds of milliseconds
+    /// for a large vocabulary: call off the async executor). `None` without a usable
+    /// tokenizer.json or for an id outside it. The bytes of a token are the model's vocabulary's,
+    /// whatever policy runs the request; partial characters are why this exists: a guest's
+    /// `detokenize` answers text, which cannot hold them.
+    pub fn token_bytes(&self, ids: &[u32]) -> Option<Vec<Vec<u8>>> {
+        let tok = self
+            .native_tokenizer
+            .get_or_init(|| {
+                let json = self.tokenizer_json.as_deref()?;
+                stllm_policy::tokenizer::Tokenizer::new(json, None)
+                    .map_err(|e| tracing::warn!("tokenizer.json for token bytes: {e}"))
+                    .ok()
+            })
+            .as_ref()?;
+        ids.iter().map(|&id| tok.token_bytes(id).ok()).collect()
     }
 
     /// Serve guests from an existing engine (shared with the application's own requests).

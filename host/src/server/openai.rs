@@ -389,14 +389,37 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{s}")
 }
 
-/// Token strings for log-probability entries (one policy call for all of them).
-async fn token_texts(rt: &Runtime, entries: &[LogprobEntry]) -> Vec<String> {
+/// Token strings and bytes for log-probability entries, in entry order (each entry, then its
+/// top alternatives). The strings come from the policy (one call for all of them); the bytes are
+/// the vocabulary's exact bytes (a token that is part of a character decodes to U+FFFD as text,
+/// but its bytes are its own), or the string's when the model folder has no usable
+/// tokenizer.json.
+async fn token_texts(rt: &Runtime, entries: &[LogprobEntry]) -> Vec<(String, Vec<u8>)> {
     let mut ids: Vec<u32> = Vec::new();
     for e in entries {
         ids.push(e.id);
         ids.extend(e.top.iter().map(|t| t.id));
     }
-    rt.token_strings(&ids).await.unwrap_or_else(|_| ids.iter().map(|i| format!("<{i}>")).collect())
+    let texts = rt.token_strings(&ids).await.unwrap_or_else(|_| ids.iter().map(|i| format!("<{i}>")).collect());
+    let handle = rt.handle().clone();
+    let bytes = tokio::task::spawn_blocking(move || handle.token_bytes(&ids)).await.ok().flatten();
+    match bytes {
+        Some(b) if b.len() == texts.len() => texts.into_iter().zip(b).collect(),
+        _ => texts.into_iter().map(|t| (t.clone(), t.into_bytes())).collect(),
+    }
+}
+
+/// A legacy completions token: its text, or, for bytes that are not UTF-8 on their own (part of
+/// a character), `bytes:\xNN...` as OpenAI writes them.
+fn legacy_token(text: String, bytes: &[u8]) -> String {
+    if std::str::from_utf8(bytes).is_ok() {
+        return text;
+    }
+    let mut s = String::from("bytes:");
+    for b in bytes {
+        s.push_str(&format!("\\x{b:02x}"));
+    }
+    s
 }
 
 /// Chat `logprobs.content` entries.
@@ -406,16 +429,16 @@ async fn chat_logprobs(rt: &Runtime, entries: &[LogprobEntry], top: bool) -> Val
     let content: Vec<Value> = entries
         .iter()
         .map(|e| {
-            let tok = it.next().unwrap_or_default();
+            let (tok, tok_bytes) = it.next().unwrap_or_default();
             let tops: Vec<Value> = e
                 .top
                 .iter()
                 .map(|t| {
-                    let s = it.next().unwrap_or_default();
-                    json!({"token": s, "logprob": t.logprob, "bytes": s.as_bytes()})
+                    let (s, b) = it.next().unwrap_or_default();
+                    json!({"token": s, "logprob": t.logprob, "bytes": b})
                 })
                 .collect();
-            json!({"token": tok, "logprob": e.logprob, "bytes": tok.as_bytes(), "top_logprobs": if top { tops } else { vec![] }})
+            json!({"token": tok, "logprob": e.logprob, "bytes": tok_bytes, "top_logprobs": if top { tops } else { vec![] }})
         })
         .collect();
     json!({"content": content})
@@ -427,14 +450,16 @@ async fn completion_logprobs(rt: &Runtime, entries: &[LogprobEntry], mut offset:
     let mut it = texts.into_iter();
     let (mut tokens, mut lps, mut tops, mut offs) = (vec![], vec![], vec![], vec![]);
     for e in entries {
-        let tok = it.next().unwrap_or_default();
+        let (tok, bytes) = it.next().unwrap_or_default();
         let mut m = Map::new();
         for t in &e.top {
-            m.insert(it.next().unwrap_or_default(), json!(t.logprob));
+            let (s, b) = it.next().unwrap_or_default();
+            m.insert(legacy_token(s, &b), json!(t.logprob));
         }
         offs.push(offset);
-        offset += tok.len();
-        tokens.push(tok);
+        // Byte offsets, as the streamed text's (a part of a character counts its own bytes).
+        offset += bytes.len();
+        tokens.push(legacy_token(tok, &bytes));
         lps.push(e.logprob);
         tops.push(Value::Object(m));
     }
