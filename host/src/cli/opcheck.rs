@@ -630,6 +630,148 @@ fn flash_attn_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
     }
 }
 
+/// gpt-oss's ops: the clamped SwiGLU, per-expert bias rows, attention with learned sinks (softmax
+/// and flash-attention paths), and experts in MXFP4 (as the Hub publishes them).
+fn gpt_oss_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
+    let (alpha, limit) = (1.702f32, 7.0f32);
+    cases.push(Case {
+        op: "swiglu_oai",
+        what: format!("f32 [256x5] gate, f32 [256x5] up, alpha {alpha}, limit {limit} (values beyond it)"),
+        tol: 1e-5,
+        device_tol: None,
+        inputs: vec![
+            Input::floats(DType::F32, &[256, 5], rng.vec(256 * 5, 12.0)),
+            Input::floats(DType::F32, &[256, 5], rng.vec(256 * 5, 12.0)),
+        ],
+        build: Box::new(move |c, t| c.swiglu_oai(t[0], t[1], alpha, limit)),
+        reference: Box::new(move |v| {
+            let (a, l) = (alpha as f64, limit as f64);
+            v[0].iter()
+                .zip(&v[1])
+                .map(|(&g, &u)| {
+                    let g = g.min(l);
+                    let u = u.clamp(-l, l);
+                    g / (1.0 + (-a * g).exp()) * (u + 1.0)
+                })
+                .collect()
+        }),
+    });
+    let (n, used, n_tok, n_exp) = (48i64, 2i64, 5i64, 4i64);
+    let ids: Vec<i32> = (0..n_tok).flat_map(|t| [(t % n_exp) as i32, ((t + 2) % n_exp) as i32]).collect();
+    {
+        let ids = ids.clone();
+        cases.push(Case {
+            op: "add_id",
+            what: format!("f32 [{n}x{used}x{n_tok}] + bias rows f32 [{n}x{n_exp}] by expert id"),
+            tol: 1e-6,
+            device_tol: None,
+            inputs: vec![
+                Input::floats(DType::F32, &[n, used, n_tok], rng.vec((n * used * n_tok) as usize, 1.0)),
+                Input::floats(DType::F32, &[n, n_exp], rng.vec((n * n_exp) as usize, 1.0)),
+                Input { dtype: DType::I32, shape: vec![used, n_tok], fill: Fill::I32(ids.clone()) },
+            ],
+            build: Box::new(|c, t| c.add_id(t[0], t[1], t[2])),
+            reference: Box::new(move |v| {
+                let n = n as usize;
+                v[0].chunks(n)
+                    .enumerate()
+                    .flat_map(|(slot, a)| {
+                        let e = ids[slot] as usize;
+                        a.iter().zip(&v[1][e * n..(e + 1) * n]).map(|(x, b)| x + b).collect::<Vec<_>>()
+                    })
+                    .collect()
+            }),
+        });
+    }
+    let (k, m) = (64i64, 32i64);
+    cases.push(Case {
+        op: "mul_mat_id",
+        what: format!("experts mxfp4 [{k}x{m}x{n_exp}] · x f32 [{k}x1x{n_tok}], {used} ids per token"),
+        tol: 3e-2,
+        device_tol: None,
+        inputs: vec![
+            Input::floats(DType::MXFP4, &[k, m, n_exp], rng.vec((k * m * n_exp) as usize, 1.0)),
+            Input::floats(DType::F32, &[k, 1, n_tok], rng.vec((k * n_tok) as usize, 1.0)),
+            Input { dtype: DType::I32, shape: vec![used, n_tok], fill: Fill::I32(ids.clone()) },
+        ],
+        build: Box::new(|c, t| c.mul_mat_id(t[0], t[1], t[2])),
+        reference: Box::new(move |v| {
+            let (k, m, used, n_tok) = (k as usize, m as usize, used as usize, n_tok as usize);
+            let mut out = vec![0.0; m * used * n_tok];
+            for t in 0..n_tok {
+                for s in 0..used {
+                    let e = ids[t * used + s] as usize;
+                    for j in 0..m {
+                        out[(t * used + s) * m + j] = (0..k).map(|i| v[0][(e * m + j) * k + i] * v[1][t * k + i]).sum();
+                    }
+                }
+            }
+            out
+        }),
+    });
+    // Softmax with sinks: some rows' sink above all their scores, some below.
+    let (n_kv, nt, h) = (32usize, 7usize, 4usize);
+    let scale = 0.125f32;
+    cases.push(Case {
+        op: "soft_max_ext",
+        what: format!("f32 [{n_kv}x{nt}x{h}], f32 mask, scale {scale}, sinks f32 [{h}]"),
+        tol: 1e-5,
+        device_tol: None,
+        inputs: vec![
+            Input::floats(DType::F32, &[n_kv as i64, nt as i64, h as i64], rng.vec(n_kv * nt * h, 24.0)),
+            Input::floats(DType::F32, &[n_kv as i64, nt as i64], mask(n_kv, nt, rng)),
+            Input::floats(DType::F32, &[h as i64], vec![-2.0, 0.5, 3.0, 8.0]),
+        ],
+        build: Box::new(move |c, t| {
+            let p = c.soft_max_ext(t[0], Some(t[1]), scale);
+            c.soft_max_add_sinks(p, t[2]);
+            p
+        }),
+        reference: Box::new(move |v| {
+            let mut out = Vec::with_capacity(v[0].len());
+            for (row, x) in v[0].chunks(n_kv).enumerate() {
+                let m = &v[1][(row % nt) * n_kv..(row % nt + 1) * n_kv];
+                let sink = v[2][row / nt];
+                let s: Vec<f64> = x.iter().zip(m).map(|(x, m)| x * scale as f64 + m).collect();
+                let max = s.iter().copied().fold(sink, f64::max);
+                let e: Vec<f64> = s.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = e.iter().sum::<f64>() + (sink - max).exp();
+                out.extend(e.iter().map(|e| e / sum));
+            }
+            out
+        }),
+    });
+    let (hd, h, h_kv, n_kv, nq) = (64usize, 4usize, 2usize, 256usize, 7usize);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let row = (hd * h_kv) as i64;
+    cases.push(Case {
+        op: "flash_attn_ext",
+        what: format!("q f32 [{hd}x{nq}x{h}], k/v f16 cache rows [{row}x{n_kv}], f16 mask, sinks f32 [{h}]"),
+        tol: 1e-2,
+        device_tol: None,
+        inputs: vec![
+            Input::floats(DType::F32, &[hd as i64, nq as i64, h as i64], rng.vec(hd * nq * h, 6.0)),
+            Input::floats(DType::F16, &[row, n_kv as i64], rng.vec(row as usize * n_kv, 1.0)),
+            Input::floats(DType::F16, &[row, n_kv as i64], rng.vec(row as usize * n_kv, 1.0)),
+            Input::floats(DType::F16, &[n_kv as i64, nq as i64], mask(n_kv, nq, rng)),
+            Input::floats(DType::F32, &[h as i64], vec![-3.0, 0.0, 2.5, 9.0]),
+        ],
+        build: Box::new(move |c, t| {
+            let head_bytes = DType::F16.row_size(hd as i64);
+            let view = |x: Tensor| c.view_3d(x, hd as i64, n_kv as i64, h_kv as i64, x.nb()[1], head_bytes, 0);
+            let o = c.flash_attn_ext(t[0], view(t[1]), view(t[2]), Some(t[3]), scale);
+            c.flash_attn_ext_add_sinks(o, t[4]);
+            c.set_prec_f32(o);
+            o
+        }),
+        reference: Box::new(move |v| {
+            let cells: Vec<usize> = (0..n_kv).collect();
+            let g = AttnGeom { hd, h, h_kv, nq };
+            attention_sinks_f64(&v[0], &v[1], &v[2], &v[3], &cells, g, scale, Some(&v[4]))
+        }),
+    });
+}
+
 /// Head geometry of an attention reference.
 #[derive(Clone, Copy)]
 struct AttnGeom {
@@ -643,6 +785,22 @@ struct AttnGeom {
 /// and `v` (rows of `hd * h_kv`); q is `[hd, nq, h]`, the result `[hd, h, nq]` as ggml's
 /// `flash_attn_ext` returns it.
 fn attention_f64(q: &[f64], k: &[f64], v: &[f64], m: &[f64], cells: &[usize], g: AttnGeom, scale: f32) -> Vec<f64> {
+    attention_sinks_f64(q, k, v, m, cells, g, scale, None)
+}
+
+/// [`attention_f64`] with learned per-head sinks (gpt-oss): `exp(sink[head])` joins each row's
+/// softmax denominator (unscaled, unmasked) and outputs nothing.
+#[allow(clippy::too_many_arguments)]
+fn attention_sinks_f64(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    m: &[f64],
+    cells: &[usize],
+    g: AttnGeom,
+    scale: f32,
+    sinks: Option<&[f64]>,
+) -> Vec<f64> {
     let AttnGeom { hd, h, h_kv, nq } = g;
     let (row, n) = (hd * h_kv, cells.len());
     let mut out = vec![0.0; hd * h * nq];
@@ -658,9 +816,10 @@ fn attention_f64(q: &[f64], k: &[f64], v: &[f64], m: &[f64], cells: &[usize], g:
                     qv.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() * scale as f64 + m[r * n + j]
                 })
                 .collect();
-            let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sink = sinks.map(|sk| sk[head]);
+            let max = s.iter().copied().chain(sink).fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = s.iter().map(|s| (s - max).exp()).collect();
-            let sum: f64 = e.iter().sum();
+            let sum: f64 = e.iter().sum::<f64>() + sink.map_or(0.0, |x| (x - max).exp());
             let o = &mut out[(r * h + head) * hd..(r * h + head + 1) * hd];
             for (ej, &c) in e.iter().zip(cells) {
                 let vj = &v[c * row + hk * hd..c * row + (hk + 1) * hd];
@@ -824,6 +983,7 @@ fn cases() -> Vec<Case> {
     gathered_attn_case(&mut rng, &mut cases);
     copy_cases(&mut rng, &mut cases);
     moe_cases(&mut rng, &mut cases);
+    gpt_oss_cases(&mut rng, &mut cases);
     cases
 }
 

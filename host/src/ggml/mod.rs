@@ -57,6 +57,9 @@ pub enum DType {
     /// 4-bit k-quant (super-blocks of 256 with 6-bit scales)
     #[allow(non_camel_case_types)]
     Q4_K,
+    /// OCP microscaling FP4: blocks of 32 E2M1 values with one E8M0 (power-of-two) scale, as
+    /// gpt-oss's experts are published
+    MXFP4,
 }
 
 impl DType {
@@ -70,6 +73,7 @@ impl DType {
             DType::Q8_0 => sys::GGML_TYPE_Q8_0,
             DType::Q4_0 => sys::GGML_TYPE_Q4_0,
             DType::Q4_K => sys::GGML_TYPE_Q4_K,
+            DType::MXFP4 => sys::GGML_TYPE_MXFP4,
         }
     }
 
@@ -83,6 +87,7 @@ impl DType {
             sys::GGML_TYPE_Q8_0 => DType::Q8_0,
             sys::GGML_TYPE_Q4_0 => DType::Q4_0,
             sys::GGML_TYPE_Q4_K => DType::Q4_K,
+            sys::GGML_TYPE_MXFP4 => DType::MXFP4,
             _ => return None,
         })
     }
@@ -98,12 +103,13 @@ impl DType {
             DType::Q8_0 => "q8_0",
             DType::Q4_0 => "q4_0",
             DType::Q4_K => "q4_k",
+            DType::MXFP4 => "mxfp4",
         }
     }
 
     /// Block-quantized types (elements come in blocks of `block_size`).
     pub fn is_quantized(self) -> bool {
-        matches!(self, DType::Q8_0 | DType::Q4_0 | DType::Q4_K)
+        matches!(self, DType::Q8_0 | DType::Q4_0 | DType::Q4_K | DType::MXFP4)
     }
 
     /// Elements per block (1 for plain types).

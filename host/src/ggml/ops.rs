@@ -72,6 +72,19 @@ impl Context {
         Tensor::from_raw(unsafe { sys::ggml_swiglu_split(self.c(), a.raw(), b.raw()) })
     }
 
+    /// gpt-oss's clamped SwiGLU: with `g = min(a, limit)` and `u = clamp(b, -limit, limit)`,
+    /// `g * sigmoid(alpha * g) * (u + 1)` elementwise (`a` the gate, `b` the up projection, both
+    /// F32 and contiguous in their rows).
+    pub fn swiglu_oai(&self, a: Tensor, b: Tensor, alpha: f32, limit: f32) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_swiglu_oai(self.c(), a.raw(), b.raw(), alpha, limit) })
+    }
+
+    /// Per-expert bias rows: `a` [n, n_used, n_tokens] + `b` [n, n_expert] at row `ids[slot,
+    /// token]` (I32 [n_used, n_tokens]); `a` and `b` F32.
+    pub fn add_id(&self, a: Tensor, b: Tensor, ids: Tensor) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_add_id(self.c(), a.raw(), b.raw(), ids.raw()) })
+    }
+
     pub fn cont(&self, a: Tensor) -> Tensor {
         Tensor::from_raw(unsafe { sys::ggml_cont(self.c(), a.raw()) })
     }
@@ -132,6 +145,14 @@ impl Context {
         Tensor::from_raw(unsafe { sys::ggml_soft_max_ext(self.c(), a.raw(), m, scale, 0.0) })
     }
 
+    /// Give a `soft_max_ext` node learned per-head sinks (F32 [n_head], `kq`'s dim 2): each row's
+    /// softmax also counts `exp(sink[head])` in its denominator (unscaled, unmasked), with no
+    /// output for it (gpt-oss).
+    pub fn soft_max_add_sinks(&self, kq: Tensor, sinks: Tensor) {
+        // SAFETY: sets an input of a live soft_max node (ggml checks the op, type and size).
+        unsafe { sys::ggml_soft_max_add_sinks(kq.raw(), sinks.raw()) }
+    }
+
     /// Rotary position embedding of `a` [head_dim, n_head, n_tokens] at positions `pos` (I32).
     pub fn rope_ext(&self, a: Tensor, pos: Tensor, freq_factors: Option<Tensor>, p: &RopeParams) -> Tensor {
         let ff = freq_factors.map_or(std::ptr::null_mut(), |f| f.raw());
@@ -159,6 +180,13 @@ impl Context {
     pub fn flash_attn_ext(&self, q: Tensor, k: Tensor, v: Tensor, mask: Option<Tensor>, scale: f32) -> Tensor {
         let m = mask.map_or(std::ptr::null_mut(), |m| m.raw());
         Tensor::from_raw(unsafe { sys::ggml_flash_attn_ext(self.c(), q.raw(), k.raw(), v.raw(), m, scale, 0.0, 0.0) })
+    }
+
+    /// Give a `flash_attn_ext` node learned per-head sinks (F32 [n_head]), as
+    /// [`Context::soft_max_add_sinks`] does for the softmax path.
+    pub fn flash_attn_ext_add_sinks(&self, o: Tensor, sinks: Tensor) {
+        // SAFETY: sets an input of a live flash_attn_ext node (ggml checks the op, type and size).
+        unsafe { sys::ggml_flash_attn_ext_add_sinks(o.raw(), sinks.raw()) }
     }
 
     /// Matrix products with a per-row choice of matrix: `as` [k, m, n_mat] (stacked experts), `b`

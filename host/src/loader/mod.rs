@@ -6,6 +6,7 @@
 //! [`WeightBuilder`] (name + expected shape), checked against the files, then copied into one
 //! backend buffer, keeping their dtype (F32, F16, BF16).
 
+pub mod mxfp4;
 pub mod safetensors;
 
 use std::collections::{BTreeMap, BTreeSet};
