@@ -741,6 +741,61 @@ fn gpt_oss_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
             out
         }),
     });
+    // YaRN as the models build it: HF's divisors as freq factors, ext_factor 0, cos and sin
+    // scaled by the attention factor (gpt-oss-20b's).
+    let (hd, h, nt) = (64usize, 4usize, 5usize);
+    let pos: Vec<i32> = vec![0, 3, 129, 300, 600]; // (f32 angles: far positions lose digits)
+    let p = RopeParams {
+        n_dims: 64,
+        mode: ROPE_NEOX,
+        n_ctx_orig: 4096,
+        freq_base: 150000.0,
+        freq_scale: 1.0,
+        ext_factor: 0.0,
+        attn_factor: 1.346_573_6,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+    };
+    let ff: Vec<f32> = (0..32)
+        .map(|i| {
+            if i < 8 {
+                1.0
+            } else if i > 18 {
+                32.0
+            } else {
+                1.0 + (i - 8) as f32 * 3.0
+            }
+        })
+        .collect();
+    cases.push(Case {
+        op: "rope_ext",
+        what: format!("neox f32 [{hd}x{h}x{nt}], base 150000, YaRN freq_factors, attn_factor {}", p.attn_factor),
+        tol: 1e-4,
+        device_tol: None,
+        inputs: vec![
+            Input::floats(DType::F32, &[hd as i64, h as i64, nt as i64], rng.vec(hd * h * nt, 1.0)),
+            Input { dtype: DType::I32, shape: vec![nt as i64], fill: Fill::I32(pos) },
+            Input::floats(DType::F32, &[32], ff),
+        ],
+        build: Box::new(move |c, t| c.rope_ext(t[0], t[1], Some(t[2]), &p)),
+        reference: Box::new(move |v| {
+            let mut out = v[0].clone();
+            for t in 0..nt {
+                for head in 0..h {
+                    let x = &v[0][(t * h + head) * hd..(t * h + head + 1) * hd];
+                    let o = &mut out[(t * h + head) * hd..(t * h + head + 1) * hd];
+                    for i in 0..32 {
+                        let theta = v[1][t] * 150000f64.powf(-2.0 * i as f64 / 64.0) / v[2][i];
+                        let (s, c) = theta.sin_cos();
+                        let (s, c) = (s * p.attn_factor as f64, c * p.attn_factor as f64);
+                        o[i] = x[i] * c - x[i + 32] * s;
+                        o[i + 32] = x[i] * s + x[i + 32] * c;
+                    }
+                }
+            }
+            out
+        }),
+    });
     let (hd, h, h_kv, n_kv, nq) = (64usize, 4usize, 2usize, 256usize, 7usize);
     let scale = 1.0 / (hd as f32).sqrt();
     let row = (hd * h_kv) as i64;

@@ -45,8 +45,10 @@ pub struct RopeConfig {
     pub n_dims: usize,
     pub n_ctx_orig: usize,
     pub freq_scale: f64,
-    /// Divisors of each inverse frequency (llama3 scaling), length n_dims / 2
+    /// Divisors of each inverse frequency (llama3 and YaRN scaling), length n_dims / 2
     pub freq_factors: Option<Vec<f32>>,
+    /// Multiplies cos and sin (YaRN's attention factor; 1 otherwise)
+    pub attn_factor: f64,
 }
 
 impl RopeConfig {
@@ -81,7 +83,8 @@ impl RopeConfig {
                 None => Err(bad("rope_scaling.factor", format!("{kind} scaling needs a factor"))),
             }
         };
-        let mut rc = RopeConfig { theta, n_dims, n_ctx_orig: max_pos, freq_scale: 1.0, freq_factors: None };
+        let mut rc =
+            RopeConfig { theta, n_dims, n_ctx_orig: max_pos, freq_scale: 1.0, freq_factors: None, attn_factor: 1.0 };
         match kind {
             "default" => {}
             "linear" => rc.freq_scale = 1.0 / need_factor(kind)?,
@@ -102,10 +105,55 @@ impl RopeConfig {
                 rc.n_ctx_orig = orig as usize;
                 rc.freq_factors = Some(llama3_freq_factors(theta, n_dims, factor, low, high, orig));
             }
+            "yarn" => {
+                // As transformers' `_compute_yarn_parameters`: a top-level
+                // original_max_position_embeddings wins (Phi-3), then the dict's, then the
+                // model's length; without a factor, the ratio of the model's length to it.
+                let orig = num(cfg, "original_max_position_embeddings")?
+                    .or(num(&params, "original_max_position_embeddings")?)
+                    .unwrap_or(max_pos as f64);
+                if !(orig >= 1.0 && orig <= (1u64 << 30) as f64) {
+                    return Err(bad(
+                        "rope_scaling.original_max_position_embeddings",
+                        format!("must be in 1..=2^30, got {orig}"),
+                    ));
+                }
+                let factor = match factor {
+                    Some(_) => need_factor(kind)?,
+                    None => (max_pos as f64 / orig).max(1.0),
+                };
+                let mscale = |s: f64, m: f64| if s <= 1.0 { 1.0 } else { 0.1 * m * s.ln() + 1.0 };
+                let attn = match (
+                    num(&params, "attention_factor")?,
+                    num(&params, "mscale")?.filter(|&m| m != 0.0),
+                    num(&params, "mscale_all_dim")?.filter(|&m| m != 0.0),
+                ) {
+                    (Some(a), _, _) => a,
+                    (None, Some(m), Some(all)) => mscale(factor, m) / mscale(factor, all),
+                    _ => mscale(factor, 1.0),
+                };
+                // Python's `or`: 0 (or absent) takes the default.
+                let beta_fast = num(&params, "beta_fast")?.filter(|&b| b != 0.0).unwrap_or(32.0);
+                let beta_slow = num(&params, "beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0);
+                let truncate = match params.get("truncate") {
+                    None | Some(Value::Null) => true,
+                    Some(Value::Bool(b)) => *b,
+                    Some(x) => return Err(bad("rope_scaling.truncate", format!("expected true or false, got {x}"))),
+                };
+                for (k, v) in [("attention_factor", attn), ("beta_fast", beta_fast), ("beta_slow", beta_slow)] {
+                    if !(v.is_finite() && v > 0.0) {
+                        return Err(bad(&format!("rope_scaling.{k}"), format!("must be a positive number, got {v}")));
+                    }
+                }
+                rc.n_ctx_orig = orig as usize;
+                rc.attn_factor = attn;
+                let y = Yarn { factor, orig, beta_fast, beta_slow, truncate };
+                rc.freq_factors = Some(yarn_freq_factors(theta, n_dims, &y));
+            }
             other => {
                 return Err(bad(
                     "rope_scaling.rope_type",
-                    format!("{other:?} is not supported (supported: default, linear, llama3)"),
+                    format!("{other:?} is not supported (supported: default, linear, llama3, yarn)"),
                 ))
             }
         }
@@ -127,7 +175,9 @@ impl RopeConfig {
                 freq_base: self.theta as f32,
                 freq_scale: self.freq_scale as f32,
                 ext_factor: 0.0,
-                attn_factor: 1.0,
+                // ext_factor 0: ggml applies no ramp of its own (the freq factors carry YaRN's,
+                // with HF's exact correction range) but still scales cos and sin by this.
+                attn_factor: self.attn_factor as f32,
                 beta_fast: 32.0,
                 beta_slow: 1.0,
             },
@@ -154,6 +204,42 @@ fn llama3_freq_factors(theta: f64, n_dims: usize, factor: f64, low: f64, high: f
                 (1.0 - smooth) * inv / factor + smooth * inv
             };
             (inv / scaled) as f32
+        })
+        .collect()
+}
+
+/// YaRN's settings (after defaults).
+struct Yarn {
+    factor: f64,
+    orig: f64,
+    beta_fast: f64,
+    beta_slow: f64,
+    /// Round the correction range outwards to whole dimensions (HF's default; gpt-oss: false)
+    truncate: bool,
+}
+
+/// HF's YaRN inverse frequencies as ggml divisors: pair i keeps its frequency where it turns more
+/// than `beta_fast` times over the original context, is divided by `factor` where it turns fewer
+/// than `beta_slow` times, and is blended linearly (in i) between, so
+/// `inv_freq[i] = base^(-2i/d) * (e + (1 - e) / factor)` with `e = 1 - ramp(i)` and
+/// `ff[i] = 1 / (e + (1 - e) / factor)`. ggml's own YaRN always rounds the range, which gpt-oss's
+/// `truncate: false` forbids; this follows HF either way.
+fn yarn_freq_factors(theta: f64, n_dims: usize, y: &Yarn) -> Vec<f32> {
+    let d = n_dims as f64;
+    let corr = |rot: f64| d * (y.orig / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+    let (mut low, mut high) = (corr(y.beta_fast), corr(y.beta_slow));
+    if y.truncate {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    (0..n_dims / 2)
+        .map(|i| {
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            let e = 1.0 - ramp;
+            (1.0 / (e + (1.0 - e) / y.factor)) as f32
         })
         .collect()
 }
@@ -193,6 +279,50 @@ mod tests {
         assert!((ff[63] - 8.0).abs() < 1e-4, "low frequencies divided by the factor");
         assert!(ff.iter().any(|&x| x > 1.01 && x < 7.99), "a smooth middle band");
         assert_eq!(rc.n_ctx_orig, 8192);
+    }
+
+    /// Divisors and attention factors from transformers 5.24's `_compute_yarn_parameters`
+    /// (base^(-2i/d) / inv_freq[i], printed to 6 decimals).
+    #[test]
+    fn yarn_matches_transformers() {
+        // gpt-oss-20b: truncate false (the correction range 8.09..17.40 not rounded).
+        let cfg = json!({"rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+            "beta_slow": 1.0, "truncate": false, "original_max_position_embeddings": 4096, "rope_theta": 150000.0}});
+        let rc = RopeConfig::from_hf(&cfg, 64, 131072, Path::new("c")).unwrap();
+        let want = [
+            1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.1043, 1.247749, 1.434031, 1.685695, 2.044491, 2.597326,
+            3.559942, 5.656254, 13.757522, 32.0,
+        ];
+        let ff = rc.freq_factors.as_ref().unwrap();
+        assert_eq!(ff.len(), 32);
+        for (i, w) in want.iter().chain(std::iter::repeat_n(&32.0, 13)).enumerate() {
+            assert!((ff[i] as f64 - w).abs() < 2e-5 * w, "gpt-oss pair {i}: {} vs {w}", ff[i]);
+        }
+        assert!((rc.attn_factor - 1.3465735902799727).abs() < 1e-12);
+        assert_eq!(rc.n_ctx_orig, 4096);
+        // The same with truncate (the default) differs: the range becomes 8..18.
+        let mut t = cfg.clone();
+        t["rope_parameters"].as_object_mut().unwrap().remove("truncate");
+        let rt = RopeConfig::from_hf(&t, 64, 131072, Path::new("c")).unwrap();
+        assert!((rt.freq_factors.unwrap()[12] as f64 - 1.685695).abs() > 0.05);
+        // Qwen3 long context, the old spelling: factor 4 over 32k, truncated range.
+        let cfg = json!({"rope_theta": 1000000.0, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+            "original_max_position_embeddings": 32768}});
+        let rc = RopeConfig::from_hf(&cfg, 128, 131072, Path::new("c")).unwrap();
+        let ff = rc.freq_factors.unwrap();
+        let mid = [
+            1.046154, 1.096774, 1.152542, 1.214286, 1.283019, 1.36, 1.446809, 1.545454, 1.658537, 1.789474, 1.942857,
+            2.125, 2.344828, 2.615385, 2.956522, 3.4, 4.0,
+        ];
+        for i in 0..64 {
+            let w = if i < 24 { 1.0 } else { mid.get(i - 24).copied().unwrap_or(4.0) };
+            assert!((ff[i] as f64 - w).abs() < 2e-5 * w, "qwen3 pair {i}: {} vs {w}", ff[i]);
+        }
+        assert!((rc.attn_factor - 1.138629436111989).abs() < 1e-12);
+        // Bad values name the key.
+        let bad = json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "truncate": "no"}});
+        let e = RopeConfig::from_hf(&bad, 64, 4096, Path::new("c")).unwrap_err().to_string();
+        assert!(e.contains("truncate"), "{e}");
     }
 
     #[test]
