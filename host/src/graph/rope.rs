@@ -314,9 +314,9 @@ mod tests {
             1.046154, 1.096774, 1.152542, 1.214286, 1.283019, 1.36, 1.446809, 1.545454, 1.658537, 1.789474, 1.942857,
             2.125, 2.344828, 2.615385, 2.956522, 3.4, 4.0,
         ];
-        for i in 0..64 {
+        for (i, &f) in ff.iter().enumerate() {
             let w = if i < 24 { 1.0 } else { mid.get(i - 24).copied().unwrap_or(4.0) };
-            assert!((ff[i] as f64 - w).abs() < 2e-5 * w, "qwen3 pair {i}: {} vs {w}", ff[i]);
+            assert!((f as f64 - w).abs() < 2e-5 * w, "qwen3 pair {i}: {f} vs {w}");
         }
         assert!((rc.attn_factor - 1.138629436111989).abs() < 1e-12);
         // Bad values name the key.
