@@ -24,6 +24,9 @@ pub struct AttnOptions {
     pub o_bias: bool,
     /// RMSNorm over each head of q and k before RoPE (Qwen3)
     pub qk_norm: bool,
+    /// Learned per-head sinks (`{prefix}.sinks` [n_head]): one more logit in every row's softmax,
+    /// unscaled and unmasked, with no value (gpt-oss)
+    pub sinks: bool,
 }
 
 pub struct Attention {
@@ -38,6 +41,8 @@ pub struct Attention {
     pub bo: Option<Tensor>,
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
+    /// F32 [n_head]
+    pub sinks: Option<Tensor>,
     pub norm_eps: f32,
 }
 
@@ -72,6 +77,7 @@ impl Attention {
             bo: get("o_proj.bias", &[n_embd], opts.o_bias)?,
             q_norm: get("q_norm.weight", &[head_dim], opts.qk_norm)?,
             k_norm: get("k_norm.weight", &[head_dim], opts.qk_norm)?,
+            sinks: get("sinks", &[n_head], opts.sinks)?,
             norm_eps,
         })
     }
@@ -97,7 +103,7 @@ impl Attention {
             Some(r) => (r.apply(f, q), r.apply(f, k)),
             None => (q, k),
         };
-        let out = attend(f, il, q, k, v, self.dims, sliding);
+        let out = attend(f, il, q, k, v, self.dims, sliding, self.sinks);
         linear(f, self.o, self.bo, out)
     }
 }
@@ -111,9 +117,20 @@ fn linear(f: &Forward, w: Tensor, b: Option<Tensor>, x: Tensor) -> Tensor {
     }
 }
 
-/// Store this step's k/v in their cells and attend over cells `0..n_kv` under the mask.
-/// q [hd, n_head, nt], k [hd, n_head_kv, nt], v [hd*n_head_kv, nt] -> [hd*n_head, nt]
-fn attend(f: &mut Forward, il: usize, q: Tensor, k: Tensor, v: Tensor, dims: AttnDims, sliding: bool) -> Tensor {
+/// Store this step's k/v in their cells and attend over cells `0..n_kv` under the mask (with
+/// per-head `sinks` when given). q [hd, n_head, nt], k [hd, n_head_kv, nt], v [hd*n_head_kv, nt]
+/// -> [hd*n_head, nt]
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    f: &mut Forward,
+    il: usize,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dims: AttnDims,
+    sliding: bool,
+    sinks: Option<Tensor>,
+) -> Tensor {
     let AttnDims { n_head, n_head_kv, head_dim, .. } = dims;
     let ctx = f.ctx;
     let (nt, n_kv) = (f.n_tokens as i64, f.n_kv as i64);
@@ -134,6 +151,13 @@ fn attend(f: &mut Forward, il: usize, q: Tensor, k: Tensor, v: Tensor, dims: Att
     let vals = ctx.view_3d(vc, head_dim as i64, n_kv, n_head_kv as i64, vc.nb()[1], head_bytes, 0);
     let mask = if sliding { f.inp.mask_swa.unwrap_or(f.inp.mask) } else { f.inp.mask };
     let scale = 1.0 / (head_dim as f32).sqrt();
+    let fa = |qs: Tensor, ks: Tensor, vs: Tensor, m: Tensor| {
+        let o = ctx.flash_attn_ext(qs, ks, vs, Some(m), scale);
+        if let Some(s) = sinks {
+            ctx.flash_attn_ext_add_sinks(o, s);
+        }
+        o
+    };
     if f.flash_attn && !f.attn_segments.is_empty() {
         // Rows of many sequences: one call per segment (see `attn_segments`), joined back.
         let mut outs: Vec<Tensor> = f
@@ -146,7 +170,7 @@ fn attend(f: &mut Forward, il: usize, q: Tensor, k: Tensor, v: Tensor, dims: Att
                 let o = match seg.kv {
                     SegmentKv::Pool { mask_row } => {
                         let ms = ctx.view_2d(mask, n_kv, len, mask.nb()[1], mask_row * mask.nb()[1]);
-                        ctx.flash_attn_ext(qs, keys, vals, Some(ms), scale)
+                        fa(qs, keys, vals, ms)
                     }
                     SegmentKv::Gathered { idx_off, n_cells, mask_off } => {
                         // The sequence's own cells, copied out of the cache (exactly: F16 to F32
@@ -176,7 +200,7 @@ fn attend(f: &mut Forward, il: usize, q: Tensor, k: Tensor, v: Tensor, dims: Att
                             )
                         };
                         let ms = ctx.view_2d(gmask, nc, len, nc as usize * gmask.nb()[0], mask_off * gmask.nb()[0]);
-                        ctx.flash_attn_ext(qs, gather(kc), gather(vc), Some(ms), scale)
+                        fa(qs, gather(kc), gather(vc), ms)
                     }
                 }; // [hd, n_head, len]
                 ctx.set_prec_f32(o);
@@ -191,13 +215,16 @@ fn attend(f: &mut Forward, il: usize, q: Tensor, k: Tensor, v: Tensor, dims: Att
     }
     let q = ctx.permute(q, [0, 2, 1, 3]); // [hd, nt, n_head]
     if f.flash_attn {
-        let o = ctx.flash_attn_ext(q, keys, vals, Some(mask), scale); // [hd, n_head, nt]
+        let o = fa(q, keys, vals, mask); // [hd, n_head, nt]
         ctx.set_prec_f32(o);
         return ctx.reshape_2d(o, (head_dim * n_head) as i64, nt);
     }
     let kq = ctx.mul_mat(keys, q); // [n_kv, nt, n_head]
     ctx.set_prec_f32(kq);
     let kq = ctx.soft_max_ext(kq, Some(mask), scale);
+    if let Some(s) = sinks {
+        ctx.soft_max_add_sinks(kq, s);
+    }
     let vals_t = ctx.cont(ctx.permute(vals, [1, 0, 2, 3])); // [n_kv, hd, n_head_kv]
     let kqv = ctx.mul_mat(vals_t, kq); // [hd, nt, n_head]
     let o = ctx.permute(kqv, [0, 2, 1, 3]); // [hd, n_head, nt]

@@ -110,6 +110,19 @@ pub struct Moe {
     /// Group-limited choice (DeepSeek-V3 style): experts in `n_group` equal groups, a group's
     /// score the sum of its best two, only the best `topk_group` groups eligible
     groups: Option<(usize, usize)>,
+    /// gpt-oss: a router bias, top-k of the logits then a softmax over those k, biased experts
+    /// with the clamped SwiGLU
+    oai: Option<OaiParts>,
+}
+
+/// What gpt-oss's MoE adds (F32 biases, ggml order `[n, n_expert]`).
+struct OaiParts {
+    router_bias: Tensor,
+    gate_bias: Tensor,
+    up_bias: Tensor,
+    down_bias: Tensor,
+    alpha: f32,
+    limit: f32,
 }
 
 /// Nemotron-H's MoE weights (`{prefix}.gate.weight`, `gate.e_score_correction_bias`,
@@ -183,6 +196,7 @@ impl Moe {
             sigmoid: None,
             shared: None,
             groups: None,
+            oai: None,
         }
     }
 
@@ -199,7 +213,37 @@ impl Moe {
             sigmoid: Some(w.bias),
             shared: w.shared,
             groups: w.groups.filter(|&(g, k)| g > 1 && k < g),
+            oai: None,
         }
+    }
+
+    /// gpt-oss's MoE block at `{prefix}` (`router.weight/bias`; `experts.gate_up_proj` [E, n_embd,
+    /// 2·n_ff] in x·W orientation with gate and up columns alternating, `experts.down_proj` [E,
+    /// n_ff, n_embd], and their `_bias` vectors): the experts are transposed and de-interleaved
+    /// at load into `mul_mat_id`'s layout. `alpha` and `limit` are the clamped SwiGLU's.
+    pub fn load_oai(
+        w: &mut WeightBuilder,
+        prefix: &str,
+        n_embd: usize,
+        o: MoeOptions,
+        alpha: f32,
+        limit: f32,
+    ) -> Result<Moe, LoadError> {
+        let (e, ff) = (o.n_expert, o.n_ff);
+        let router = w.get(&format!("{prefix}.router.weight"), &[e, n_embd])?;
+        let router_bias = w.get(&format!("{prefix}.router.bias"), &[e])?;
+        let gu = w.get_transposed(&format!("{prefix}.experts.gate_up_proj"), [e, n_embd, 2 * ff], &[(0, 2), (1, 2)])?;
+        let down = w.get_transposed(&format!("{prefix}.experts.down_proj"), [e, ff, n_embd], &[(0, 1)])?;
+        let gub = w.read_f32(&format!("{prefix}.experts.gate_up_proj_bias"), &[e, 2 * ff])?;
+        let every_other = |from: usize| -> Vec<f32> { gub.iter().skip(from).step_by(2).copied().collect() };
+        let ne = [ff as i64, e as i64];
+        let gate_bias = w.derived(&format!("{prefix}.experts.gate_bias"), &ne, every_other(0))?;
+        let up_bias = w.derived(&format!("{prefix}.experts.up_bias"), &ne, every_other(1))?;
+        let db = w.read_f32(&format!("{prefix}.experts.down_proj_bias"), &[e, n_embd])?;
+        let down_bias = w.derived(&format!("{prefix}.experts.down_bias"), &[n_embd as i64, e as i64], db)?;
+        let mut m = Moe::new(router, gu[0], gu[1], down[0], MoeOptions { norm_topk: false, scale: 1.0, ..o });
+        m.oai = Some(OaiParts { router_bias, gate_bias, up_bias, down_bias, alpha, limit });
+        Ok(m)
     }
 
     /// `choice` [n_expert, n_tokens] with every expert outside each token's best `topk_group`
@@ -219,6 +263,33 @@ impl Moe {
         c.reshape_2d(masked, n_expert, n_tokens)
     }
 
+    /// gpt-oss: the k largest (biased) logits, a softmax over just those, biased experts with the
+    /// clamped SwiGLU, the down bias weighted along with the expert's output.
+    fn forward_oai(&self, f: &Forward, x: Tensor, logits: Tensor, oai: &OaiParts) -> Tensor {
+        let c = f.ctx;
+        let [n_embd, n_tokens, ..] = x.ne();
+        let (k, n_expert) = (self.n_used as i64, logits.ne()[0]);
+        let chosen = c.argsort_top_k(logits, k as i32); // I32 [k, n_tokens]
+        let top = c.get_rows(c.reshape_3d(logits, 1, n_expert, n_tokens), chosen); // [1, k, n_tokens]
+        let weights = c.reshape_3d(c.soft_max_ext(c.reshape_2d(top, k, n_tokens), None, 1.0), 1, k, n_tokens);
+        let x3 = c.reshape_3d(x, n_embd, 1, n_tokens);
+        let gate = self.gate.expect("gpt-oss experts are gated");
+        let g = c.add_id(c.mul_mat_id(gate, x3, chosen), oai.gate_bias, chosen); // [n_ff, k, n_tokens]
+        let u = c.add_id(c.mul_mat_id(self.up, x3, chosen), oai.up_bias, chosen);
+        let h = c.swiglu_oai(g, u, oai.alpha, oai.limit);
+        let y = c.add_id(c.mul_mat_id(self.down, h, chosen), oai.down_bias, chosen); // [n_embd, k, n_tokens]
+        let y = c.mul(y, weights);
+        let row = y.nb()[1];
+        let mut out = c.view_2d(y, n_embd, n_tokens, y.nb()[2], 0);
+        for i in 1..k as usize {
+            out = c.add(out, c.view_2d(y, n_embd, n_tokens, y.nb()[2], i * row));
+        }
+        if k == 1 {
+            out = c.cont(out);
+        }
+        out
+    }
+
     /// `x` [n_embd, n_tokens] -> [n_embd, n_tokens].
     pub fn forward(&self, f: &Forward, x: Tensor) -> Tensor {
         let c = f.ctx;
@@ -227,6 +298,9 @@ impl Moe {
         let logits = c.mul_mat(self.router, x); // [n_expert, n_tokens]
         c.set_prec_f32(logits);
         let n_expert = logits.ne()[0];
+        if let Some(oai) = &self.oai {
+            return self.forward_oai(f, x, c.add(logits, oai.router_bias), oai);
+        }
         let (probs, chosen) = match self.sigmoid {
             None => {
                 let p = c.soft_max_ext(logits, None, 1.0);

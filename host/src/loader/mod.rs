@@ -252,6 +252,35 @@ struct Source {
     name: String,
     dst: usize,
     src: Option<(usize, usize)>,
+    /// Rearranged on the way (see [`Transposed`]); the whole file tensor is the source
+    map: Option<Transposed>,
+}
+
+/// A stack of matrices stored the other way round (x·W, `[n, rows_in, cols_out]`, as gpt-oss's
+/// experts are), each transposed to `[cols_out / step][rows_in]` keeping every `step`-th output
+/// column from `offset` (de-interleaving fused projections whose columns alternate).
+#[derive(Debug, Clone, Copy)]
+struct Transposed {
+    n: usize,
+    rows: usize,
+    cols: usize,
+    step: usize,
+    offset: usize,
+}
+
+impl Transposed {
+    fn apply(&self, x: &[f32]) -> Vec<f32> {
+        let Transposed { n, rows, cols, step, offset } = *self;
+        let out_cols = cols / step;
+        let mut out = Vec::with_capacity(n * out_cols * rows);
+        for e in 0..n {
+            let m = &x[e * rows * cols..(e + 1) * rows * cols];
+            for j in 0..out_cols {
+                out.extend((0..rows).map(|i| m[i * cols + j * step + offset]));
+            }
+        }
+        out
+    }
 }
 
 /// Loaded weights: the tensor metadata and the backend buffer with their data.
@@ -367,7 +396,7 @@ impl<'a> WeightBuilder<'a> {
         let ne: Vec<i64> = shape.iter().rev().map(|&d| d as i64).collect();
         let t = self.ctx.try_new_tensor(dtype, &ne, name)?;
         self.used.insert(name.to_string());
-        self.from_file.push(Source { tensor: t, name: name.to_string(), dst: 0, src: None });
+        self.from_file.push(Source { tensor: t, name: name.to_string(), dst: 0, src: None, map: None });
         Ok(Some(t))
     }
 
@@ -395,7 +424,7 @@ impl<'a> WeightBuilder<'a> {
         let per = dtype.row_size(ne[0]) * shape[0];
         for (i, name) in names.iter().enumerate() {
             self.used.insert(name.clone());
-            self.from_file.push(Source { tensor: t, name: name.clone(), dst: i * per, src: None });
+            self.from_file.push(Source { tensor: t, name: name.clone(), dst: i * per, src: None, map: None });
         }
         Ok(t)
     }
@@ -431,11 +460,54 @@ impl<'a> WeightBuilder<'a> {
                     name: src.name.clone(),
                     dst: e * len * row,
                     src: Some(((e * rows + first) * src_row, len * src_row)),
+                    map: None,
                 });
             }
             out.push(t);
         }
         Ok(Some(out))
+    }
+
+    /// A stack of matrices stored in x·W orientation, file shape `[n, rows_in, cols_out]`, as
+    /// `mul_mat_id` wants them: one tensor per `(offset, step)` of `parts`, of ggml shape
+    /// `[rows_in, cols_out / step, n]`, holding output columns `offset, offset + step, ...` (gpt-oss's
+    /// `gate_up_proj`, whose even columns are the gate and odd ones the up projection: parts
+    /// `[(0, 2), (1, 2)]`; its `down_proj`: `[(0, 1)]`). The values are rearranged at load (in F32,
+    /// then stored in the file's type, or quantized with `--quantize`). Required.
+    pub fn get_transposed(
+        &mut self,
+        name: &str,
+        shape: [usize; 3],
+        parts: &[(usize, usize)],
+    ) -> Result<Vec<Tensor>, LoadError> {
+        let [n, rows, cols] = shape;
+        let (_, _, stored) = self.checked(name, &shape)?.ok_or_else(|| self.missing(name))?;
+        let mut out = Vec::with_capacity(parts.len());
+        for (k, &(offset, step)) in parts.iter().enumerate() {
+            if step == 0 || offset >= step || !cols.is_multiple_of(step) {
+                return Err(LoadError::InvalidConfig {
+                    file: self.dir.config_path.clone(),
+                    field: name.to_string(),
+                    msg: format!("{cols} columns cannot be taken every {step} from {offset}"),
+                });
+            }
+            let dtype = self.target_dtype(name, stored, rows);
+            let t = self.ctx.try_new_tensor(
+                dtype,
+                &[rows as i64, (cols / step) as i64, n as i64],
+                &format!("{name}#{k}"),
+            )?;
+            self.from_file.push(Source {
+                tensor: t,
+                name: name.to_string(),
+                dst: 0,
+                src: None,
+                map: Some(Transposed { n, rows, cols, step, offset }),
+            });
+            out.push(t);
+        }
+        self.used.insert(name.to_string());
+        Ok(out)
     }
 
     /// A required weight of file shape `shape` (PyTorch order) as an F32 tensor of ggml shape `ne`
@@ -446,7 +518,7 @@ impl<'a> WeightBuilder<'a> {
         debug_assert_eq!(shape.iter().product::<usize>() as i64, ne.iter().product::<i64>());
         let src = self.from_file.pop().expect("just declared");
         let r = self.ctx.try_new_tensor(DType::F32, ne, name)?;
-        self.from_file.push(Source { tensor: r, name: src.name, dst: 0, src: None });
+        self.from_file.push(Source { tensor: r, name: src.name, dst: 0, src: None, map: None });
         Ok(r)
     }
 
@@ -462,7 +534,7 @@ impl<'a> WeightBuilder<'a> {
         let src = self.from_file.pop().expect("just declared");
         let ne: Vec<i64> = shape.iter().rev().map(|&d| d as i64).collect();
         let r = self.ctx.try_new_tensor(DType::F16, &ne, name)?;
-        self.from_file.push(Source { tensor: r, name: src.name, dst: 0, src: None });
+        self.from_file.push(Source { tensor: r, name: src.name, dst: 0, src: None, map: None });
         Ok(r)
     }
 
@@ -578,7 +650,12 @@ impl<'a> WeightBuilder<'a> {
                 Some((start, len)) => &scratch[start..start + len],
                 None => &scratch[..],
             };
-            if s.tensor.dtype() == Some(DType::F32) && entry.dtype != StDtype::F32 {
+            if let Some(map) = &s.map {
+                let values = map.apply(&to_f32(entry.dtype, bytes));
+                let dtype = s.tensor.dtype().unwrap_or(DType::F32);
+                let data = crate::ggml::convert_from_f32(dtype, &values, s.tensor.ne()[0] as usize)?;
+                s.tensor.write_bytes(&data, 0)?;
+            } else if s.tensor.dtype() == Some(DType::F32) && entry.dtype != StDtype::F32 {
                 // Widened vectors are never stacked or split (those keep the files' dtype).
                 debug_assert_eq!(s.dst, 0);
                 s.tensor.write_f32(&to_f32(entry.dtype, bytes))?;

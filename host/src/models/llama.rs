@@ -9,7 +9,7 @@ use crate::models::Architecture;
 pub fn load(dir: &ModelDir, w: &mut WeightBuilder) -> Result<Box<dyn Architecture>, LoadError> {
     let cfg = DecoderConfig::parse(dir)?;
     let bias = cfg.attention_bias.unwrap_or(false);
-    let opts = AttnOptions { qkv_bias: bias, o_bias: bias, qk_norm: false };
+    let opts = AttnOptions { qkv_bias: bias, o_bias: bias, qk_norm: false, sinks: false };
     // Llama has no sliding window.
     let sliding = vec![false; cfg.num_hidden_layers];
     Ok(Box::new(DenseDecoder::load("llama", dir, w, &cfg, opts, sliding)?))

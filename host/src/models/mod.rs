@@ -1,6 +1,7 @@
 //! Model architectures, one file per HF `model_type`, and the registry that picks one from
 //! `config.json`.
 
+pub mod gpt_oss;
 pub mod llama;
 pub mod mistral;
 pub mod mixtral;
@@ -66,6 +67,7 @@ const REGISTRY: &[(&str, &str, Loader)] = &[
     ("mixtral", "MixtralForCausalLM", mixtral::load),
     ("qwen3_moe", "Qwen3MoeForCausalLM", qwen3_moe::load),
     ("nemotron_h", "NemotronHForCausalLM", nemotron_h::load),
+    ("gpt_oss", "GptOssForCausalLM", gpt_oss::load),
 ];
 
 pub fn supported() -> String {

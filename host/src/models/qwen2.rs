@@ -13,6 +13,6 @@ pub fn load(dir: &ModelDir, w: &mut WeightBuilder) -> Result<Box<dyn Architectur
     }
     let from = cfg.max_window_layers.unwrap_or(cfg.num_hidden_layers);
     let sliding = cfg.sliding_layers(|il| il >= from);
-    let opts = AttnOptions { qkv_bias: true, o_bias: false, qk_norm: false };
+    let opts = AttnOptions { qkv_bias: true, o_bias: false, qk_norm: false, sinks: false };
     Ok(Box::new(DenseDecoder::load("qwen2", dir, w, &cfg, opts, sliding)?))
 }

@@ -22,5 +22,5 @@ pub fn attention(cfg: &mut DecoderConfig) -> (AttnOptions, Vec<bool>) {
     let from = cfg.max_window_layers.unwrap_or(cfg.num_hidden_layers);
     let sliding = cfg.sliding_layers(|il| il >= from);
     let bias = cfg.attention_bias.unwrap_or(false);
-    (AttnOptions { qkv_bias: bias, o_bias: bias, qk_norm: true }, sliding)
+    (AttnOptions { qkv_bias: bias, o_bias: bias, qk_norm: true, sinks: false }, sliding)
 }
