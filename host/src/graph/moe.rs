@@ -232,8 +232,30 @@ impl Moe {
         let (e, ff) = (o.n_expert, o.n_ff);
         let router = w.get(&format!("{prefix}.router.weight"), &[e, n_embd])?;
         let router_bias = w.get(&format!("{prefix}.router.bias"), &[e])?;
-        let gu = w.get_transposed(&format!("{prefix}.experts.gate_up_proj"), [e, n_embd, 2 * ff], &[(0, 2), (1, 2)])?;
-        let down = w.get_transposed(&format!("{prefix}.experts.down_proj"), [e, ff, n_embd], &[(0, 1)])?;
+        let p = |name: &str| format!("{prefix}.experts.{name}");
+        let (gu, down) = if w.has(&p("gate_up_proj_blocks")) {
+            // The Hub's MXFP4 form: output rows (gate and up alternating), loaded as stored.
+            let groups = |n: usize, what: &str| -> Result<usize, LoadError> {
+                if n.is_multiple_of(32) {
+                    Ok(n / 32)
+                } else {
+                    Err(LoadError::InvalidConfig {
+                        file: std::path::PathBuf::from(prefix),
+                        field: what.into(),
+                        msg: format!("MXFP4 experts need rows of whole 32-value blocks, got {n}"),
+                    })
+                }
+            };
+            let (gh, gf) = (groups(n_embd, "hidden_size")?, groups(ff, "intermediate_size")?);
+            let gu =
+                w.get_mxfp4(&p("gate_up_proj_blocks"), &p("gate_up_proj_scales"), [e, 2 * ff, gh], &[(0, 2), (1, 2)])?;
+            let down = w.get_mxfp4(&p("down_proj_blocks"), &p("down_proj_scales"), [e, n_embd, gf], &[(0, 1)])?;
+            (gu, down)
+        } else {
+            let gu = w.get_transposed(&p("gate_up_proj"), [e, n_embd, 2 * ff], &[(0, 2), (1, 2)])?;
+            let down = w.get_transposed(&p("down_proj"), [e, ff, n_embd], &[(0, 1)])?;
+            (gu, down)
+        };
         let gub = w.read_f32(&format!("{prefix}.experts.gate_up_proj_bias"), &[e, 2 * ff])?;
         let every_other = |from: usize| -> Vec<f32> { gub.iter().skip(from).step_by(2).copied().collect() };
         let ne = [ff as i64, e as i64];

@@ -252,8 +252,25 @@ struct Source {
     name: String,
     dst: usize,
     src: Option<(usize, usize)>,
-    /// Rearranged on the way (see [`Transposed`]); the whole file tensor is the source
-    map: Option<Transposed>,
+    /// Rearranged on the way (see [`Map`]); the whole file tensor is the source
+    map: Option<Map>,
+}
+
+/// How a source's values are rearranged on the way into their tensor.
+#[derive(Debug, Clone)]
+enum Map {
+    Transposed(Transposed),
+    /// MXFP4 blocks (this source's file tensor, `[n, rows, groups, 16]` U8) with their E8M0
+    /// scales (the file tensor `scales`, `[n, rows, groups]` U8) repacked into ggml's
+    /// `block_mxfp4`, keeping every `step`-th row from `offset`
+    Mxfp4 {
+        scales: String,
+        n: usize,
+        rows: usize,
+        groups: usize,
+        step: usize,
+        offset: usize,
+    },
 }
 
 /// A stack of matrices stored the other way round (x·W, `[n, rows_in, cols_out]`, as gpt-oss's
@@ -502,11 +519,67 @@ impl<'a> WeightBuilder<'a> {
                 name: name.to_string(),
                 dst: 0,
                 src: None,
-                map: Some(Transposed { n, rows, cols, step, offset }),
+                map: Some(Map::Transposed(Transposed { n, rows, cols, step, offset })),
             });
             out.push(t);
         }
         self.used.insert(name.to_string());
+        Ok(out)
+    }
+
+    /// Stacked matrices published in MXFP4 as the Hub stores them (gpt-oss's experts): `blocks`
+    /// U8 `[n, rows, groups, 16]` and `scales` U8 `[n, rows, groups]` (rows are output rows;
+    /// each holds `groups` blocks of 32 input values). One MXFP4 tensor of ggml shape
+    /// `[groups * 32, rows / step, n]` per `(offset, step)` of `parts`, holding rows `offset,
+    /// offset + step, ...`, loaded as stored (repacked, not dequantized; see [`mxfp4`]). Required.
+    pub fn get_mxfp4(
+        &mut self,
+        blocks: &str,
+        scales: &str,
+        shape: [usize; 3],
+        parts: &[(usize, usize)],
+    ) -> Result<Vec<Tensor>, LoadError> {
+        let [n, rows, groups] = shape;
+        for (name, want) in [(blocks, vec![n, rows, groups, 16]), (scales, vec![n, rows, groups])] {
+            let (file, entry) = self.dir.entry(name).ok_or_else(|| self.missing(name))?;
+            if entry.dtype.name() != "U8" {
+                return Err(LoadError::UnsupportedDtype {
+                    name: name.to_string(),
+                    file: file.path.clone(),
+                    dtype: format!("{} (MXFP4 blocks and scales are U8)", entry.dtype.name()),
+                });
+            }
+            if entry.shape != want {
+                return Err(LoadError::ShapeMismatch {
+                    name: name.to_string(),
+                    file: file.path.clone(),
+                    expected: want,
+                    got: entry.shape.clone(),
+                });
+            }
+        }
+        let mut out = Vec::with_capacity(parts.len());
+        for (k, &(offset, step)) in parts.iter().enumerate() {
+            if step == 0 || offset >= step || !rows.is_multiple_of(step) {
+                return Err(LoadError::InvalidConfig {
+                    file: self.dir.config_path.clone(),
+                    field: blocks.to_string(),
+                    msg: format!("{rows} rows cannot be taken every {step} from {offset}"),
+                });
+            }
+            let ne = [(groups * 32) as i64, (rows / step) as i64, n as i64];
+            let t = self.ctx.try_new_tensor(DType::MXFP4, &ne, &format!("{blocks}#{k}"))?;
+            self.from_file.push(Source {
+                tensor: t,
+                name: blocks.to_string(),
+                dst: 0,
+                src: None,
+                map: Some(Map::Mxfp4 { scales: scales.to_string(), n, rows, groups, step, offset }),
+            });
+            out.push(t);
+        }
+        self.used.insert(blocks.to_string());
+        self.used.insert(scales.to_string());
         Ok(out)
     }
 
@@ -636,6 +709,7 @@ impl<'a> WeightBuilder<'a> {
             None
         };
         let mut scratch = Vec::new();
+        let mut scale_buf = Vec::new();
         let mut read: Option<&str> = None;
         for s in &self.from_file {
             let (file, entry) = self.dir.entry(&s.name).expect("declared from the same index");
@@ -650,10 +724,24 @@ impl<'a> WeightBuilder<'a> {
                 Some((start, len)) => &scratch[start..start + len],
                 None => &scratch[..],
             };
-            if let Some(map) = &s.map {
+            if let Some(Map::Transposed(map)) = &s.map {
                 let values = map.apply(&to_f32(entry.dtype, bytes));
                 let dtype = s.tensor.dtype().unwrap_or(DType::F32);
                 let data = crate::ggml::convert_from_f32(dtype, &values, s.tensor.ne()[0] as usize)?;
+                s.tensor.write_bytes(&data, 0)?;
+            } else if let Some(Map::Mxfp4 { scales, n, rows, groups, step, offset }) = &s.map {
+                let (sfile, sentry) = self.dir.entry(scales).expect("checked by get_mxfp4");
+                sfile.read(scales, sentry, &mut scale_buf)?;
+                let (n, rows, groups, step, offset) = (*n, *rows, *groups, *step, *offset);
+                let mut data = Vec::with_capacity(n * (rows / step) * groups * mxfp4::GGML_BLOCK_BYTES);
+                for e in 0..n {
+                    for r in (offset..rows).step_by(step) {
+                        let row = e * rows + r;
+                        let codes = &bytes[row * groups * 16..(row + 1) * groups * 16];
+                        let exps = &scale_buf[row * groups..(row + 1) * groups];
+                        data.extend(mxfp4::hub_to_ggml(codes, exps).expect("lengths from the checked shapes"));
+                    }
+                }
                 s.tensor.write_bytes(&data, 0)?;
             } else if s.tensor.dtype() == Some(DType::F32) && entry.dtype != StDtype::F32 {
                 // Widened vectors are never stacked or split (those keep the files' dtype).

@@ -4,8 +4,9 @@
 //! `num_local_experts` biased experts per layer: router logits with a bias, the top
 //! `num_experts_per_tok` of them, a softmax over just those; experts with gpt-oss's clamped
 //! SwiGLU (`swiglu_alpha`, `swiglu_limit`) whose fused `gate_up_proj` alternates gate and up
-//! columns. Experts in the files' BF16/F32 load here; the Hub's MXFP4 `*_blocks`/`*_scales`
-//! form is refused with a clear error until it loads as stored (see docs/design/gpt-oss.md).
+//! columns. Experts load from the files' BF16/F32 (`gate_up_proj`, x·W orientation: transposed and
+//! de-interleaved at load) or, as the Hub publishes them, from MXFP4 `*_blocks`/`*_scales`, which
+//! stay MXFP4 (repacked into ggml's block layout, never dequantized; docs/design/gpt-oss.md).
 
 use serde::Deserialize;
 
@@ -39,14 +40,6 @@ pub fn load(dir: &ModelDir, w: &mut WeightBuilder) -> Result<Box<dyn Architectur
         if !(v.is_finite() && v > 0.0) {
             return Err(bad(k, format!("must be a positive number, got {v}")));
         }
-    }
-    if w.has("model.layers.0.mlp.experts.gate_up_proj_blocks") {
-        return Err(bad(
-            "quantization_config",
-            "experts stored in MXFP4 (*_blocks / *_scales) are not loaded yet; a BF16 or F32 copy of \
-             the checkpoint loads"
-                .into(),
-        ));
     }
     // transformers' GptOssConfig: attention biases unless told otherwise; without layer_types,
     // the even layers slide.
