@@ -420,7 +420,7 @@ fn seventy_sequences_in_one_step_stay_apart() {
 
 #[test]
 fn a_sequence_batched_with_others_gets_the_logits_it_gets_alone() {
-    for name in ["qwen3-f32-sharded", "mistral-f32", "llama-f32", "mixtral-f32", "qwen3_moe-f32"] {
+    for name in ["qwen3-f32-sharded", "mistral-f32", "llama-f32", "mixtral-f32", "qwen3_moe-f32", "gpt_oss-f32"] {
         let m = model(name);
         let exp = Expected::load(&fixture(name));
         let tokens = exp.ids("tokens");
@@ -929,8 +929,8 @@ fn prompt_chunks_attend_over_their_own_gathered_cells_as_alone() {
     // sequence's cells gathered out of the cache once the pool holds more than a padding's worth
     // besides them (here a stranger's 600 cells): its logits must be those it gets alone, for a
     // fresh prompt, for one sharing a forked prefix's cells, and under a sliding window
-    // (mistral-f32's is 6).
-    for name in ["qwen3-f32-sharded", "mistral-f32", "llama-f32"] {
+    // (mistral-f32's is 6), and with attention sinks (gpt_oss-f32, window 4 on alternate layers).
+    for name in ["qwen3-f32-sharded", "mistral-f32", "llama-f32", "gpt_oss-f32"] {
         let m = model(name);
         let vocab = m.hparams().n_vocab as u32;
         let ours = prompt(11, 40, vocab);

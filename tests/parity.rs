@@ -14,7 +14,21 @@ use stllm::{Model, ModelOptions, Session, SessionOptions};
 fn tolerance(dtype: &str) -> f64 {
     match dtype {
         "f32" => 2e-3,
+        // MXFP4 experts (gpt-oss as published) run as stored: ggml's MXFP4 kernels quantize the
+        // activations to 8 bits (Q8_0 on the CPU), as `--quantize q8_0` does; the reference runs the
+        // dequantized weights in float64. (The repacking itself is exact: loader::mxfp4's test.)
+        "mxfp4" => 2e-1,
         _ => 3e-2,
+    }
+}
+
+/// A fixture's tolerance: its dtype's, except where a fixture is built to stress rounding:
+/// gpt_oss-bf16's experts are scaled up so the clamped SwiGLU's limit is hit, and ggml's CPU
+/// kernels round those larger activations to 16 bits (the F32 copy agrees to 3e-6).
+fn tolerance_of(name: &str, dtype: &str) -> f64 {
+    match name {
+        "gpt_oss-bf16" => 5e-2,
+        _ => tolerance(dtype),
     }
 }
 
@@ -52,7 +66,7 @@ fn check_logits(name: &str, dtype: &str, kv: Option<DType>) -> f64 {
     let mut s = session(&model, 512, kv);
     let traced = s.decode_traced(&tokens).unwrap();
     let err = rel_err(&traced.logits, &exp.rows("logits"));
-    let tol = tolerance(dtype);
+    let tol = tolerance_of(name, dtype);
     if err > tol {
         let mut report = String::new();
         for i in 0..exp.n_hidden() {
@@ -106,7 +120,7 @@ fn chunked_and_incremental_decoding_match() {
             rows.extend(s.decode(&[t], Logits::All).unwrap());
         }
         let err = rel_err(&rows, &want);
-        assert!(err <= tolerance(dtype), "{name}: chunked/incremental logits max|d|/std = {err:.3e}");
+        assert!(err <= tolerance_of(name, dtype), "{name}: chunked/incremental logits max|d|/std = {err:.3e}");
         assert_eq!(s.n_past(), tokens.len());
     }
 }
@@ -150,7 +164,8 @@ fn attention_paths_agree_with_hf() {
                 let rows = s.decode(&exp.ids("tokens"), Logits::All).unwrap();
                 let err = rel_err(&rows, &want);
                 // An F16 cache rounds K and V: allow the BF16 tolerance for it.
-                let tol = if kv == DType::F16 { 3e-2 } else { tolerance(dtype) };
+                let tol =
+                    if kv == DType::F16 { tolerance_of(name, dtype).max(3e-2) } else { tolerance_of(name, dtype) };
                 assert!(err <= tol, "{name} flash_attn={fa} kv={kv:?}: {err:.3e}");
                 eprintln!("{name} flash_attn={fa} kv={kv:?}: {err:.3e}");
             }

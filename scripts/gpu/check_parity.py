@@ -55,7 +55,10 @@ def main():
         ref = exp["logits"].astype(np.float64)
         cfg = json.load(open(os.path.join(d, "config.json")))
         bf16 = "bf16" in os.path.basename(d)
-        tol = 3e-2
+        mxfp4 = (cfg.get("quantization_config") or {}).get("quant_method") == "mxfp4"
+        # As tests/parity.rs: MXFP4 kernels quantize activations to 8 bits; gpt_oss-bf16's experts
+        # are scaled up to hit the SwiGLU clamp (larger activations, more rounding).
+        tol = 2e-1 if mxfp4 else 5e-2 if os.path.basename(d) == "gpt_oss-bf16" else 3e-2
         std = ref.std()
         try:
             cpu = logits(a.stllm, d, tokens, ["--device", "cpu"] + extra)
@@ -69,7 +72,7 @@ def main():
         e_x = np.abs(gpu - cpu).max() / std
         ok = e_gpu <= tol
         failed += not ok
-        print(f"{os.path.basename(d):<20} {'bf16' if bf16 else 'f32':<5} {e_cpu:>10.2e} {e_gpu:>12.2e} {e_x:>13.2e} {tol:>7.0e} {'ok' if ok else 'FAIL'}"
+        print(f"{os.path.basename(d):<20} {'mxfp4' if mxfp4 else 'bf16' if bf16 else 'f32':<5} {e_cpu:>10.2e} {e_gpu:>12.2e} {e_x:>13.2e} {tol:>7.0e} {'ok' if ok else 'FAIL'}"
               f"  ({cfg.get('model_type')})")
     sys.exit(1 if failed else 0)
 

@@ -25,6 +25,9 @@ pub const FIXTURES: &[(&str, &str)] = &[
     ("nemotron_h-f32", "f32"),
     ("nemotron_h-bf16", "bf16"),
     ("nemotron_h-f32-pub", "f32"),
+    ("gpt_oss-f32", "f32"),
+    ("gpt_oss-bf16", "bf16"),
+    ("gpt_oss-mxfp4", "mxfp4"),
 ];
 
 /// A tensor of expected.safetensors: shape and values widened to f64.

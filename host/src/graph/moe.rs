@@ -230,7 +230,8 @@ impl Moe {
         limit: f32,
     ) -> Result<Moe, LoadError> {
         let (e, ff) = (o.n_expert, o.n_ff);
-        let router = w.get(&format!("{prefix}.router.weight"), &[e, n_embd])?;
+        // F16 for a BF16 router: its logits decide and weight the experts (see get_f16_for_bf16).
+        let router = w.get_f16_for_bf16(&format!("{prefix}.router.weight"), &[e, n_embd])?;
         let router_bias = w.get(&format!("{prefix}.router.bias"), &[e])?;
         let p = |name: &str| format!("{prefix}.experts.{name}");
         let (gu, down) = if w.has(&p("gate_up_proj_blocks")) {

@@ -508,7 +508,13 @@ impl<'a> WeightBuilder<'a> {
                     msg: format!("{cols} columns cannot be taken every {step} from {offset}"),
                 });
             }
-            let dtype = self.target_dtype(name, stored, rows);
+            // BF16 experts are kept as F16 (same size, 3 more mantissa bits), as
+            // `get_f16_for_bf16` does: ggml's CPU kernels round the activations to the weights'
+            // type, and BF16's 8 bits cost gpt-oss's clamped experts accuracy.
+            let dtype = match self.target_dtype(name, stored, rows) {
+                DType::BF16 => DType::F16,
+                d => d,
+            };
             let t = self.ctx.try_new_tensor(
                 dtype,
                 &[rows as i64, (cols / step) as i64, n as i64],
