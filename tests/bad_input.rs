@@ -403,3 +403,47 @@ fn nemotron_h_bad_configs_and_state_limits() {
     s.truncate(0).unwrap();
     s.decode(&[5, 6], stllm::session::Logits::Last).unwrap();
 }
+
+/// gpt-oss checkpoints that cannot work name what is wrong: MXFP4 parts of the wrong type or
+/// shape, a missing sink, an impossible SwiGLU limit.
+#[test]
+fn gpt_oss_bad_mxfp4_parts_and_configs() {
+    let blocks = "model.layers.1.mlp.experts.gate_up_proj_blocks";
+    let scales = "model.layers.1.mlp.experts.down_proj_scales";
+    let tmp = copy_fixture("gpt_oss-mxfp4");
+    let path = tmp.path().join("model.safetensors");
+    let mut tensors = read_all(&path);
+    tensors.iter_mut().find(|t| t.0 == scales).unwrap().1 = "I8".into();
+    write_safetensors(&path, &tensors);
+    assert!(matches!(load(tmp.path()), LoadError::UnsupportedDtype { ref name, .. } if name == scales));
+    cli_fails(tmp.path(), "MXFP4 blocks and scales are U8");
+
+    let tmp = copy_fixture("gpt_oss-mxfp4");
+    let path = tmp.path().join("model.safetensors");
+    let mut tensors = read_all(&path);
+    let t = tensors.iter_mut().find(|t| t.0 == blocks).unwrap();
+    // Same bytes, blocks of 32 bytes instead of 16: not the Hub's layout.
+    t.2 = vec![t.2[0], t.2[1], t.2[2] / 2, 32];
+    write_safetensors(&path, &tensors);
+    match load(tmp.path()) {
+        LoadError::ShapeMismatch { name, expected, got, .. } => {
+            assert_eq!(name, blocks);
+            assert_eq!((expected, got), (vec![4, 64, 2, 16], vec![4, 64, 1, 32]));
+        }
+        e => panic!("wrong error: {e}"),
+    }
+
+    let tmp = copy_fixture("gpt_oss-f32");
+    let path = tmp.path().join("model.safetensors");
+    let gone = "model.layers.2.self_attn.sinks";
+    let tensors: Vec<_> = read_all(&path).into_iter().filter(|t| t.0 != gone).collect();
+    write_safetensors(&path, &tensors);
+    assert!(matches!(load(tmp.path()), LoadError::MissingTensor { ref name, .. } if name == gone));
+
+    let tmp = copy_fixture("gpt_oss-f32");
+    edit_json(&tmp.path().join("config.json"), |c| c["swiglu_limit"] = (-1.0).into());
+    cli_fails(tmp.path(), "swiglu_limit");
+    let tmp = copy_fixture("gpt_oss-f32");
+    edit_json(&tmp.path().join("config.json"), |c| c["rope_parameters"]["truncate"] = "yes".into());
+    cli_fails(tmp.path(), "truncate");
+}

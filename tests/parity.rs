@@ -335,15 +335,13 @@ fn many_layer_checkpoints_load_and_run() {
 /// MoE (stacked experts; gpt-oss's transposed at load) and hybrid (Mamba projections) models.
 #[test]
 fn quantization_at_load_saves_memory_and_tracks_the_reference() {
-    for (name, q8_tol, q4_tol) in
-        [
-            ("llama-f32", 0.1, 1.0),
-            ("qwen3-bf16", 0.12, 1.0),
-            ("mixtral-f32", 0.1, 1.0),
-            ("nemotron_h-f32", 0.35, 3.0),
-            ("gpt_oss-f32", 0.25, 3.0),
-        ]
-    {
+    for (name, q8_tol, q4_tol) in [
+        ("llama-f32", 0.1, 1.0),
+        ("qwen3-bf16", 0.12, 1.0),
+        ("mixtral-f32", 0.1, 1.0),
+        ("nemotron_h-f32", 0.35, 3.0),
+        ("gpt_oss-f32", 0.25, 3.0),
+    ] {
         let exp = Expected::load(&fixture(name));
         let want = exp.rows("logits");
         let run = |q: Option<DType>| {
