@@ -259,6 +259,22 @@ fn mul_mat_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
 }
 
 /// The MoE block's ops: expert matmuls by id, top-k routing, weight renormalisation, sigmoid.
+/// `mul_mat_id` in f64: experts `w` [k, m, n_exp], tokens `x` [k, 1, n_tok], `ids` [used, n_tok]
+/// -> [m, used, n_tok].
+fn mul_mat_id_f64(w: &[f64], x: &[f64], ids: &[i32], k: usize, m: usize, used: usize) -> Vec<f64> {
+    let n_tok = x.len() / k;
+    let mut out = vec![0.0; m * used * n_tok];
+    for t in 0..n_tok {
+        for s in 0..used {
+            let e = ids[t * used + s] as usize;
+            for j in 0..m {
+                out[(t * used + s) * m + j] = (0..k).map(|i| w[(e * m + j) * k + i] * x[t * k + i]).sum();
+            }
+        }
+    }
+    out
+}
+
 fn moe_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
     let (k, m, n_exp, n_tok, used) = (64i64, 32i64, 4i64, 5i64, 2i64);
     // Each token picks 2 distinct experts.
@@ -276,20 +292,7 @@ fn moe_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
                 Input { dtype: DType::I32, shape: vec![used, n_tok], fill: Fill::I32(ids.clone()) },
             ],
             build: Box::new(|c, t| c.mul_mat_id(t[0], t[1], t[2])),
-            reference: Box::new(move |v| {
-                let (k, m, used, n_tok) = (k as usize, m as usize, used as usize, n_tok as usize);
-                let mut out = vec![0.0; m * used * n_tok];
-                for t in 0..n_tok {
-                    for s in 0..used {
-                        let e = ids[t * used + s] as usize;
-                        for j in 0..m {
-                            out[(t * used + s) * m + j] =
-                                (0..k).map(|i| v[0][(e * m + j) * k + i] * v[1][t * k + i]).sum();
-                        }
-                    }
-                }
-                out
-            }),
+            reference: Box::new(move |v| mul_mat_id_f64(&v[0], &v[1], &ids, k as usize, m as usize, used as usize)),
         });
     }
     let (ne, rows, top) = (8i64, 5i64, 3i64);
@@ -695,19 +698,7 @@ fn gpt_oss_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
             Input { dtype: DType::I32, shape: vec![used, n_tok], fill: Fill::I32(ids.clone()) },
         ],
         build: Box::new(|c, t| c.mul_mat_id(t[0], t[1], t[2])),
-        reference: Box::new(move |v| {
-            let (k, m, used, n_tok) = (k as usize, m as usize, used as usize, n_tok as usize);
-            let mut out = vec![0.0; m * used * n_tok];
-            for t in 0..n_tok {
-                for s in 0..used {
-                    let e = ids[t * used + s] as usize;
-                    for j in 0..m {
-                        out[(t * used + s) * m + j] = (0..k).map(|i| v[0][(e * m + j) * k + i] * v[1][t * k + i]).sum();
-                    }
-                }
-            }
-            out
-        }),
+        reference: Box::new(move |v| mul_mat_id_f64(&v[0], &v[1], &ids, k as usize, m as usize, used as usize)),
     });
     // Softmax with sinks: some rows' sink above all their scores, some below.
     let (n_kv, nt, h) = (32usize, 7usize, 4usize);

@@ -301,16 +301,7 @@ impl Moe {
         let u = c.add_id(c.mul_mat_id(self.up, x3, chosen), oai.up_bias, chosen);
         let h = c.swiglu_oai(g, u, oai.alpha, oai.limit);
         let y = c.add_id(c.mul_mat_id(self.down, h, chosen), oai.down_bias, chosen); // [n_embd, k, n_tokens]
-        let y = c.mul(y, weights);
-        let row = y.nb()[1];
-        let mut out = c.view_2d(y, n_embd, n_tokens, y.nb()[2], 0);
-        for i in 1..k as usize {
-            out = c.add(out, c.view_2d(y, n_embd, n_tokens, y.nb()[2], i * row));
-        }
-        if k == 1 {
-            out = c.cont(out);
-        }
-        out
+        sum_slots(f, c.mul(y, weights))
     }
 
     /// `x` [n_embd, n_tokens] -> [n_embd, n_tokens].
@@ -358,19 +349,25 @@ impl Moe {
             None => c.sqr(c.relu(u)),
         };
         let y = c.mul_mat_id(self.down, h, chosen); // [n_embd, k, n_tokens]
-        let y = c.mul(y, weights);
-        // Sum the k expert outputs of each token.
-        let row = y.nb()[1];
-        let mut out = c.view_2d(y, n_embd, n_tokens, y.nb()[2], 0);
-        for i in 1..k as usize {
-            out = c.add(out, c.view_2d(y, n_embd, n_tokens, y.nb()[2], i * row));
-        }
-        if k == 1 {
-            out = c.cont(out);
-        }
+        let mut out = sum_slots(f, c.mul(y, weights));
         if let Some((up, down)) = self.shared {
             out = c.add(out, f.mm(down, c.sqr(c.relu(f.mm(up, x)))));
         }
         out
     }
+}
+
+/// The sum over each token's k expert outputs: `y` [n_embd, k, n_tokens] -> [n_embd, n_tokens].
+fn sum_slots(f: &Forward, y: Tensor) -> Tensor {
+    let c = f.ctx;
+    let [n_embd, k, n_tokens, ..] = y.ne();
+    let row = y.nb()[1];
+    let mut out = c.view_2d(y, n_embd, n_tokens, y.nb()[2], 0);
+    for i in 1..k as usize {
+        out = c.add(out, c.view_2d(y, n_embd, n_tokens, y.nb()[2], i * row));
+    }
+    if k == 1 {
+        out = c.cont(out);
+    }
+    out
 }

@@ -501,13 +501,7 @@ impl<'a> WeightBuilder<'a> {
         let (_, _, stored) = self.checked(name, &shape)?.ok_or_else(|| self.missing(name))?;
         let mut out = Vec::with_capacity(parts.len());
         for (k, &(offset, step)) in parts.iter().enumerate() {
-            if step == 0 || offset >= step || !cols.is_multiple_of(step) {
-                return Err(LoadError::InvalidConfig {
-                    file: self.dir.config_path.clone(),
-                    field: name.to_string(),
-                    msg: format!("{cols} columns cannot be taken every {step} from {offset}"),
-                });
-            }
+            self.check_part(name, "columns", cols, offset, step)?;
             // BF16 experts are kept as F16 (same size, 3 more mantissa bits), as
             // `get_f16_for_bf16` does: ggml's CPU kernels round the activations to the weights'
             // type, and BF16's 8 bits cost gpt-oss's clamped experts accuracy.
@@ -531,6 +525,18 @@ impl<'a> WeightBuilder<'a> {
         }
         self.used.insert(name.to_string());
         Ok(out)
+    }
+
+    /// Whether every `step`-th of `n` (rows or columns) from `offset` is a whole part.
+    fn check_part(&self, name: &str, what: &str, n: usize, offset: usize, step: usize) -> Result<(), LoadError> {
+        if step == 0 || offset >= step || !n.is_multiple_of(step) {
+            return Err(LoadError::InvalidConfig {
+                file: self.dir.config_path.clone(),
+                field: name.to_string(),
+                msg: format!("{n} {what} cannot be taken every {step} from {offset}"),
+            });
+        }
+        Ok(())
     }
 
     /// Stacked matrices published in MXFP4 as the Hub stores them (gpt-oss's experts): `blocks`
@@ -566,13 +572,7 @@ impl<'a> WeightBuilder<'a> {
         }
         let mut out = Vec::with_capacity(parts.len());
         for (k, &(offset, step)) in parts.iter().enumerate() {
-            if step == 0 || offset >= step || !rows.is_multiple_of(step) {
-                return Err(LoadError::InvalidConfig {
-                    file: self.dir.config_path.clone(),
-                    field: blocks.to_string(),
-                    msg: format!("{rows} rows cannot be taken every {step} from {offset}"),
-                });
-            }
+            self.check_part(blocks, "rows", rows, offset, step)?;
             let ne = [(groups * 32) as i64, (rows / step) as i64, n as i64];
             let t = self.ctx.try_new_tensor(DType::MXFP4, &ne, &format!("{blocks}#{k}"))?;
             self.from_file.push(Source {
