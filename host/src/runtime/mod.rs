@@ -664,8 +664,10 @@ impl Runtime {
     /// [`Isolation::PerRequest`]: put a ready instance in the pool in the background, in place of
     /// one a request used, so the next request does not pay for the guest's start-up.
     fn refill(&self) {
+        // One more than there is or will be: each used instance gets its own replacement, even
+        // while others are still being made.
         let idle = self.pool.lock().unwrap_or_else(|p| p.into_inner()).len();
-        self.top_up(idle + 1);
+        self.top_up(idle + self.pending.load(Ordering::Acquire) + 1);
     }
 
     fn checkin(&self, inst: Instance) {
