@@ -460,7 +460,14 @@ fn a_sequence_batched_with_others_gets_the_logits_it_gets_alone() {
 
 #[test]
 fn engine_outputs_equal_sessions_and_prefix_hits_skip_compute() {
-    let m = model("qwen3-f32-sharded");
+    // A dense model, and gpt-oss (sinks, a window of 4 on alternate layers, biased MoE).
+    for name in ["qwen3-f32-sharded", "gpt_oss-f32"] {
+        prefix_hits_skip_compute(name);
+    }
+}
+
+fn prefix_hits_skip_compute(name: &str) {
+    let m = model(name);
     let vocab = m.hparams().n_vocab as u32;
     let engine = Engine::new(m.clone(), EngineOptions { n_cells: 512, ..Default::default() }).unwrap();
     let system = prompt(1, 40, vocab);
@@ -480,7 +487,7 @@ fn engine_outputs_equal_sessions_and_prefix_hits_skip_compute() {
     let mut b = system.clone();
     b.extend(prompt(3, 5, vocab));
     let (tb, fb) = engine.generate(no_stop(b.clone(), 8)).unwrap().wait();
-    assert_eq!(tb, alone(&m, &b, 8), "a prefix hit changes nothing in the output");
+    assert_eq!(tb, alone(&m, &b, 8), "{name}: a prefix hit changes nothing in the output");
     assert_eq!(fb.cached_tokens, 40);
     assert!(engine.wait_idle(Duration::from_secs(10)));
     let s1 = engine.stats();

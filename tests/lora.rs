@@ -50,6 +50,7 @@ fn adapters_match_the_peft_merged_model() {
         ("llama-f32", "llama-b"),
         ("llama-f32", "llama-save"),
         ("nemotron_h-f32", "nemotron"),
+        ("gpt_oss-f32", "gpt_oss"),
     ] {
         let m = model(base, None);
         let a = m.load_adapter(name, &adapter(name)).unwrap();
