@@ -195,6 +195,21 @@ def to_bf16(a):
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
+def declare_tensor(w, name, shape, bf16):
+    """Announce a tensor's name, shape and type (BF16 or F32) before the data is written."""
+    n = int(np.prod(shape))
+    if bf16:
+        w.add_tensor_info(name, shape, np.dtype(np.uint16), n * 2, raw_dtype=gguf.GGMLQuantizationType.BF16)
+    else:
+        w.add_tensor_info(name, shape, np.dtype(np.float32), n * 4)
+
+
+def write_header(w):
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+
+
 def keeps_f32(name, n_dims):
     """convert_hf_to_gguf.py's prepare_tensors: tensors it writes F32 whatever --outtype"""
     return (n_dims <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight")
@@ -445,14 +460,8 @@ def convert_nemotron_h(src, dst, cfg, with_vocab, outtype):
     for name, shape, _ in plan:
         bf16 = outtype == "bf16" and not keeps_f32(name, len(shape))
         types[name] = bf16
-        n = int(np.prod(shape))
-        if bf16:
-            w.add_tensor_info(name, shape, np.dtype(np.uint16), n * 2, raw_dtype=gguf.GGMLQuantizationType.BF16)
-        else:
-            w.add_tensor_info(name, shape, np.dtype(np.float32), n * 4)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
+        declare_tensor(w, name, shape, bf16)
+    write_header(w)
     for name, shape, chunks in plan:
         parts = [to_bf16(c) if types[name] else np.ascontiguousarray(c, dtype=np.float32) for c in chunks()]
         a = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -547,14 +556,8 @@ def main():
         shape = list(hd.shape(h) if torch is None else hd.get_slice(h).get_shape())
         bf16 = len(shape) > 1 and outtype == "bf16"
         shapes[name] = (shape, bf16)
-        n = int(np.prod(shape))
-        if bf16:
-            w.add_tensor_info(name, shape, np.dtype(np.uint16), n * 2, raw_dtype=gguf.GGMLQuantizationType.BF16)
-        else:
-            w.add_tensor_info(name, shape, np.dtype(np.float32), n * 4)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
+        declare_tensor(w, name, shape, bf16)
+    write_header(w)
     for name, h, perm in plan:
         t = hf(h)
         if perm is not None:
