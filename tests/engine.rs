@@ -988,3 +988,49 @@ fn prompt_chunks_attend_over_their_own_gathered_cells_as_alone() {
         assert!(e <= 1e-4, "{name}: gathered chunk then decode vs alone rel err {e}");
     }
 }
+
+/// A long prompt prefilled in chunks (of an odd size, as a scheduler cuts them) gives the logits
+/// and greedy continuation it gives in one step: the KV cells, masks and positions of earlier
+/// chunks, and for the hybrid model the recurrent state handed from chunk to chunk, are what one
+/// step computes (issue #13's long contexts, on tiny models).
+#[test]
+fn a_long_prompt_in_chunks_continues_as_in_one_step() {
+    for name in ["nemotron_h-f32", "qwen3-f32-sharded", "gpt_oss-f32"] {
+        let m = model(name);
+        let vocab = m.hparams().n_vocab as u32;
+        let n = 1536;
+        let p = prompt(7, n, vocab);
+        let run = |chunk: usize| -> (Vec<f32>, Vec<u32>) {
+            let opts = RunnerOptions { n_cells: 2048, n_ubatch: 2048, ..opts_runner() };
+            let mut r = Runner::new(m.clone(), &opts).unwrap();
+            let mut last = Vec::new();
+            for start in (0..n).step_by(chunk) {
+                let mut ub = UBatch::default();
+                let end = (start + chunk).min(n);
+                for (i, &t) in p.iter().enumerate().take(end).skip(start) {
+                    ub.push(t, i as u32, 0, i + 1 == n);
+                }
+                let rows = r.run(&ub, false, false).unwrap().rows;
+                if end == n {
+                    last = rows.into_iter().next_back().unwrap();
+                }
+            }
+            let first = last.clone();
+            let argmax =
+                |v: &[f32]| v.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
+            let mut greedy = vec![argmax(&last) as u32];
+            for i in 0..7 {
+                let mut ub = UBatch::default();
+                ub.push(greedy[i], (n + i) as u32, 0, true);
+                last = r.run(&ub, false, false).unwrap().rows.into_iter().next_back().unwrap();
+                greedy.push(argmax(&last) as u32);
+            }
+            (first, greedy)
+        };
+        let (one, greedy_one) = run(n);
+        let (chunked, greedy_chunked) = run(97);
+        let err = rel(&[chunked], &[one]);
+        assert!(err <= 1e-4, "{name}: last-token logits after chunks vs one step: {err:.3e}");
+        assert_eq!(greedy_chunked, greedy_one, "{name}: greedy continuation");
+    }
+}

@@ -54,7 +54,10 @@ model); prompts given as token ids are then still not tokenized by llama.cpp.
 Check a conversion against the folder's HF reference logits (tests/fixtures/*/expected.safetensors)
 with scripts/gpu/check_gguf.py MODEL_DIR OUT.gguf (llama.cpp through llama-cpp-python).
 
-Usage: hf_to_gguf.py MODEL_DIR OUT.gguf [--vocab] [--outtype bf16|f32]
+With --consume (nemotron_h), each .safetensors file of MODEL_DIR is deleted once everything taken
+from it is written (see Consumer): for a model that fits the machine only once.
+
+Usage: hf_to_gguf.py MODEL_DIR OUT.gguf [--vocab] [--outtype bf16|f32] [--consume]
 """
 import json
 import os
@@ -165,12 +168,14 @@ def open_tensors(src):
 
 
 def parse_args(argv):
-    """(src, dst, with_vocab, outtype)"""
-    pos, with_vocab, outtype = [], False, "bf16"
+    """(src, dst, with_vocab, outtype, consume)"""
+    pos, with_vocab, outtype, consume = [], False, "bf16", False
     it = iter(argv)
     for a in it:
         if a == "--vocab":
             with_vocab = True
+        elif a == "--consume":
+            consume = True
         elif a == "--outtype":
             outtype = next(it, "")
         elif a.startswith("--outtype="):
@@ -178,8 +183,38 @@ def parse_args(argv):
         else:
             pos.append(a)
     if len(pos) != 2 or outtype not in ("bf16", "f32"):
-        sys.exit("usage: hf_to_gguf.py MODEL_DIR OUT.gguf [--vocab] [--outtype bf16|f32]")
-    return pos[0], pos[1], with_vocab, outtype
+        sys.exit("usage: hf_to_gguf.py MODEL_DIR OUT.gguf [--vocab] [--outtype bf16|f32] [--consume]")
+    return pos[0], pos[1], with_vocab, outtype, consume
+
+
+class Consumer:
+    """--consume: delete each .safetensors file of the source folder as soon as every tensor
+    the conversion takes from it is written, so a model and its GGUF never need the space of
+    both (Nemotron 3 Nano's 63 GB on the GPU machine, where only RAM-backed /dev/shm holds it).
+    The source folder is unusable afterwards."""
+
+    def __init__(self, where, handles, used):
+        self.where, self.handles = where, handles
+        self.left = {}
+        for name in used:
+            self.left.setdefault(where[name], set()).add(name)
+        self.freed = 0  # files nothing is taken from (a fixture's expected.safetensors) stay
+
+    def _delete(self, fn):
+        self.handles.pop(fn, None)  # the reader's mapping goes with it
+        self.freed += os.path.getsize(fn)
+        os.unlink(fn)
+
+    def done(self, names):
+        for name in names:
+            fn = self.where[name]
+            left = self.left.get(fn)
+            if left is None:
+                continue
+            left.discard(name)
+            if not left:
+                del self.left[fn]
+                self._delete(fn)
 
 
 # NemotronH layer kinds: hybrid_override_pattern characters (remote-code configs, as published) and
@@ -216,7 +251,7 @@ def keeps_f32(name, n_dims):
             or name.endswith((".ffn_gate_inp.weight", ".ssm_conv1d.weight")))
 
 
-def convert_nemotron_h(src, dst, cfg, with_vocab, outtype):
+def convert_nemotron_h(src, dst, cfg, with_vocab, outtype, consume=False):
     """NemotronHForCausalLM -> llama.cpp nemotron_h / nemotron_h_moe (see the module docstring)."""
     def hp(*keys, default=KeyError):
         # convert_hf_to_gguf.py's GraniteHybridModel.find_hparam: the keys, then "mamba_" + each
@@ -276,17 +311,18 @@ def convert_nemotron_h(src, dst, cfg, with_vocab, outtype):
         return t if torch is None else t.to(torch.float32).numpy()
 
     used = set()
-    plan = []  # (gguf name, numpy-order shape, chunks(): float32 arrays concatenated along axis 0)
+    # (gguf name, numpy-order shape, chunks(): float32 arrays concatenated along axis 0, HF sources)
+    plan = []
 
-    def add(name, shape, chunks):
-        plan.append((name, [int(d) for d in shape], chunks))
+    def add(name, shape, chunks, srcs=()):
+        plan.append((name, [int(d) for d in shape], chunks, tuple(srcs)))
 
     def put(name, hname, fn=None, shape=None):
         """gguf `name` from HF tensor `hname`, through fn (a float32 array -> array) if given."""
         if hname not in where:
             sys.exit(f"nemotron_h: {hname} missing in {src}")
         used.add(hname)
-        add(name, shape or shape_of(hname), lambda: [load(hname) if fn is None else fn(load(hname))])
+        add(name, shape or shape_of(hname), lambda: [load(hname) if fn is None else fn(load(hname))], [hname])
 
     def put_opt(name, hname, fn=None):
         if hname in where:
@@ -386,7 +422,7 @@ def convert_nemotron_h(src, dst, cfg, with_vocab, outtype):
                     sys.exit(f"nemotron_h: {missing[0]} missing in {src}")
                 used.update(names)
                 add(b + f"ffn_{proj[:-5]}_exps.weight", shape,
-                    lambda names=names: (load(n)[None] for n in names))
+                    lambda names=names: (load(n)[None] for n in names), names)
             put(b + "ffn_up_shexp.weight", m + "shared_experts.up_proj.weight",
                 lambda t: pad_to(t, 0, shexp_width), [shexp_width, n_embd])
             put(b + "ffn_down_shexp.weight", m + "shared_experts.down_proj.weight",
@@ -457,28 +493,36 @@ def convert_nemotron_h(src, dst, cfg, with_vocab, outtype):
         w.add_tokenizer_model("none")
 
     types = {}
-    for name, shape, _ in plan:
+    for name, shape, _, _ in plan:
         bf16 = outtype == "bf16" and not keeps_f32(name, len(shape))
         types[name] = bf16
         declare_tensor(w, name, shape, bf16)
     write_header(w)
-    for name, shape, chunks in plan:
+    consumer = Consumer(where, handles, used) if consume else None
+    for name, shape, chunks, srcs in plan:
         parts = [to_bf16(c) if types[name] else np.ascontiguousarray(c, dtype=np.float32) for c in chunks()]
         a = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if list(a.shape) != shape:
             sys.exit(f"nemotron_h: {name} came out {list(a.shape)}, expected {shape}")
         w.write_tensor_data(a)
+        del parts, a
+        if consumer:
+            consumer.done(srcs)
     w.close()
+    if consumer:
+        print(f"--consume: deleted {consumer.freed / 2**30:.2f} GiB of safetensors from {src}")
     kinds_str = "".join({"mamba": "M", "attention": "*", "mlp": "-", "moe": "E"}[k] for k in kinds)
     print(f"wrote {dst} ({arch} {kinds_str}, {len(plan)} tensors, {os.path.getsize(dst) / 2**30:.2f} GiB)")
 
 
 def main():
-    src, dst, with_vocab, outtype = parse_args(sys.argv[1:])
+    src, dst, with_vocab, outtype, consume = parse_args(sys.argv[1:])
     with open(os.path.join(src, "config.json")) as f:
         cfg = json.load(f)
     if cfg["model_type"] == "nemotron_h":
-        return convert_nemotron_h(src, dst, cfg, with_vocab, outtype)
+        return convert_nemotron_h(src, dst, cfg, with_vocab, outtype, consume)
+    if consume:
+        sys.exit("--consume is implemented for nemotron_h only")
     arch = ARCHS.get(cfg["model_type"])
     if arch is None:
         sys.exit(f"model_type {cfg['model_type']!r} not supported (only {', '.join(ARCHS)}, nemotron_h)")

@@ -5,11 +5,16 @@
 # Steps (arguments, in any order; default: make stllm):
 #   make          make the model (on the GPU, saved as BF16 safetensors: ~1-3 min)
 #   stllm         single stream (prefill 512 = TTFT, decode 128 at depth
-#                 512, best of 2) and 1 / 8 concurrent sequences (prompt 128 + 64 generated)
+#                 512, best of 2) and 1 / 8 / 32 concurrent sequences (prompt 128 + 64 generated)
+#   nosplit       the single stream again with STLLM_MOE_SPLIT=0 (expert matrices not split into
+#                 row parts: ggml-cuda's per-expert cuBLAS fallback for 129..512-token steps)
+#   p8k           prefill of 8,192 tokens in steps of 512 and of 2,048 tokens
 #   hf            the same two through HF transformers (decode 32 tokens: it runs at ~9 tok/s)
 #   llama         the same two through llama.cpp on a BF16 GGUF of the same weights (hf_to_gguf.py,
-#                 nemotron_h_moe, written once per machine into $WORK/gguf: ~63 GB; its logits
-#                 checked against HF on the fixtures by scripts/gpu/check_gguf.py)
+#                 nemotron_h_moe, written once per machine into $GGUF_DIR (default $WORK/gguf):
+#                 ~63 GB; its logits checked against HF on the fixtures by scripts/gpu/check_gguf.py).
+#                 CONSUME=1: the model's safetensors are deleted as they are converted (the
+#                 lent machine holds the model or its GGUF, not both): run every other step first
 #   long:N        stllm prefill of N tokens (chunks of --batch 2048) then decode 32 at depth N:
 #                 prefill speed, decode speed and memory (KV, recurrent state, compute) at depth
 #   depth:N       the same over several calls: prefill in chunks of 8192 (speed over depth) until
@@ -37,6 +42,12 @@ for step in "${steps[@]}"; do
   echo "== $shape $step"
   case $step in
     make)
+      # The model goes to RAM-backed /dev/shm when $dir links there (the disk is too small);
+      # tmpfs defaults to half the RAM, too little for the model and, with CONSUME=1, a
+      # shard in flight beside the growing GGUF: grow it when allowed (root).
+      if [ "$(id -u)" = 0 ] && [ -n "${SHM_SIZE:-}" ]; then
+        mount -o "remount,size=$SHM_SIZE" /dev/shm && df -h /dev/shm | tail -1
+      fi
       python3 scripts/gpu/make_model.py "$shape" "$dir" >>"$out/make-$shape.log" 2>&1 \
         || { echo "make_model failed:"; tail -5 "$out/make-$shape.log"; exit 1; }
       du -sh "$dir"
@@ -45,7 +56,17 @@ for step in "${steps[@]}"; do
       measure stllm "$shape" single "$stllm" bench --model "$dir" --prompt 512 --gen 128 --repeat 2 --json \
         "${dev[@]}" "${be[@]}"
       measure stllm "$shape" concurrent "$stllm" bench --model "$dir" "${dev[@]}" "${be[@]}" \
-        --concurrent 1,8 --prompt 128 --gen 64 --json
+        --concurrent 1,8,32 --prompt 128 --gen 64 --json
+      ;;
+    nosplit)
+      STLLM_MOE_SPLIT=0 measure stllm-nosplit "$shape" single "$stllm" bench --model "$dir" --prompt 512 --gen 128 \
+        --repeat 2 --json "${dev[@]}" "${be[@]}"
+      ;;
+    p8k)
+      for b in 512 2048; do
+        measure stllm "$shape" "p8k-b$b" "$stllm" bench --model "$dir" --prompt 8192 --gen 8 --batch "$b" --json \
+          "${dev[@]}" "${be[@]}"
+      done
       ;;
     hf)
       measure hf "$shape" single python3 benches/hf_cpu_bench.py "$dir" --prompt 512 --gen 32 --repeat 1 \
@@ -55,14 +76,17 @@ for step in "${steps[@]}"; do
       ;;
     llama)
       use_gguf_wheel
-      gguf="$work/gguf/$shape-bf16.gguf"
-      mkdir -p "$work/gguf"
-      [ -f "$gguf" ] || python3 scripts/gpu/hf_to_gguf.py "$dir" "$gguf" >>"$out/gguf-$shape.log" 2>&1 \
+      gdir=${GGUF_DIR:-$work/gguf}
+      gguf="$gdir/$shape-bf16.gguf"
+      mkdir -p "$gdir"
+      consume=(); [ "${CONSUME:-0}" = 1 ] && consume=(--consume)
+      [ -f "$gguf" ] || python3 scripts/gpu/hf_to_gguf.py "$dir" "$gguf" "${consume[@]}" >>"$out/gguf-$shape.log" 2>&1 \
         || { echo "hf_to_gguf failed:"; tail -5 "$out/gguf-$shape.log"; rm -f "$gguf"; continue; }
+      tail -2 "$out/gguf-$shape.log"
       measure llama.cpp "$shape" single "$work/llama/peer-bench" -m "$gguf" --ngl 99 --fa 1 single --prompt 512 \
         --gen 128 --depth 512 --repeat 2
-      measure llama.cpp "$shape" concurrent "$work/llama/peer-bench" -m "$gguf" --ngl 99 --fa 1 batched --npl 1,8 \
-        --prompt 128 --gen 64 --ctx 4096 --kv both
+      measure llama.cpp "$shape" concurrent "$work/llama/peer-bench" -m "$gguf" --ngl 99 --fa 1 batched --npl 1,8,32 \
+        --prompt 128 --gen 64 --ctx 8192 --kv both
       ;;
     long:*)
       n=${step#long:}

@@ -46,8 +46,9 @@ if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     --device-extra "--devices cuda:0,cuda:1 --tensor-split 1,3 --ctx-size 300" | tee -a "$out/parity-2gpu.txt" \
     || echo "2-GPU parity (1:3) FAILED"
 fi
-# Every op x dtype the models use, on CUDA against an f64 reference and the CPU.
-"$g/bin/stllm" op-check --device cuda --backend-dir "$work/backends" | tee "$out/opcheck.txt" || echo "op-check FAILED"
+# Every op x dtype the models use, on CUDA against an f64 reference and the CPU (--large: also
+# the expert matrices at Nemotron 3 Nano's shapes, which the split MoE path runs).
+"$g/bin/stllm" op-check --large --device cuda --backend-dir "$work/backends" | tee "$out/opcheck.txt" || echo "op-check FAILED"
 # Layer offload: the last layer on the GPU, the rest on the CPU (llama.cpp's -ngl 1).
 python3 scripts/gpu/check_parity.py --stllm "$g/bin/stllm" --backend-dir "$work/backends" --device-extra "--gpu-layers 1" \
   | tee "$out/parity-gpu-layers-1.txt" || echo "gpu-layers parity FAILED"

@@ -479,6 +479,10 @@ pub enum Command {
         /// Print JSON instead of the table
         #[arg(long)]
         json: bool,
+        /// Also the cases at real model sizes (expert matrices of Nemotron 3 Nano's shapes:
+        /// slow against the f64 reference; for GPU runs)
+        #[arg(long)]
+        large: bool,
     },
     /// Print logits of every input position as JSON: {"logits": [[...], ...]}
     Logits {
@@ -681,7 +685,7 @@ pub fn run(mut cli: Cli) -> Result<()> {
             let out = serde_json::json!({ "ggml": crate::ggml::version(), "ggml_abi": crate::ggml::abi_fingerprint(), "devices": crate::ggml::devices() });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        Command::OpCheck { dev, json } => opcheck::run(&dev, json)?,
+        Command::OpCheck { dev, json, large } => opcheck::run(&dev, json, large)?,
         Command::Info { m } => {
             let opts = m.model_options(Some(m.e.threads.unwrap_or(1).max(1)))?;
             let model = Model::load(&m.dir, &opts).with_context(|| format!("loading {}", m.dir.display()))?;

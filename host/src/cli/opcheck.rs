@@ -275,6 +275,56 @@ fn mul_mat_id_f64(w: &[f64], x: &[f64], ids: &[i32], k: usize, m: usize, used: u
     out
 }
 
+/// Wide expert matrices in row parts, as a GPU step of 129..=512 tokens runs them (see
+/// graph::moe): past ggml-cuda's thresholds, so on a GPU the parts take its grouped kernel (mmf)
+/// where the whole matrix would not; x shared by the slots (the up projection) or one row per
+/// slot (the down projection). `large`: also Nemotron 3 Nano's expert shapes.
+fn split_cases(rng: &mut Rng, cases: &mut Vec<Case>, large: bool) {
+    let mut shapes = vec![(1024i64, 1088i64, 4i64, 192i64, 2i64, false), (1024, 1088, 4, 192, 2, true)];
+    if large {
+        shapes.push((2688, 1856, 128, 512, 6, false));
+        shapes.push((1856, 2688, 128, 512, 6, true));
+    }
+    for (k, m, n_exp, n_tok, used, per_slot) in shapes {
+        // Distinct experts per token, spread over all of them.
+        let ids: Vec<i32> = (0..n_tok)
+            .flat_map(|t| (0..used).map(move |s| ((t * 7 + s * (n_exp / used).max(1)) % n_exp) as i32))
+            .collect();
+        let x_slots = if per_slot { used } else { 1 };
+        cases.push(Case {
+            op: "mul_mat_id",
+            what: format!(
+                "experts bf16 [{k}x{m}x{n_exp}] in parts of <= 1024 rows · x f32 [{k}x{x_slots}x{n_tok}], {used} ids per token"
+            ),
+            tol: 1e-2,
+            device_tol: None,
+            inputs: vec![
+                Input::floats(DType::BF16, &[k, m, n_exp], rng.vec((k * m * n_exp) as usize, 1.0)),
+                Input::floats(DType::F32, &[k, x_slots, n_tok], rng.vec((k * x_slots * n_tok) as usize, 1.0)),
+                Input { dtype: DType::I32, shape: vec![used, n_tok], fill: Fill::I32(ids.clone()) },
+            ],
+            build: Box::new(|c, t| crate::graph::moe::mul_mat_id_split_rows(c, t[0], t[1], t[2], 1024, 64)),
+            reference: Box::new(move |v| {
+                let (k, m, used) = (k as usize, m as usize, used as usize);
+                let n_tok = ids.len() / used;
+                let mut out = vec![0.0; m * used * n_tok];
+                for t in 0..n_tok {
+                    for s in 0..used {
+                        let e = ids[t * used + s] as usize;
+                        let xr = if per_slot { (t * used + s) * k } else { t * k };
+                        let x = &v[1][xr..xr + k];
+                        for j in 0..m {
+                            let w = &v[0][(e * m + j) * k..(e * m + j + 1) * k];
+                            out[(t * used + s) * m + j] = w.iter().zip(x).map(|(a, b)| a * b).sum();
+                        }
+                    }
+                }
+                out
+            }),
+        });
+    }
+}
+
 fn moe_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
     let (k, m, n_exp, n_tok, used) = (64i64, 32i64, 4i64, 5i64, 2i64);
     // Each token picks 2 distinct experts.
@@ -293,6 +343,56 @@ fn moe_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
             ],
             build: Box::new(|c, t| c.mul_mat_id(t[0], t[1], t[2])),
             reference: Box::new(move |v| mul_mat_id_f64(&v[0], &v[1], &ids, k as usize, m as usize, used as usize)),
+        });
+    }
+    // The router as graph::moe::route builds it (the sequence ggml-cuda fuses into one kernel):
+    // sigmoid scores with a selection bias, renormalised and scaled (Nemotron-H, DeepSeek-V3);
+    // a softmax, renormalised (Qwen3-MoE, Mixtral). The chosen experts' weights, best first.
+    let (n_exp, n_tok) = (128i64, 7i64);
+    for (sigmoid, k, norm, scale) in [(true, 6i64, true, 2.5f32), (false, 4, true, 1.0)] {
+        let mut inputs = vec![Input::floats(DType::F32, &[n_exp, n_tok], rng.vec((n_exp * n_tok) as usize, 3.0))];
+        if sigmoid {
+            inputs.push(Input::floats(DType::F32, &[n_exp], rng.vec(n_exp as usize, 0.5)));
+        }
+        cases.push(Case {
+            op: "moe_route",
+            what: format!(
+                "{} over f32 [{n_exp}x{n_tok}]{}, top {k}, renormalised, x{scale}",
+                if sigmoid { "sigmoid" } else { "softmax" },
+                if sigmoid { " + selection bias" } else { "" }
+            ),
+            tol: 1e-5,
+            device_tol: None,
+            inputs,
+            build: Box::new(move |c, t| {
+                let gating = sigmoid.then(|| t.get(1).copied());
+                // A node after the routing, as in a model: ggml-cuda's fusion check reads the node
+                // after the sequence without a bounds check (a graph ending in it crashes there).
+                c.cont(crate::graph::moe::route(c, t[0], gating, None, k, norm, scale).1)
+            }),
+            reference: Box::new(move |v| {
+                let n = n_exp as usize;
+                let mut out = Vec::new();
+                for (t, row) in v[0].chunks(n).enumerate() {
+                    let _ = t;
+                    let probs: Vec<f64> = if sigmoid {
+                        row.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect()
+                    } else {
+                        let mx = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let e: Vec<f64> = row.iter().map(|&l| (l - mx).exp()).collect();
+                        let z: f64 = e.iter().sum();
+                        e.iter().map(|x| x / z).collect()
+                    };
+                    let choice: Vec<f64> =
+                        if sigmoid { probs.iter().zip(&v[1]).map(|(p, b)| p + b).collect() } else { probs.clone() };
+                    let mut idx: Vec<usize> = (0..n).collect();
+                    idx.sort_by(|&a, &b| choice[b].total_cmp(&choice[a]));
+                    let w: Vec<f64> = idx[..k as usize].iter().map(|&i| probs[i]).collect();
+                    let sum = if norm { w.iter().sum::<f64>().max(6.103515625e-5) } else { 1.0 };
+                    out.extend(w.iter().map(|x| x / sum * scale as f64));
+                }
+                out
+            }),
         });
     }
     let (ne, rows, top) = (8i64, 5i64, 3i64);
@@ -1017,7 +1117,7 @@ fn copy_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
 }
 
 /// Every case of the table, in a fixed order with fixed inputs.
-fn cases() -> Vec<Case> {
+fn cases(large: bool) -> Vec<Case> {
     let mut rng = Rng(0x5711_0b5e_ed00_0001);
     let mut cases = Vec::new();
     mul_mat_cases(&mut rng, &mut cases);
@@ -1029,6 +1129,7 @@ fn cases() -> Vec<Case> {
     gathered_attn_case(&mut rng, &mut cases);
     copy_cases(&mut rng, &mut cases);
     moe_cases(&mut rng, &mut cases);
+    split_cases(&mut rng, &mut cases, large);
     gpt_oss_cases(&mut rng, &mut cases);
     cases
 }
@@ -1163,7 +1264,7 @@ fn print_table(backend: &str, rows: &[Row], with_cpu: bool) {
 }
 
 /// `stllm op-check`: run the table on the chosen device (the CPU by default).
-pub fn run(dev: &DeviceArgs, json: bool) -> Result<()> {
+pub fn run(dev: &DeviceArgs, json: bool, large: bool) -> Result<()> {
     let device = dev.prepare()?.filter(|d| !d.eq_ignore_ascii_case("cpu"));
     let cpu = Backend::cpu(ggml::default_threads())?;
     let device = device.map(|d| Backend::device(&d)).transpose()?;
@@ -1171,7 +1272,7 @@ pub fn run(dev: &DeviceArgs, json: bool) -> Result<()> {
         Some(d) => (d, Some(&cpu)),
         None => (&cpu, None),
     };
-    let rows = cases().iter().map(|c| check(c, backend, reference_cpu)).collect::<Result<Vec<_>>>()?;
+    let rows = cases(large).iter().map(|c| check(c, backend, reference_cpu)).collect::<Result<Vec<_>>>()?;
     let count = |s: &str| rows.iter().filter(|r| r.status == s).count();
     let (passed, failed, unsupported) = (count("pass"), count("fail"), count("unsupported"));
     if json {

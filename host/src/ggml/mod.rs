@@ -527,6 +527,14 @@ impl Tensor {
         !self.inner().buffer.is_null() || !self.inner().data.is_null()
     }
 
+    /// Whether the tensor lives in a device's memory (a GPU buffer), not host memory; false
+    /// for a tensor without memory yet.
+    pub fn on_device(&self) -> bool {
+        let buf = self.inner().buffer;
+        // SAFETY: a non-null buffer of a live tensor is a live ggml buffer.
+        !buf.is_null() && !unsafe { sys::ggml_backend_buffer_is_host(buf) }
+    }
+
     fn check_bytes(&self, bytes: usize, offset: usize) -> Result<(), GgmlError> {
         let total = self.nbytes();
         if !self.has_memory() {

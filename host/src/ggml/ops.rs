@@ -212,6 +212,11 @@ impl Context {
         Tensor::from_raw(unsafe { sys::ggml_top_k(self.c(), a.raw(), k) })
     }
 
+    /// Each value limited to `min..=max` (either may be infinite).
+    pub fn clamp(&self, a: Tensor, min: f32, max: f32) -> Tensor {
+        Tensor::from_raw(unsafe { sys::ggml_clamp(self.c(), a.raw(), min, max) })
+    }
+
     /// Sum of each row: [n0, ...] -> [1, ...].
     pub fn sum_rows(&self, a: Tensor) -> Tensor {
         Tensor::from_raw(unsafe { sys::ggml_sum_rows(self.c(), a.raw()) })

@@ -37,7 +37,7 @@ pub enum Ffn {
 }
 
 impl Ffn {
-    pub fn forward(&self, f: &Forward, x: Tensor) -> Tensor {
+    pub fn forward(&self, f: &mut Forward, x: Tensor) -> Tensor {
         match self {
             Ffn::Dense(m) => m.forward(f, x),
             Ffn::Moe(m) => m.forward(f, x),

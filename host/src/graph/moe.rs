@@ -9,7 +9,7 @@
 use serde::Deserialize;
 
 use super::Forward;
-use crate::ggml::Tensor;
+use crate::ggml::{Context, DType, Tensor};
 use crate::loader::{LoadError, ModelDir, WeightBuilder};
 
 /// Most experts a MoE layer may have (published models have up to a few hundred).
@@ -269,92 +269,206 @@ impl Moe {
         Ok(m)
     }
 
-    /// `choice` [n_expert, n_tokens] with every expert outside each token's best `topk_group`
-    /// groups set to -inf (a group's score: the sum of its two best experts).
-    fn mask_groups(&self, f: &Forward, choice: Tensor, n_group: i64, topk_group: i32) -> Tensor {
-        let c = f.ctx;
-        let [n_expert, n_tokens, ..] = choice.ne();
-        let per = n_expert / n_group;
-        let groups = c.reshape_3d(choice, per, n_group, n_tokens); // [per, n_group, T]
-        let best2 = c.argsort_top_k(groups, 2); // [2, n_group, T]
-        let vals = c.get_rows(c.reshape_4d(groups, 1, per, n_group, n_tokens), best2); // [1, 2, n_group, T]
-        let score = c.sum_rows(c.reshape_3d(vals, 2, n_group, n_tokens)); // [1, n_group, T]
-        let score = c.reshape_2d(score, n_group, n_tokens);
-        let keep = c.argsort_top_k(score, topk_group); // [topk_group, T]
-        let kept = c.get_rows(groups, keep); // [per, topk_group, T]
-        let masked = c.set_rows(c.fill(groups, f32::NEG_INFINITY), kept, keep);
-        c.reshape_2d(masked, n_expert, n_tokens)
-    }
-
     /// gpt-oss: the k largest (biased) logits, a softmax over just those, biased experts with the
     /// clamped SwiGLU, the down bias weighted along with the expert's output.
-    fn forward_oai(&self, f: &Forward, x: Tensor, logits: Tensor, oai: &OaiParts) -> Tensor {
+    fn forward_oai(&self, f: &mut Forward, x: Tensor, logits: Tensor, oai: &OaiParts) -> Tensor {
         let c = f.ctx;
         let [n_embd, n_tokens, ..] = x.ne();
         let (k, n_expert) = (self.n_used as i64, logits.ne()[0]);
         let chosen = c.argsort_top_k(logits, k as i32); // I32 [k, n_tokens]
         let top = c.get_rows(c.reshape_3d(logits, 1, n_expert, n_tokens), chosen); // [1, k, n_tokens]
         let weights = c.reshape_3d(c.soft_max_ext(c.reshape_2d(top, k, n_tokens), None, 1.0), 1, k, n_tokens);
+        // Routing first, in one run of nodes: llama.cpp's order, fused by ggml-cuda.
+        f.graph.expand(weights);
         let x3 = c.reshape_3d(x, n_embd, 1, n_tokens);
         let gate = self.gate.expect("gpt-oss experts are gated");
-        let g = c.add_id(c.mul_mat_id(gate, x3, chosen), oai.gate_bias, chosen); // [n_ff, k, n_tokens]
-        let u = c.add_id(c.mul_mat_id(self.up, x3, chosen), oai.up_bias, chosen);
+        let g = c.add_id(mul_mat_id(f, gate, x3, chosen), oai.gate_bias, chosen); // [n_ff, k, n_tokens]
+        let u = c.add_id(mul_mat_id(f, self.up, x3, chosen), oai.up_bias, chosen);
         let h = c.swiglu_oai(g, u, oai.alpha, oai.limit);
-        let y = c.add_id(c.mul_mat_id(self.down, h, chosen), oai.down_bias, chosen); // [n_embd, k, n_tokens]
+        let y = c.add_id(mul_mat_id(f, self.down, h, chosen), oai.down_bias, chosen); // [n_embd, k, n_tokens]
         sum_slots(f, c.mul(y, weights))
     }
 
     /// `x` [n_embd, n_tokens] -> [n_embd, n_tokens].
-    pub fn forward(&self, f: &Forward, x: Tensor) -> Tensor {
+    ///
+    /// The routing is built op for op as llama.cpp's `build_moe_ffn` builds it (gating, a
+    /// reshape, the selection bias, top-k, the weights gathered from the unbiased scores, the
+    /// renormalisation through a clamped sum, the scale) and put in the graph before the experts,
+    /// so ggml-cuda recognises the sequence and runs it as one fused top-k kernel; the weighted
+    /// sum over the k slots likewise matches its fused reduction (see [`sum_slots`]).
+    pub fn forward(&self, f: &mut Forward, x: Tensor) -> Tensor {
         let c = f.ctx;
         let [n_embd, n_tokens, ..] = x.ne();
         let k = self.n_used as i64;
         let logits = c.mul_mat(self.router, x); // [n_expert, n_tokens]
         c.set_prec_f32(logits);
-        let n_expert = logits.ne()[0];
         if let Some(oai) = &self.oai {
-            return self.forward_oai(f, x, c.add(logits, oai.router_bias), oai);
+            let logits = c.add(logits, oai.router_bias);
+            return self.forward_oai(f, x, logits, oai);
         }
-        let (probs, chosen) = match self.sigmoid {
-            None => {
-                let p = c.soft_max_ext(logits, None, 1.0);
-                (p, c.argsort_top_k(p, k as i32)) // I32 [k, n_tokens]
-            }
-            Some(bias) => {
-                let p = c.sigmoid(logits);
-                let mut choice = match bias {
-                    Some(b) => c.add(p, b),
-                    None => p,
-                };
-                if let Some((n_group, topk_group)) = self.groups {
-                    choice = self.mask_groups(f, choice, n_group as i64, topk_group as i32);
-                }
-                (p, c.argsort_top_k(choice, k as i32))
-            }
-        };
-        // The chosen experts' probabilities: rows of [1, n_expert, n_tokens] picked per token.
-        let mut weights = c.get_rows(c.reshape_3d(probs, 1, n_expert, n_tokens), chosen); // [1, k, n_tokens]
-        if self.norm_topk {
-            let w2 = c.reshape_2d(weights, k, n_tokens);
-            let sum = c.sum_rows(w2); // [1, n_tokens]
-            weights = c.reshape_3d(c.div(w2, sum), 1, k, n_tokens);
-        }
-        if self.scale != 1.0 {
-            weights = c.scale(weights, self.scale);
-        }
+        let groups = self.groups.map(|(g, k)| (g as i64, k as i32));
+        let (chosen, weights) = route(c, logits, self.sigmoid, groups, k, self.norm_topk, self.scale);
+        // Routing first in the graph, in one run of nodes (see above).
+        f.graph.expand(weights);
         let x3 = c.reshape_3d(x, n_embd, 1, n_tokens);
-        let u = c.mul_mat_id(self.up, x3, chosen); // [n_ff, k, n_tokens]
+        let u = mul_mat_id(f, self.up, x3, chosen); // [n_ff, k, n_tokens]
         let h = match self.gate {
-            Some(gate) => c.swiglu_split(c.mul_mat_id(gate, x3, chosen), u),
+            Some(gate) => c.swiglu_split(mul_mat_id(f, gate, x3, chosen), u),
             None => c.sqr(c.relu(u)),
         };
-        let y = c.mul_mat_id(self.down, h, chosen); // [n_embd, k, n_tokens]
+        let y = mul_mat_id(f, self.down, h, chosen); // [n_embd, k, n_tokens]
         let mut out = sum_slots(f, c.mul(y, weights));
         if let Some((up, down)) = self.shared {
             out = c.add(out, f.mm(down, c.sqr(c.relu(f.mm(up, x)))));
         }
         out
     }
+}
+
+/// The experts each token uses and their weights, from router `logits` [n_expert, n_tokens]:
+/// `(chosen` I32 [k, n_tokens]`, weights` [1, k, n_tokens]`)`. `sigmoid`: `None` for a softmax
+/// over all experts, else sigmoid scores with an optional selection bias (the weights stay the
+/// unbiased scores); `groups`: `(n_group, topk_group)` for a group-limited choice; `norm_topk`:
+/// the k weights renormalised to sum to 1; then times `scale`.
+///
+/// Built op for op as llama.cpp's `build_moe_ffn` builds it, so ggml-cuda runs the whole
+/// sequence as one fused top-k kernel when the caller puts it in the graph before the experts.
+pub fn route(
+    c: &Context,
+    logits: Tensor,
+    sigmoid: Option<Option<Tensor>>,
+    groups: Option<(i64, i32)>,
+    k: i64,
+    norm_topk: bool,
+    scale: f32,
+) -> (Tensor, Tensor) {
+    let [n_expert, n_tokens, ..] = logits.ne();
+    let (probs, chosen) = match sigmoid {
+        None => {
+            let p = c.soft_max_ext(logits, None, 1.0);
+            (p, c.argsort_top_k(p, k as i32))
+        }
+        Some(bias) => {
+            let p = c.sigmoid(logits);
+            let mut choice = match bias {
+                Some(b) => c.add(p, b),
+                None => p,
+            };
+            if let Some((n_group, topk_group)) = groups {
+                choice = mask_groups(c, choice, n_group, topk_group);
+            }
+            (p, c.argsort_top_k(choice, k as i32))
+        }
+    };
+    // The chosen experts' probabilities: rows of [1, n_expert, n_tokens] picked per token.
+    let mut weights = c.get_rows(c.reshape_3d(probs, 1, n_expert, n_tokens), chosen);
+    if norm_topk {
+        let w2 = c.reshape_2d(weights, k, n_tokens);
+        // The sum is at least F16's smallest normal (llama.cpp's clamp, which its fused
+        // kernel expects). Softmax weights: the k largest of n_expert <= MAX_EXPERTS
+        // probabilities sum to at least k / n_expert, never below it, so this is exact.
+        // Sigmoid scores (HF adds 1e-20 instead) differ only when all k chosen scores are
+        // below ~1e-5, i.e. logits under -11 for every chosen expert.
+        let sum = c.clamp(c.sum_rows(w2), NORM_MIN_SUM, f32::INFINITY); // [1, n_tokens]
+        weights = c.reshape_3d(c.div(w2, sum), 1, k, n_tokens);
+    }
+    if scale != 1.0 {
+        weights = c.scale(weights, scale);
+    }
+    (chosen, weights)
+}
+
+/// `choice` [n_expert, n_tokens] with every expert outside each token's best `topk_group`
+/// groups set to -inf (a group's score: the sum of its two best experts).
+fn mask_groups(c: &Context, choice: Tensor, n_group: i64, topk_group: i32) -> Tensor {
+    let [n_expert, n_tokens, ..] = choice.ne();
+    let per = n_expert / n_group;
+    let groups = c.reshape_3d(choice, per, n_group, n_tokens); // [per, n_group, T]
+    let best2 = c.argsort_top_k(groups, 2); // [2, n_group, T]
+    let vals = c.get_rows(c.reshape_4d(groups, 1, per, n_group, n_tokens), best2); // [1, 2, n_group, T]
+    let score = c.sum_rows(c.reshape_3d(vals, 2, n_group, n_tokens)); // [1, n_group, T]
+    let score = c.reshape_2d(score, n_group, n_tokens);
+    let keep = c.argsort_top_k(score, topk_group); // [topk_group, T]
+    let kept = c.get_rows(groups, keep); // [per, topk_group, T]
+    let masked = c.set_rows(c.fill(groups, f32::NEG_INFINITY), kept, keep);
+    c.reshape_2d(masked, n_expert, n_tokens)
+}
+
+/// The renormalised routing weights' sum is clamped to at least this (F16's smallest normal
+/// number, as llama.cpp does; see [`Moe::forward`]).
+const NORM_MIN_SUM: f32 = 6.103_515_6e-5;
+
+/// ggml-cuda's `mul_mat_id` for F32/F16/BF16 weights has a tensor-core kernel (mmf) that groups
+/// each expert's tokens on the device, but takes it only up to [`MMF_MAX_TOKENS`] tokens for
+/// matrices of at most [`MMF_MAX_ROWS`] output rows (128 tokens for larger ones); otherwise it
+/// falls back to a loop that synchronises with the host twice, copies each expert's rows out and
+/// runs one cuBLAS GEMM per expert (128 small GEMMs a matrix for Nemotron 3 Nano's 128 experts).
+const MMF_MAX_ROWS: i64 = 1024;
+const MMF_MAX_TOKENS: i64 = 512;
+/// Above this many tokens a matrix of more than [`MMF_MAX_ROWS`] rows leaves mmf.
+const MMF_MAX_TOKENS_WIDE: i64 = 128;
+/// Smallest K (the weights' row length) split: with K = 128 (one warp per block) ggml-cuda's
+/// grouped kernel read out of bounds under op-check on an H200 (ggml 0.26.0); K >= 1024 (more
+/// warps) is what op-check and the Nemotron 3 Nano runs cover (`op-check --large`: its shapes).
+const MMF_MIN_K: i64 = 1024;
+/// Row split granularity: mmf's rows per block (32 on NVIDIA, 64 on AMD CDNA) must divide a
+/// part, and its K must be a multiple of 64 for 16-bit weights.
+const MMF_ALIGN: i64 = 64;
+
+/// Whether [`mul_mat_id`] splits the expert matrices (default on; `STLLM_MOE_SPLIT=0` turns it
+/// off, for comparing the two paths on a GPU).
+fn moe_split_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("STLLM_MOE_SPLIT").map_or(true, |v| v != "0"))
+}
+
+/// `mul_mat_id(w, x, ids)`, with a wide F16/BF16/F32 expert matrix on a GPU split by output rows
+/// into parts of at most [`MMF_MAX_ROWS`] when the step has more tokens than mmf takes for the
+/// whole matrix but no more than it takes for the parts: each part then runs as one grouped
+/// kernel (no host synchronisation, no per-expert GEMMs, capturable in a CUDA graph), reading
+/// its rows of the weights once; the parts' outputs are joined. Exact: each output row is the
+/// same dot product.
+fn mul_mat_id(f: &Forward, w: Tensor, x: Tensor, ids: Tensor) -> Tensor {
+    let c = f.ctx;
+    let [k, n, ..] = w.ne();
+    let n_tokens = x.ne()[2];
+    let float = matches!(w.dtype(), Some(DType::F16 | DType::BF16 | DType::F32));
+    if !moe_split_enabled()
+        || !float
+        || !w.on_device()
+        || n <= MMF_MAX_ROWS
+        || n_tokens <= MMF_MAX_TOKENS_WIDE
+        || n_tokens > MMF_MAX_TOKENS
+        || k < MMF_MIN_K
+        || k % MMF_ALIGN != 0
+        || n % MMF_ALIGN != 0
+    {
+        return c.mul_mat_id(w, x, ids);
+    }
+    mul_mat_id_split_rows(c, w, x, ids, MMF_MAX_ROWS, MMF_ALIGN)
+}
+
+/// `mul_mat_id(w, x, ids)` computed in parts of at most `max_rows` output rows of `w` (each a
+/// multiple of `align` but the last), joined along the rows.
+pub fn mul_mat_id_split_rows(c: &Context, w: Tensor, x: Tensor, ids: Tensor, max_rows: i64, align: i64) -> Tensor {
+    let [k, n, n_expert, _] = w.ne();
+    let (max_rows, align) = (max_rows.max(1), align.max(1));
+    let parts = (n + max_rows - 1) / max_rows;
+    let rows = (n / parts + align - 1) / align * align;
+    let [_, nb1, nb2, _] = w.nb();
+    let mut out: Option<Tensor> = None;
+    let mut r0 = 0;
+    while r0 < n {
+        let r = rows.min(n - r0);
+        let part = c.view_3d(w, k, r, n_expert, nb1, nb2, r0 as usize * nb1);
+        let y = c.mul_mat_id(part, x, ids);
+        out = Some(match out {
+            None => y,
+            Some(o) => c.concat(o, y, 0),
+        });
+        r0 += r;
+    }
+    out.expect("a matrix has rows")
 }
 
 /// The sum over each token's k expert outputs: `y` [n_embd, k, n_tokens] -> [n_embd, n_tokens].
