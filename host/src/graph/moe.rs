@@ -485,3 +485,46 @@ fn sum_slots(f: &Forward, y: Tensor) -> Tensor {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The op names of `g`'s nodes, in execution order.
+    fn ops(g: &crate::ggml::Graph) -> Vec<String> {
+        (0..g.n_nodes() as usize).map(|i| g.node(i).expect("below the count").op_name()).collect()
+    }
+
+    /// ggml-cuda fuses the routing only when its nodes run consecutively in llama.cpp's order
+    /// (ggml_cuda_topk_moe_fusion); expanded before the experts, as `Moe::forward` does, they
+    /// must, for each gating.
+    #[test]
+    fn routing_nodes_run_in_the_order_ggml_cuda_fuses() {
+        let sigmoid_norm_scale = [
+            "MUL_MAT", "SIGMOID", "RESHAPE", "ADD", "ARGSORT", "VIEW", "GET_ROWS", "RESHAPE", "SUM_ROWS", "CLAMP",
+            "DIV", "RESHAPE", "SCALE",
+        ];
+        let softmax_norm = [
+            "MUL_MAT", "SOFT_MAX", "RESHAPE", "ARGSORT", "VIEW", "GET_ROWS", "RESHAPE", "SUM_ROWS", "CLAMP", "DIV",
+            "RESHAPE",
+        ];
+        for (sigmoid, scale, want) in [(true, 2.5, &sigmoid_norm_scale[..]), (false, 1.0, &softmax_norm[..])] {
+            let c = Context::new(64, 256).unwrap();
+            let (n_embd, n_expert, n_tokens, k) = (64i64, 16i64, 3i64, 4i64);
+            let router = c.new_tensor(DType::F32, &[n_embd, n_expert], "router");
+            let experts = c.new_tensor(DType::F32, &[n_embd, 32, n_expert], "experts");
+            let bias = c.new_tensor(DType::F32, &[n_expert], "bias");
+            let x = c.new_tensor(DType::F32, &[n_embd, n_tokens], "x");
+            let mut g = c.new_graph(256);
+            let logits = c.mul_mat(router, x);
+            let gating = sigmoid.then_some(Some(bias));
+            let (chosen, weights) = route(&c, logits, gating, None, k, true, scale);
+            g.expand(weights);
+            let y = c.mul_mat_id(experts, c.reshape_3d(x, n_embd, 1, n_tokens), chosen);
+            g.expand(c.mul(y, weights));
+            let got = ops(&g);
+            assert_eq!(&got[..want.len()], want, "sigmoid: {sigmoid}; all: {got:?}");
+            assert!(!got[want.len()..].iter().any(|o| o == "ARGSORT" || o == "GET_ROWS"));
+        }
+    }
+}
