@@ -261,14 +261,20 @@ fn mul_mat_cases(rng: &mut Rng, cases: &mut Vec<Case>) {
 /// The MoE block's ops: expert matmuls by id, top-k routing, weight renormalisation, sigmoid.
 /// `mul_mat_id` in f64: experts `w` [k, m, n_exp], tokens `x` [k, 1, n_tok], `ids` [used, n_tok]
 /// -> [m, used, n_tok].
+/// `mul_mat_id` in f64: `x` [k, 1, n_tok] (one row per token, shared by its slots) or [k, used,
+/// n_tok] (one row per slot).
 fn mul_mat_id_f64(w: &[f64], x: &[f64], ids: &[i32], k: usize, m: usize, used: usize) -> Vec<f64> {
-    let n_tok = x.len() / k;
+    let n_tok = ids.len() / used;
+    let per_slot = used > 1 && x.len() == k * used * n_tok;
     let mut out = vec![0.0; m * used * n_tok];
     for t in 0..n_tok {
         for s in 0..used {
             let e = ids[t * used + s] as usize;
+            let xr = if per_slot { (t * used + s) * k } else { t * k };
+            let x = &x[xr..xr + k];
             for j in 0..m {
-                out[(t * used + s) * m + j] = (0..k).map(|i| w[(e * m + j) * k + i] * x[t * k + i]).sum();
+                let w = &w[(e * m + j) * k..(e * m + j + 1) * k];
+                out[(t * used + s) * m + j] = w.iter().zip(x).map(|(a, b)| a * b).sum();
             }
         }
     }
@@ -304,23 +310,7 @@ fn split_cases(rng: &mut Rng, cases: &mut Vec<Case>, large: bool) {
                 Input { dtype: DType::I32, shape: vec![used, n_tok], fill: Fill::I32(ids.clone()) },
             ],
             build: Box::new(|c, t| crate::graph::moe::mul_mat_id_split_rows(c, t[0], t[1], t[2], 1024, 64)),
-            reference: Box::new(move |v| {
-                let (k, m, used) = (k as usize, m as usize, used as usize);
-                let n_tok = ids.len() / used;
-                let mut out = vec![0.0; m * used * n_tok];
-                for t in 0..n_tok {
-                    for s in 0..used {
-                        let e = ids[t * used + s] as usize;
-                        let xr = if per_slot { (t * used + s) * k } else { t * k };
-                        let x = &v[1][xr..xr + k];
-                        for j in 0..m {
-                            let w = &v[0][(e * m + j) * k..(e * m + j + 1) * k];
-                            out[(t * used + s) * m + j] = w.iter().zip(x).map(|(a, b)| a * b).sum();
-                        }
-                    }
-                }
-                out
-            }),
+            reference: Box::new(move |v| mul_mat_id_f64(&v[0], &v[1], &ids, k as usize, m as usize, used as usize)),
         });
     }
 }
